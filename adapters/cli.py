@@ -1,0 +1,160 @@
+"""The `adapters` command line: one flat table of subcommands -> functions.
+
+The CLI owns the console (progress bars, tables); the library only logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+from .errors import AdaptersError
+
+log = logging.getLogger("adapters")
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=10")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from the newest checkpoint in the output folder, or PATH")
+
+
+def cmd_train(args) -> int:
+    from .config import load_recipe
+    from .train import train
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    out = train(cfg, resume=args.resume, progress=True)
+    print(f"adapter written to {out}")
+    return 0
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True)
+    pv = sub.add_parser("preview", help="show examples as the model sees them, loss tokens marked")
+    pv.add_argument("recipe")
+    pv.add_argument("overrides", nargs="*", help="section.key=value")
+    pv.add_argument("--n", type=int, default=3, help="how many examples to show (default 3)")
+    pv.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+
+
+def cmd_data(args) -> int:
+    from .config import load_recipe
+    from .data.preview import preview
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    print(preview(cfg, n=args.n, color=color))
+    return 0
+
+
+def _add_models(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True)
+    sub.add_parser("default", help="print the cached folder of the embedded default model "
+                                   "(SmolLM2-135M-Instruct), converting it on first use")
+
+
+def cmd_models(args) -> int:
+    from .model import default_model_dir
+
+    logging.getLogger("adapters").setLevel(logging.INFO)
+    print(default_model_dir(progress=True))
+    return 0
+
+
+def _add_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", help="adapter folder")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def cmd_inspect(args) -> int:
+    from .checkpoint import inspect_adapter
+
+    info = inspect_adapter(args.folder)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items())
+            print(f"{key:>13}: {value}")
+    return 0 if info["integrity"].startswith("ok") else 1
+
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=40)
+
+
+def cmd_demo(args) -> int:
+    from .config import ModelConfig
+    from .generate import chat_answers
+    from .model import load_base
+
+    model, tok = load_base(ModelConfig(name="default"))
+    prompts = ["What is the capital of France?", "What does Python's `zip` function do?",
+               "Give one tip for writing readable code."]
+    for prompt, answer in zip(prompts, chat_answers(model, tok, prompts, args.max_new_tokens)):
+        print(f"> {prompt}\n{answer}\n")
+    return 0
+
+
+def _not_built(name: str, issue: str) -> Callable:
+    def run(args) -> int:
+        print(f"adapters {name}: not built yet ({issue}).", file=sys.stderr)
+        return 2
+    return run
+
+
+def _nothing(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
+
+# name -> (help, add-arguments, run)
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "train": ("train a LoRA adapter from a recipe", _add_train, cmd_train),
+    "eval": ("evaluate the base and adapters side by side", _nothing,
+             _not_built("eval", "see the evaluation issue")),
+    "merge": ("merge an adapter into its base model", _nothing,
+              _not_built("merge", "see the merge issue")),
+    "generate": ("answer a prompt with the base and each adapter", _nothing,
+                 _not_built("generate", "see the inference issue")),
+    "serve": ("OpenAI-compatible HTTP server over the base and adapters", _nothing,
+              _not_built("serve", "see the inference issue")),
+    "inspect": ("show an adapter folder's base, settings, size and integrity", _add_inspect,
+                cmd_inspect),
+    "data": ("data tools: `data preview RECIPE`", _add_data, cmd_data),
+    "demo": ("the main job on the embedded default model", _add_demo, cmd_demo),
+    "models": ("model tools: `models default`", _add_models, cmd_models),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adapters", description="Train, merge, evaluate and swap LoRA adapters.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add, _) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(message)s")
+    try:
+        return COMMANDS[args.command][2](args)
+    except AdaptersError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The recipe schema: one dataclass per YAML section, and the only place defaults live.
+
+`load_recipe(path, overrides)` reads YAML, applies `section.key=value` overrides, and
+validates everything at once: unknown keys (with the nearest valid key suggested), wrong
+types and values outside their choices are collected and raised as one ConfigError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _choice(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass
+class ModelConfig:
+    name: str = "default"  # hub id, local folder, or "default" (embedded SmolLM2-135M-Instruct)
+    quantization: str = field(default="none", metadata=_choice("none", "8bit", "4bit"))
+    quant_type: str = field(default="nf4", metadata=_choice("nf4", "fp4"))
+    double_quant: bool = True
+    dtype: str = field(default="auto", metadata=_choice("auto", "bf16", "fp16", "fp32"))
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: str | list[str] = "auto"  # auto | all-linear | [module names]
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: str | list[str] | None = None  # file, folder, glob, or a list of them
+    eval: str | list[str] | None = None
+    eval_fraction: float = 0.0
+    format: str = field(
+        default="prompt_completion",
+        metadata=_choice("text", "prompt_completion", "chat", "alpaca", "sharegpt"),
+    )
+    columns: dict[str, str] | None = None  # role -> column name, e.g. {prompt: input}
+    prompt_template: str | None = None  # e.g. "Question: {prompt}\nAnswer: "
+    text_unit: str = field(default="line", metadata=_choice("line", "file"))  # for .txt
+    max_seq_len: int = 512
+    packing: bool = True
+    train_on_prompt: bool = False
+    overlong: str = field(default="truncate", metadata=_choice("truncate", "drop"))
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None  # optimizer steps; wins over epochs when both are set
+    epochs: float | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    schedule: str = field(default="cosine", metadata=_choice("cosine", "linear", "constant"))
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optimizer: str = field(default="adamw", metadata=_choice("adamw", "adamw_8bit"))
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    eval_every: int = 0  # 0: only at the end (when there is eval data)
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    max_bad_steps: int = 5  # consecutive non-finite steps before training stops
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/adapter"
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+_SECTION_TYPES = typing.get_type_hints(RunConfig)
+
+# Positive integers: a zero or negative value here is always a mistake.
+_POSITIVE = {"lora.r", "data.max_seq_len", "train.batch_size", "train.grad_accum",
+             "train.log_every", "train.max_bad_steps", "train.steps"}
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{near[0]}'?)" if near else f" (valid: {', '.join(valid)})"
+
+
+def _check_type(value: Any, hint: Any) -> bool:
+    """True when `value` fits the type hint (bool is not an int; an int is a float)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_check_type(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_check_type(v, item) for v in value)
+    if origin is dict:
+        k, v = typing.get_args(hint)
+        return isinstance(value, dict) and all(
+            _check_type(a, k) and _check_type(b, v) for a, b in value.items())
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _build_section(name: str, raw: Any, errors: list[str]) -> Any:
+    cls = _SECTION_TYPES[name]
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        errors.append(f"{name}: expected a mapping of keys, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        where = f"{name}.{key}"
+        if key not in fields:
+            errors.append(f"{where}: unknown key{_suggest(str(key), list(fields))}")
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and hints[key] is float:
+            value = float(value)
+        if not _check_type(value, hints[key]):
+            errors.append(f"{where}: expected {_type_name(hints[key])}, got {value!r}")
+            continue
+        choices = fields[key].metadata.get("choices")
+        if choices and value not in choices:
+            errors.append(f"{where}: {value!r} is not one of {', '.join(choices)}"
+                          f"{_suggest(str(value), list(choices)) if choices else ''}")
+            continue
+        if where in _POSITIVE and value is not None and value <= 0:
+            errors.append(f"{where}: must be a positive integer, got {value!r}")
+            continue
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. train.steps=10")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.split(".", 1)
+    # YAML parsing gives 10 -> int, 1e-4 -> str in YAML 1.1, so try float explicitly too.
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return section, key, value
+
+
+def from_dict(raw: dict[str, Any], source: str = "recipe") -> RunConfig:
+    """Validate a nested dict into a RunConfig, raising one ConfigError listing all problems."""
+    errors: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with sections {', '.join(SECTIONS)}")
+    for section in raw:
+        if section not in SECTIONS:
+            errors.append(f"{section}: unknown section{_suggest(str(section), list(SECTIONS))}")
+    built = {name: _build_section(name, raw.get(name), errors) for name in SECTIONS}
+    if errors:
+        raise ConfigError(f"{source}: {len(errors)} problem(s):\n  " + "\n  ".join(errors))
+    return RunConfig(**built)
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML recipe (or start from defaults when path is None) and apply overrides.
+
+    Relative data paths in the recipe are resolved against the recipe's folder.
+    """
+    raw: dict[str, Any] = {}
+    source = "overrides"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: recipe file not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
+    for text in overrides:
+        section, key, value = _parse_override(text)
+        sect = raw.setdefault(section, {})
+        if isinstance(sect, dict):
+            sect[key] = value
+    cfg = from_dict(raw, source)
+    if path is not None:
+        _resolve_data_paths(cfg, Path(path).parent)
+    return cfg
+
+
+def _resolve_data_paths(cfg: RunConfig, base: Path) -> None:
+    def fix(p: str) -> str:
+        q = Path(p).expanduser()
+        # Relative to the working directory first, then to the recipe's own folder.
+        if q.is_absolute() or q.exists() or not (base / q).exists():
+            return str(q)
+        return str(base / q)
+
+    for attr in ("train", "eval"):
+        v = getattr(cfg.data, attr)
+        if isinstance(v, str):
+            setattr(cfg.data, attr, fix(v))
+        elif isinstance(v, list):
+            setattr(cfg.data, attr, [fix(x) for x in v])
+
+
+def dump_recipe(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,84 @@
+"""Data pipeline: files -> rows -> segments -> token ids + labels -> packed or padded batches."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+from ..config import DataConfig
+from ..errors import DataError
+from .formats import SkipRow, check_columns, row_segments
+from .sources import Row, read_rows
+from .tokenize import IGNORE, tokenize_segments
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    dataset: object  # datasets.Dataset: input_ids, labels, row, truncated
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataBundle:
+    train: Split
+    eval: Split | None
+
+
+def _segments(rows: list[Row], cfg: DataConfig, tokenizer) -> tuple[list, dict]:
+    segs, skipped = [], {}
+    for row in rows:
+        try:
+            segs.append(row_segments(row, cfg, tokenizer))
+        except SkipRow as why:
+            skipped[str(why)] = skipped.get(str(why), 0) + 1
+    return segs, skipped
+
+
+def _split(rows: list[Row], cfg: DataConfig, tokenizer, name: str, cache: bool) -> Split:
+    if not rows:
+        raise DataError(f"data.{name}: the dataset is empty (no rows in the files)")
+    check_columns(rows, cfg)
+    segs, skipped = _segments(rows, cfg, tokenizer)
+    if not segs:
+        raise DataError(f"data.{name}: every one of {len(rows)} rows was skipped ({skipped})")
+    ds = tokenize_segments(segs, tokenizer, cfg.max_seq_len, cfg.overlong,
+                           chunk=cfg.format == "text", cache=cache)
+    if len(ds) == 0:
+        raise DataError(f"data.{name}: every example was dropped: none fits "
+                        f"data.max_seq_len={cfg.max_seq_len} with a trainable token "
+                        f"(overlong={cfg.overlong}); raise max_seq_len or use overlong: truncate")
+    lengths = [len(x) for x in ds["input_ids"]]
+    trainable = sum(sum(1 for t in lab if t != IGNORE) for lab in ds["labels"])
+    stats = {"rows": len(rows), "skipped": skipped, "examples": len(ds),
+             "tokens": sum(lengths), "trainable_tokens": trainable,
+             "truncated": int(sum(ds["truncated"])),
+             "dropped": len(segs) - len(set(ds["row"])), "max_len": max(lengths)}
+    return Split(ds, stats)
+
+
+def build(cfg: DataConfig, tokenizer, seed: int = 0, cache: bool = True) -> DataBundle:
+    """Load, validate and tokenise the train (and eval) data a recipe's `data` section names."""
+    if cfg.train is None:
+        raise DataError("data.train: no training data given (a file, folder, glob or list)")
+    rows, _ = read_rows(cfg.train, cfg.text_unit)
+    eval_rows: list[Row] = []
+    if cfg.eval is not None:
+        eval_rows, _ = read_rows(cfg.eval, cfg.text_unit)
+    elif cfg.eval_fraction > 0:
+        if not 0 < cfg.eval_fraction < 1:
+            raise DataError(f"data.eval_fraction: must be between 0 and 1, got {cfg.eval_fraction}")
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, round(len(rows) * cfg.eval_fraction))
+        held = set(order[:n_eval])
+        eval_rows = [r for i, r in enumerate(rows) if i in held]
+        rows = [r for i, r in enumerate(rows) if i not in held]
+    train = _split(rows, cfg, tokenizer, "train", cache)
+    ev = _split(eval_rows, cfg, tokenizer, "eval", cache) if eval_rows else None
+    for name, s in (("train", train), ("eval", ev)):
+        if s is not None:
+            log.info("%s data: %s", name, s.stats)
+    return DataBundle(train, ev)

@@ -1,0 +1,95 @@
+"""Attach LoRA adapters with peft: per-architecture target presets, freezing, trainable report."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# "auto" targets: every projection of attention and MLP, by model_type.
+_LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PRESETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": _LLAMA_STYLE, "mistral": _LLAMA_STYLE, "qwen2": _LLAMA_STYLE,
+    "qwen3": _LLAMA_STYLE, "gemma": _LLAMA_STYLE, "gemma2": _LLAMA_STYLE,
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear.
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct leaf names of the linear layers (the names `targets` can use)."""
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)}
+    return sorted(names)
+
+
+def resolve_targets(model: nn.Module, targets: str | list[str]) -> str | list[str]:
+    """Turn 'auto' / 'all-linear' / a list into what peft takes; check every name matches."""
+    available = linear_module_names(model)
+    if targets == "all-linear":
+        return "all-linear"
+    if targets == "auto":
+        preset = PRESETS.get(model.config.model_type)
+        if preset is None:
+            log.info("no LoRA preset for model_type %r: using all-linear", model.config.model_type)
+            return "all-linear"
+        targets = preset
+    if isinstance(targets, str):
+        targets = [targets]
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise ModelError(
+            f"lora.targets: {missing} match no linear layer of this "
+            f"{model.config.model_type} model; its linear layers are: {', '.join(available)}")
+    return list(targets)
+
+
+def attach_lora(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default"):
+    """Wrap `model` in a peft LoRA model; only the LoRA weights require grad."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    targets = resolve_targets(model, cfg.targets)
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(
+        model, "is_loaded_in_8bit", False)
+    if quantized:
+        # Casts norms to fp32 for stable training; no gradient checkpointing here (the loop
+        # decides that).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    pcfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, bias="none", task_type="CAUSAL_LM",
+        fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2's Conv1D stores W^T
+    peft_model = get_peft_model(model, pcfg, adapter_name=adapter_name)
+    for name, p in peft_model.named_parameters():
+        p.requires_grad_("lora_" in name)
+        if p.requires_grad and p.dtype != torch.float32:
+            # Adapter weights stay fp32 even on a bf16 base; autocast handles the matmuls.
+            p.data = p.data.float()
+    return peft_model
+
+
+def trainable_report(model: nn.Module) -> dict[str, int | float]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(_param_count(p) for p in model.parameters())
+    return {"trainable": trainable, "total": total,
+            "percent": round(100.0 * trainable / max(total, 1), 4)}
+
+
+def _param_count(p: torch.Tensor) -> int:
+    # bitsandbytes packs two 4-bit values per uint8 element.
+    quant_state = getattr(p, "quant_state", None)
+    return int(quant_state.shape.numel()) if quant_state is not None else p.numel()

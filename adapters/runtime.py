@@ -1,0 +1,103 @@
+"""Process-level concerns of a run: seeds, signals, memory figures, output folder checks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import TrainingError
+
+log = logging.getLogger(__name__)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_bytes(device: str = "cpu") -> int:
+    """Peak RSS of this process on CPU, or CUDA's peak allocation on a GPU."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(kb if sys.platform == "darwin" else kb * 1024)
+
+
+def free_memory_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def estimate_memory(model, batch: int, seq: int, vocab: int) -> dict[str, int]:
+    """Rough peak: weights + LoRA optimiser state + activations + one logits chunk."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    cfg = model.config
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
+    # ~34 saved activations of size hidden per token per layer in a transformer block (fp32
+    # upper bound) is the usual estimate; attention scores add heads * seq per token.
+    activations = batch * seq * layers * hidden * 34 * 2
+    optimizer = trainable * 4 * 3  # fp32 grads + two Adam moments
+    logits = 1024 * max(vocab, 1) * 4 * 2
+    total = weights + optimizer + activations + logits
+    return {"total": int(total), "weights": weights, "free": free_memory_bytes()}
+
+
+def check_output_dir(out: Path, need_bytes: int = 50 << 20) -> None:
+    """Fail before training when the output folder can't be written or the disk is full."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"{out}: output folder is not writable ({e.strerror}); choose "
+                            "another output.dir") from e
+    free = shutil.disk_usage(out).free
+    if free < need_bytes:
+        raise TrainingError(f"{out}: only {free >> 20} MiB free on this disk, checkpoints need "
+                            f"about {need_bytes >> 20} MiB; free some space or move output.dir")
+
+
+class StopSignals:
+    """First SIGINT/SIGTERM: ask the loop to stop after this step. Second: exit at once."""
+
+    def __init__(self):
+        self.requested: int | None = None
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            os._exit(128 + signum)
+        self.requested = signum
+        log.warning("stopping after this step (%s); send it again to exit at once",
+                    signal.Signals(signum).name)
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False

@@ -1,0 +1,102 @@
+"""Tiny random GPT-2 and Llama models with a real (tiny, trained here) BPE tokenizer, offline."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _corpus() -> list[str]:
+    import collections
+    import json as _json
+    import textwrap
+
+    mods = [collections, _json, textwrap, inspect, os.path]
+    return [inspect.getsource(m) for m in mods]
+
+
+def build_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def _save(model, tok, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_tok_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tok")
+    build_tokenizer(folder)
+    return folder
+
+
+def make_gpt2(folder: Path, tok, seed: int = 0) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=2, n_head=2,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    return _save(GPT2LMHeadModel(cfg), tok, folder)
+
+
+def make_llama(folder: Path, tok, seed: int = 0, **overrides) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+              tie_word_embeddings=False)
+    kw.update(overrides)
+    return _save(LlamaForCausalLM(LlamaConfig(**kw)), tok, folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_tok(tiny_tok_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tok_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory, tiny_tok) -> Path:
+    return make_gpt2(tmp_path_factory.mktemp("gpt2"), tiny_tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tiny_tok) -> Path:
+    return make_llama(tmp_path_factory.mktemp("llama"), tiny_tok)
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def tiny_model(request, tiny_gpt2, tiny_llama) -> Path:
+    return {"gpt2": tiny_gpt2, "llama": tiny_llama}[request.param]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                    encoding="utf-8")
+    return path
