@@ -136,6 +136,20 @@ def _check_type(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+def _coerce_float(value: Any, hint: Any) -> Any:
+    """YAML 1.1 reads `1e-4` as a string and `3` as an int: both are fine for a float field."""
+    if hint is not float or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
@@ -155,8 +169,7 @@ def _build_section(name: str, raw: Any, errors: list[str]) -> Any:
         if key not in fields:
             errors.append(f"{where}: unknown key{_suggest(str(key), list(fields))}")
             continue
-        if isinstance(value, int) and not isinstance(value, bool) and hints[key] is float:
-            value = float(value)
+        value = _coerce_float(value, hints[key])
         if not _check_type(value, hints[key]):
             errors.append(f"{where}: expected {_type_name(hints[key])}, got {value!r}")
             continue
@@ -177,13 +190,7 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"override {text!r}: expected section.key=value, e.g. train.steps=10")
     dotted, raw = text.split("=", 1)
     section, key = dotted.split(".", 1)
-    # YAML parsing gives 10 -> int, 1e-4 -> str in YAML 1.1, so try float explicitly too.
-    value = yaml.safe_load(raw) if raw.strip() else None
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    value = yaml.safe_load(raw) if raw.strip() else None  # "10" -> 10, "[a, b]" -> list
     return section, key, value
 
 

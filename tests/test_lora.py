@@ -1,0 +1,52 @@
+"""LoRA attach: presets per architecture, frozen base, exact trainable counts."""
+
+import pytest
+
+from adapters.config import LoraConfig, ModelConfig
+from adapters.errors import ModelError
+from adapters.lora import attach_lora, trainable_report
+from adapters.model import load_base
+
+
+def _expected(cfg, r: int) -> int:
+    """r * (in + out) per adapted matrix, from the architecture's own sizes."""
+    if cfg.model_type == "gpt2":
+        d, inner = cfg.n_embd, cfg.n_inner or 4 * cfg.n_embd
+        per_layer = (d + 3 * d) + (d + d) + (d + inner) + (inner + d)  # c_attn, c_proj x2, c_fc
+        return r * per_layer * cfg.n_layer
+    d, i = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
+    per_layer = (d + d) + 2 * (d + kv) + (d + d) + 2 * (d + i) + (i + d)
+    return r * per_layer * cfg.num_hidden_layers
+
+
+@pytest.mark.parametrize("quant", ["none", "4bit"])
+def test_only_lora_trains_and_count_matches_formula(tiny_model, quant):
+    model, _ = load_base(ModelConfig(name=str(tiny_model), dtype="fp32", quantization=quant))
+    peft_model = attach_lora(model, LoraConfig(r=4))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert trainable_report(peft_model)["trainable"] == _expected(model.config, 4)
+
+
+def test_explicit_targets_and_all_linear(tiny_llama):
+    model, _ = load_base(ModelConfig(name=str(tiny_llama), dtype="fp32"))
+    pm = attach_lora(model, LoraConfig(r=2, targets=["q_proj", "v_proj"]))
+    names = {n.split(".")[-4] for n, p in pm.named_parameters() if p.requires_grad}
+    assert names == {"q_proj", "v_proj"}
+    model, _ = load_base(ModelConfig(name=str(tiny_llama), dtype="fp32"))
+    pm = attach_lora(model, LoraConfig(r=2, targets="all-linear"))
+    assert trainable_report(pm)["trainable"] == _expected(model.config, 2)  # lm_head excluded
+
+
+def test_dora_and_rslora_attach(tiny_llama):
+    model, _ = load_base(ModelConfig(name=str(tiny_llama), dtype="fp32"))
+    pm = attach_lora(model, LoraConfig(r=2, use_dora=True, use_rslora=True))
+    assert any("lora_magnitude_vector" in n for n, p in pm.named_parameters() if p.requires_grad)
+
+
+def test_target_that_matches_nothing_lists_the_linear_layers(tiny_gpt2):
+    model, _ = load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))
+    with pytest.raises(ModelError) as e:
+        attach_lora(model, LoraConfig(targets=["q_proj"]))
+    assert "['q_proj']" in str(e.value) and "c_attn" in str(e.value) and "c_fc" in str(e.value)

@@ -1,0 +1,63 @@
+"""Base loading: fp32, 8-bit and 4-bit on CPU with real bitsandbytes; the embedded default."""
+
+import pytest
+import torch
+
+from adapters.config import ModelConfig
+from adapters.errors import ModelError
+from adapters.model import load_base, resolve_model_path
+
+
+def _logits(path, **kw):
+    model, tok = load_base(ModelConfig(name=str(path), dtype="fp32", **kw), device="cpu")
+    ids = tok("def add(a, b):\n    return a + b", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model, model(ids).logits
+
+
+@pytest.mark.parametrize("quant,layer,tol", [("8bit", "Linear8bitLt", 0.05),
+                                             ("4bit", "Linear4bit", 0.2)])
+def test_quantized_load_gives_bnb_layers_and_close_logits(tiny_model, quant, layer, tol):
+    _, ref = _logits(tiny_model)
+    model, got = _logits(tiny_model, quantization=quant)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert layer in kinds
+    # Quantization error, not another model: relative (centred) error of the logits.
+    centred = ref - ref.mean(-1, keepdim=True)
+    err = ((got - got.mean(-1, keepdim=True)) - centred).norm() / centred.norm()
+    assert err < tol, f"{quant}: relative logit error {err:.3f}"
+
+
+def test_fp4_and_single_quant_load(tiny_llama):
+    model, _ = _logits(tiny_llama, quantization="4bit", quant_type="fp4", double_quant=False)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == "Linear4bit" and layer.weight.quant_state.quant_type == "fp4"
+
+
+def test_pad_token_without_resizing(tiny_gpt2):
+    model, tok = load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))
+    assert tok.pad_token is not None
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError, match="model folder not found"):
+        resolve_model_path("./no/such/model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        resolve_model_path(str(tmp_path / "empty"))
+
+
+@pytest.mark.default_model
+def test_default_model_resolves_from_the_wheel_and_answers():
+    import time
+
+    from adapters.generate import chat_answers
+
+    path = resolve_model_path("default")  # converts on first use, then cached
+    t = time.perf_counter()
+    model, tok = load_base(ModelConfig(name="default", dtype="fp32"))
+    assert time.perf_counter() - t < 10  # from the safetensors cache, not the GGUF
+    assert (torch.tensor(0) == 0) and str(path).endswith("smollm2-135m-instruct")
+    answer = chat_answers(model, tok, ["What is the capital of France?"], max_new_tokens=12)[0]
+    assert "Paris" in answer
