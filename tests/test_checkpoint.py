@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import make_llama
 
 from adapters.checkpoint import (
     build_manifest,
@@ -15,7 +16,6 @@ from adapters.config import LoraConfig, ModelConfig
 from adapters.errors import AdapterFileError
 from adapters.lora import attach_lora
 from adapters.model import load_base
-from conftest import make_llama
 
 
 def _trained_adapter(path, out, seed=1):
