@@ -93,3 +93,20 @@ def _param_count(p: torch.Tensor) -> int:
     # bitsandbytes packs two 4-bit values per uint8 element.
     quant_state = getattr(p, "quant_state", None)
     return int(quant_state.shape.numel()) if quant_state is not None else p.numel()
+
+
+def set_adapter_training(model: nn.Module, training: bool = True) -> None:
+    """Train mode in which only the adapters are stochastic: the base's dropout is off.
+
+    The base's own dropout (GPT-2 has 0.1) would add noise to weights we do not train and
+    make steps irreproducible across batch splits; LoRA's dropout is `lora.dropout`. The
+    modules stay in train mode, because transformers' gradient checkpointing only runs there.
+    """
+    model.train(training)
+    for name, m in model.named_modules():
+        if "lora_dropout" in name:
+            continue
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0

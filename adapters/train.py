@@ -27,7 +27,7 @@ from .data import build as build_data
 from .data.packing import Batcher
 from .errors import TrainingError
 from .io import atomic_write_text
-from .lora import attach_lora, trainable_report
+from .lora import attach_lora, set_adapter_training, trainable_report
 from .loss import autocast_for, batch_loss, mean_loss
 from .model import load_base, resolve_dtype
 from .runtime import StopSignals, check_output_dir, estimate_memory, seed_all
@@ -101,7 +101,7 @@ def setup(cfg: RunConfig, device: str | None = None) -> Run:
     if cfg.train.gradient_checkpointing:
         model.get_base_model().gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    set_adapter_training(model, True)
     data = build_data(cfg.data, tok, seed=cfg.train.seed)
     mk = lambda ds, seed: Batcher(ds, cfg.train.batch_size, cfg.data.max_seq_len,  # noqa: E731
                                   cfg.data.packing, tok.pad_token_id, seed)
@@ -232,6 +232,14 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = False,
 
     if isinstance(cfg, dict):
         cfg = from_dict(cfg)
+    out = Path(cfg.output.dir)
+    if not resume:
+        earlier = ckpt.list_checkpoints(out / "checkpoints")
+        if earlier:
+            raise TrainingError(f"{out}: holds checkpoints of an earlier run (newest "
+                                f"{earlier[-1].name}); continue it with --resume, or choose "
+                                "another output.dir")
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     run = setup(cfg, device)
     if resume:
         restore(run, resume)

@@ -53,12 +53,17 @@ def tiny_tok_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def make_gpt2(folder: Path, tok, seed: int = 0) -> Path:
+def make_gpt2(folder: Path, tok, seed: int = 0, **overrides) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=2, n_head=2,
-                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    # initializer_range 0.2 (not 0.02): with a frozen random lm_head, small weights cap the
+    # logits near zero and no adapter could lower the loss far below log(vocab).
+    kw = dict(vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=2, n_head=2,
+              bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+              initializer_range=0.2)
+    kw.update(overrides)
+    cfg = GPT2Config(**kw)
     return _save(GPT2LMHeadModel(cfg), tok, folder)
 
 
@@ -69,7 +74,7 @@ def make_llama(folder: Path, tok, seed: int = 0, **overrides) -> Path:
     kw = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-              tie_word_embeddings=False)
+              tie_word_embeddings=False, initializer_range=0.2)
     kw.update(overrides)
     return _save(LlamaForCausalLM(LlamaConfig(**kw)), tok, folder)
 

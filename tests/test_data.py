@@ -5,13 +5,13 @@ import csv
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_jsonl
 
 from adapters.config import DataConfig, ModelConfig
 from adapters.data import build
 from adapters.data.packing import Batcher, collate_packed, pack_bins
 from adapters.errors import DataError
 from adapters.model import load_base
-from conftest import write_jsonl
 
 EOS = "<|endoftext|>"
 
@@ -182,7 +182,7 @@ def test_malformed_csv_names_line(tiny_tok, tmp_path):
 
 def test_invalid_utf8_names_byte_offset(tiny_tok, tmp_path):
     f = tmp_path / "latin1.csv"
-    f.write_bytes("input,output\nq,caf".encode() + b"\xe9\n")
+    f.write_bytes(b"input,output\nq,caf" + b"\xe9\n")
     with pytest.raises(DataError, match=r"latin1.csv:2: invalid UTF-8 at byte offset 18"):
         _build(tiny_tok, train=str(f))
 

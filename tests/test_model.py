@@ -8,6 +8,15 @@ from adapters.errors import ModelError
 from adapters.model import load_base, resolve_model_path
 
 
+@pytest.fixture(scope="module")
+def small_init_model(request, tmp_path_factory, tiny_tok):
+    """Models with GPT-2's usual init (0.02): quantization error is then what users see."""
+    from conftest import make_gpt2, make_llama
+
+    return {"gpt2": make_gpt2(tmp_path_factory.mktemp("g"), tiny_tok, initializer_range=0.02),
+            "llama": make_llama(tmp_path_factory.mktemp("l"), tiny_tok, initializer_range=0.02)}
+
+
 def _logits(path, **kw):
     model, tok = load_base(ModelConfig(name=str(path), dtype="fp32", **kw), device="cpu")
     ids = tok("def add(a, b):\n    return a + b", return_tensors="pt")["input_ids"]
@@ -17,9 +26,11 @@ def _logits(path, **kw):
 
 @pytest.mark.parametrize("quant,layer,tol", [("8bit", "Linear8bitLt", 0.05),
                                              ("4bit", "Linear4bit", 0.2)])
-def test_quantized_load_gives_bnb_layers_and_close_logits(tiny_model, quant, layer, tol):
-    _, ref = _logits(tiny_model)
-    model, got = _logits(tiny_model, quantization=quant)
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_quantized_load_gives_bnb_layers_and_close_logits(small_init_model, arch, quant, layer,
+                                                          tol):
+    _, ref = _logits(small_init_model[arch])
+    model, got = _logits(small_init_model[arch], quantization=quant)
     kinds = {type(m).__name__ for m in model.modules()}
     assert layer in kinds
     # Quantization error, not another model: relative (centred) error of the logits.

@@ -1,0 +1,106 @@
+"""The training loop on tiny models: what changes, what doesn't, and the output folder."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adapters.config import load_recipe
+from adapters.train import setup, train, train_step
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTERS_HOME", str(tmp_path / "home"))
+
+
+def qa_csv(path, n=24):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["input", "output"])
+        for i in range(n):
+            w.writerow([f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}."])
+    return path
+
+
+def recipe(model, tmp_path, *extra, rows=24):
+    data = qa_csv(tmp_path / "qa.csv", rows)
+    return load_recipe(None, [f"model.name={model}", "model.dtype=fp32", f"data.train={data}",
+                              "data.max_seq_len=64", "train.batch_size=2", "train.lr=5e-3",
+                              f"output.dir={tmp_path / 'out'}", "lora.r=4", *extra])
+
+
+def test_steps_change_every_trainable_and_no_frozen_parameter(tiny_model, tmp_path):
+    run = setup(recipe(tiny_model, tmp_path, "train.steps=3"))
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    for step in range(3):
+        train_step(run, step)
+    for n, p in run.model.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p, before[n]), f"{n} did not change"
+        else:
+            assert torch.equal(p, before[n]), f"frozen {n} changed"
+
+
+@pytest.mark.parametrize("extra", [[], ["model.quantization=4bit"], ["data.packing=false"],
+                                   ["train.grad_accum=2", "train.gradient_checkpointing=true"]],
+                         ids=["fp32", "qlora", "padded", "accum+ckpt"])
+def test_thirty_steps_lower_the_loss(tiny_llama, tmp_path, extra):
+    # Four rows to learn by heart: a tiny random model can only memorise.
+    out = train(recipe(tiny_llama, tmp_path, "train.steps=30", "train.lr=2e-2", *extra, rows=4))
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in x]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+
+
+def test_grad_accum_equals_bigger_batch(tiny_gpt2, tmp_path):
+    """Token-weighted accumulation: 2 x batch 2 is the same step as 1 x batch 4."""
+    a = setup(recipe(tiny_gpt2, tmp_path, "train.steps=1", "train.batch_size=4",
+                     "data.packing=false"))
+    b = setup(recipe(tiny_gpt2, tmp_path, "train.steps=1", "train.batch_size=2",
+                     "train.grad_accum=2", "data.packing=false"))
+    b.batcher.batch = lambda epoch, i: _half(a, i)  # same examples, split in two
+    ma, mb = train_step(a, 0), train_step(b, 0)
+    assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5)
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def _half(run, i):
+    full = run.batcher.batch(0, 0)
+    return {k: v[2 * i: 2 * i + 2] if v.ndim else v for k, v in full.items()}
+
+
+def test_cli_train_writes_the_full_output_folder(tiny_gpt2, tmp_path):
+    data = qa_csv(tmp_path / "qa.csv")
+    r = tmp_path / "r.yaml"
+    r.write_text(f"model: {{name: {tiny_gpt2}, dtype: fp32}}\nlora: {{r: 4}}\n"
+                 f"data: {{train: {data}, eval_fraction: 0.25, max_seq_len: 64}}\n"
+                 "train: {steps: 6, batch_size: 2, eval_every: 3, save_every: 3}\n"
+                 f"output: {{dir: {tmp_path / 'out'}}}\n")
+    res = subprocess.run([sys.executable, "-m", "adapters", "train", str(r), "train.lr=1e-3"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "out"
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "manifest.json",
+            "recipe.resolved.yaml", "metrics.jsonl", "loss.png", "checkpoints"} <= names
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003",
+                                                                      "step-000006"]
+    summary = json.loads((out / "manifest.json").read_text())["training"]
+    assert summary["steps"] == 6 and summary["tokens"] > 0 and summary["final_eval_loss"]
+    assert "train.lr" not in res.stderr and "lr: 0.001" in (out / "recipe.resolved.yaml").read_text()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "grad_norm", "tokens", "trainable_tokens", "tokens_per_s",
+            "peak_memory_bytes"} <= set(rows[0])
+    assert any("eval_loss" in r for r in rows)
+    assert "pre-flight" in res.stderr and "done:" in res.stderr
+    # The final adapter equals the last checkpoint's.
+    a = load_file(out / "adapter_model.safetensors")
+    b = load_file(out / "checkpoints" / "step-000006" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
