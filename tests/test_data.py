@@ -81,7 +81,8 @@ def test_tokenizer_chat_template_is_used(tiny_tok_dir, tmp_path):
 def test_alpaca_and_sharegpt_presets(tiny_tok, tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add", "input": "1 2", "output": "3"}])
     ds = _build(tiny_tok, train=str(a), format="alpaca").train.dataset
-    assert tiny_tok.decode(ds[0]["input_ids"]).startswith("### Instruction:\nAdd\n\n### Input:\n1 2")
+    text = tiny_tok.decode(ds[0]["input_ids"])
+    assert text.startswith("### Instruction:\nAdd\n\n### Input:\n1 2")
     s = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [
         {"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]}])
     ds = _build(tiny_tok, train=str(s), format="sharegpt").train.dataset
