@@ -21,15 +21,28 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=10")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the newest checkpoint in the output folder, or PATH")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="pause after N steps of this run (checkpoint written; --resume goes on)")
 
 
 def cmd_train(args) -> int:
+    from pathlib import Path
+
     from .config import load_recipe
+    from .loop import Interrupted
     from .train import train
 
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume train.steps=9`: argparse took an override for the optional PATH.
+        args.overrides.append(args.resume)
+        args.resume = "latest"
     cfg = load_recipe(args.recipe, args.overrides)
-    out = train(cfg, resume=args.resume, progress=True)
-    print(f"adapter written to {out}")
+    try:
+        out = train(cfg, resume=args.resume, progress=True, stop_after=args.stop_after)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 128 + e.signum
+    print(f"output folder: {out}")
     return 0
 
 
@@ -142,10 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_third_party() -> None:
+    """Hide library chatter that is no news to a user (deprecations, optional kernels)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+    for name in ("bitsandbytes", "httpx", "matplotlib", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s")
+    if not args.verbose:
+        _quiet_third_party()
     try:
         return COMMANDS[args.command][2](args)
     except AdaptersError as e:

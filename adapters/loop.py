@@ -57,7 +57,8 @@ def _due(every: int, step: int, last: int) -> bool:
     return bool(every) and step % every == 0 and step != last
 
 
-def run_loop(run, signals, progress: bool) -> None:
+def run_loop(run, signals, progress: bool, stop_after: int | None = None) -> bool:
+    """Run steps to the end (True) or until `stop_after` steps of this run (False)."""
     from .train import evaluate, save, train_step
 
     t = run.cfg.train
@@ -81,6 +82,13 @@ def run_loop(run, signals, progress: bool) -> None:
             bar.update(1)
             if _due(t.save_every, run.step, run.total_steps):
                 save(run)
+            if stop_after is not None and run.step - start >= stop_after \
+                    and run.step < run.total_steps:
+                bar.close()
+                path = save(run)
+                log.info("paused at step %d; checkpoint %s; continue with --resume",
+                         run.step, path)
+                return False
             if signals.requested is not None:
                 bar.close()
                 path = save(run)
@@ -93,6 +101,7 @@ def run_loop(run, signals, progress: bool) -> None:
             mf.write(json.dumps({"step": run.step, "eval_loss": eval_loss,
                                  "eval_perplexity": ev["perplexity"]}) + "\n")
     _finish(run, start, run.tokens - tok0, time.perf_counter() - t_start, eval_loss)
+    return True
 
 
 def _finish(run, start: int, tokens: int, seconds: float, eval_loss: float | None) -> None:

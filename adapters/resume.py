@@ -78,11 +78,16 @@ def save_checkpoint(ckpt_root: Path, step: int, write_adapter, optimizer, state:
     ckpt_root.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(ckpt_root)
     target = step_dir(ckpt_root, step)
-    with atomic_dir(target) as tmp:
-        write_adapter(tmp)
-        torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
-        # state.json last: its presence marks the folder complete even if renamed by hand.
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "rng": rng_state()}, indent=1))
+    try:
+        with atomic_dir(target) as tmp:
+            write_adapter(tmp)
+            torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
+            # state.json last: its presence marks the folder complete.
+            (tmp / STATE_FILE).write_text(json.dumps({**state, "rng": rng_state()}, indent=1))
+    except OSError as e:
+        raise TrainingError(f"{target}: could not write the checkpoint ({e.strerror}); the "
+                            "previous checkpoints are untouched. Free disk space, then "
+                            "resume with --resume") from e
     for old in list_checkpoints(ckpt_root)[:-max(keep, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return target

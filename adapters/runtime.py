@@ -59,8 +59,8 @@ def estimate_memory(model, batch: int, seq: int, vocab: int) -> dict[str, int]:
     return {"total": int(total), "weights": weights, "free": free_memory_bytes()}
 
 
-def check_output_dir(out: Path, need_bytes: int = 50 << 20) -> None:
-    """Fail before training when the output folder can't be written or the disk is full."""
+def check_output_dir(out: Path) -> None:
+    """Fail before training when the output folder can't be written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -69,6 +69,10 @@ def check_output_dir(out: Path, need_bytes: int = 50 << 20) -> None:
     except OSError as e:
         raise TrainingError(f"{out}: output folder is not writable ({e.strerror}); choose "
                             "another output.dir") from e
+
+
+def check_disk(out: Path, need_bytes: int) -> None:
+    """Fail before training when the disk cannot hold the checkpoints this run will keep."""
     free = shutil.disk_usage(out).free
     if free < need_bytes:
         raise TrainingError(f"{out}: only {free >> 20} MiB free on this disk, checkpoints need "

@@ -30,7 +30,7 @@ from .io import atomic_write_text
 from .lora import attach_lora, set_adapter_training, trainable_report
 from .loss import autocast_for, batch_loss, mean_loss
 from .model import load_base, resolve_dtype
-from .runtime import StopSignals, check_output_dir, estimate_memory, seed_all
+from .runtime import StopSignals, check_disk, check_output_dir, estimate_memory, seed_all
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,8 @@ def preflight(run: Run) -> dict:
             "trainable_percent": rep["percent"], "steps": run.total_steps,
             "tokens_per_step_max": t.batch_size * t.grad_accum * run.cfg.data.max_seq_len,
             "estimated_peak_bytes": est["total"], "free_memory_bytes": est["free"],
-            "train_examples": run.data_stats["train"]["examples"]}
+            "train_examples": run.data_stats["train"]["examples"],
+            "checkpoint_bytes": rep["trainable"] * 4 * 3 + (1 << 20)}  # weights + 2 moments
     log.info("pre-flight: %s", json.dumps(info))
     if est["free"] and est["total"] > est["free"]:
         log.warning("estimated peak memory %.1f GB exceeds the free %.1f GB: lower "
@@ -226,13 +227,18 @@ def preflight(run: Run) -> dict:
 
 
 def train(cfg: RunConfig, resume: str | None = None, progress: bool = False,
-          device: str | None = None) -> Path:
-    """Train an adapter as the recipe says; returns the output folder."""
+          device: str | None = None, stop_after: int | None = None) -> Path:
+    """Train an adapter as the recipe says; returns the output folder.
+
+    resume: "latest" or a checkpoint folder. stop_after: pause (checkpoint, no final adapter)
+    after this many steps of this run, e.g. to fit a time slot; --resume continues.
+    """
     from .loop import run_loop
 
     if isinstance(cfg, dict):
         cfg = from_dict(cfg)
     out = Path(cfg.output.dir)
+    check_output_dir(out)
     if not resume:
         earlier = ckpt.list_checkpoints(out / "checkpoints")
         if earlier:
@@ -244,7 +250,8 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = False,
     if resume:
         restore(run, resume)
     atomic_write_text(run.out / "recipe.resolved.yaml", dump_recipe(cfg))
-    preflight(run)
+    info = preflight(run)
+    check_disk(run.out, info["checkpoint_bytes"] * (cfg.train.keep_checkpoints + 2))
     with StopSignals() as signals:
-        run_loop(run, signals, progress)
+        run_loop(run, signals, progress, stop_after)
     return run.out

@@ -28,6 +28,7 @@ def qa_csv(path, n=24):
 
 
 def recipe(model, tmp_path, *extra, rows=24):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = qa_csv(tmp_path / "qa.csv", rows)
     return load_recipe(None, [f"model.name={model}", "model.dtype=fp32", f"data.train={data}",
                               "data.max_seq_len=64", "train.batch_size=2", "train.lr=5e-3",
