@@ -46,6 +46,66 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _add_merge(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter folder")
+    p.add_argument("--out", required=True, help="folder for the merged model")
+    p.add_argument("--base", help="base model (default: the one in the adapter's manifest)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
+    p.add_argument("--against", choices=["dequantized", "original"], default="dequantized",
+                   help="for adapters trained on a 4/8-bit base: merge into the dequantized "
+                        "weights training saw (default) or the original full-precision ones")
+    p.add_argument("--data", help="held-out text for the check (.txt/.csv/.jsonl; the first "
+                                  "column or 'text')")
+    p.add_argument("--max-kl", type=float, default=0.05,
+                   help="fail above this mean KL(base+adapter || merged) (default 0.05)")
+    p.add_argument("--stream", action="store_true",
+                   help="merge tensor by tensor from the base's safetensors (low memory)")
+    p.add_argument("--no-verify", action="store_true", help="skip the check")
+
+
+def cmd_merge(args) -> int:
+    from .merge import merge_adapter, merge_streaming_verified
+
+    data = _read_texts(args.data) if args.data else None
+    if args.stream:
+        out, result = merge_streaming_verified(args.adapter, args.out, args.base,
+                                               not args.no_verify, data, args.max_kl)
+    else:
+        out, result = merge_adapter(args.adapter, args.out, args.base, args.dtype,
+                                    args.against, not args.no_verify, data, args.max_kl)
+    if result is not None:
+        print(f"verified: max logit difference {result.max_logit_diff:.3g}, mean KL "
+              f"{result.mean_kl:.3g}, perplexity base+adapter {result.ppl_reference:.3f} vs "
+              f"merged {result.ppl_merged:.3f}")
+    print(f"merged model written to {out}")
+    return 0
+
+
+def _read_texts(path: str) -> list[str]:
+    from .data.sources import read_rows
+
+    rows, _ = read_rows(path)
+    return [str(r.data.get("text") or next(iter(r.data.values()))) for r in rows][:64]
+
+
+def _add_combine(p: argparse.ArgumentParser) -> None:
+    from .combine import METHODS
+
+    p.add_argument("adapters", nargs="+", help="adapter folders (same base)")
+    p.add_argument("--weights", nargs="+", type=float, required=True)
+    p.add_argument("--method", choices=METHODS, default="linear")
+    p.add_argument("--density", type=float, default=0.5, help="for ties / dare_*")
+    p.add_argument("--out", required=True)
+
+
+def cmd_combine(args) -> int:
+    from .combine import combine
+
+    print(f"combined adapter written to "
+          f"{combine(args.adapters, args.weights, args.out, args.method, args.density)}")
+    return 0
+
+
 def _add_data(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True)
     pv = sub.add_parser("preview", help="show examples as the model sees them, loss tokens marked")
@@ -131,8 +191,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train a LoRA adapter from a recipe", _add_train, cmd_train),
     "eval": ("evaluate the base and adapters side by side", _nothing,
              _not_built("eval", "see the evaluation issue")),
-    "merge": ("merge an adapter into its base model", _nothing,
-              _not_built("merge", "see the merge issue")),
+    "merge": ("merge an adapter into its base model, verified", _add_merge, cmd_merge),
+    "combine": ("combine adapters of one base into a new adapter", _add_combine, cmd_combine),
     "generate": ("answer a prompt with the base and each adapter", _nothing,
                  _not_built("generate", "see the inference issue")),
     "serve": ("OpenAI-compatible HTTP server over the base and adapters", _nothing,

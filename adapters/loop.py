@@ -67,6 +67,9 @@ def run_loop(run, signals, progress: bool, stop_after: int | None = None) -> boo
     with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as mf:
         while run.step < run.total_steps:
             m = train_step(run, run.step)
+            if run.step == start and run.cfg.train.compile:
+                log.info("first step (includes torch.compile): %.1f s", m["seconds"])
+                m["compile_seconds"] = m["seconds"]
             run.step += 1
             run.tokens += m["tokens"]
             run.trainable_tokens += m["trainable_tokens"]

@@ -186,9 +186,22 @@ _SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
                "n_embd", "n_layer", "n_head", "n_inner", "n_positions")
 
 
+def exact_4bit_on_cpu(model) -> None:
+    """Make bitsandbytes' 4-bit layers compute as in training: dequantize, then matmul.
+
+    At inference on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights on the first
+    forward and multiplies in bf16, which moves logits by ~0.1 on small models. Checks that
+    compare against "base + adapter as trained" need the exact path.
+    """
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+
+
 def _sample(t: torch.Tensor, n: int = 16) -> list[float]:
     flat = t.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, n).long().to(flat.device)
+    # Integer arithmetic: a float linspace rounds past the end for tensors over 2^24 elements.
+    idx = (torch.arange(n, dtype=torch.long) * (flat.numel() - 1) // (n - 1)).to(flat.device)
     return [round(float(v), 6) for v in flat[idx].float().cpu()]
 
 

@@ -101,6 +101,11 @@ def setup(cfg: RunConfig, device: str | None = None) -> Run:
     if cfg.train.gradient_checkpointing:
         model.get_base_model().gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.compile:
+        # Compile the decoder's forward in place: module names (and so the adapter's state
+        # dict) stay as they are. Compilation happens in the first step; the loop reports it.
+        decoder = model.get_base_model().get_decoder()
+        decoder.forward = torch.compile(decoder.forward, dynamic=True)
     set_adapter_training(model, True)
     data = build_data(cfg.data, tok, seed=cfg.train.seed)
     mk = lambda ds, seed: Batcher(ds, cfg.train.batch_size, cfg.data.max_seq_len,  # noqa: E731

@@ -18,8 +18,8 @@ from adapters.lora import attach_lora
 from adapters.model import load_base
 
 
-def _trained_adapter(path, out, seed=1):
-    cfg = ModelConfig(name=str(path), dtype="fp32")
+def _trained_adapter(path, out, seed=1, **model_kw):
+    cfg = ModelConfig(name=str(path), **{"dtype": "fp32", **model_kw})
     model, tok = load_base(cfg)
     pm = attach_lora(model, LoraConfig(r=4))
     torch.manual_seed(seed)

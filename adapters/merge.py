@@ -1,0 +1,273 @@
+"""Fold an adapter into its base (checked), stream-merge safetensors, combine adapters.
+
+Merging goes wrong silently elsewhere, most often after QLoRA: the adapter learned a
+correction to the *4-bit* weights, and merging it into the original weights gives another
+model. So `against="dequantized"` merges into the nf4-dequantized weights training saw, and
+every merge is verified: base + adapter and the merged model run on held-out text, and the
+max logit difference, mean KL and both perplexities decide whether anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import check_base, check_files, read_manifest
+from .config import ModelConfig
+from .errors import AdaptersError
+from .io import atomic_dir
+from .model import exact_4bit_on_cpu, load_base, resolve_dtype, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+SAMPLE_TEXT = [  # built-in held-out text when no --data is given
+    "The quick brown fox jumps over the lazy dog while the cat watches from the window.",
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n"
+    "    return a\n",
+    "Question: What is the capital of France?\nAnswer: The capital of France is Paris.",
+    "import json\nwith open('data.json') as f:\n    data = json.load(f)\nprint(len(data))\n",
+]
+
+
+class MergeError(AdaptersError):
+    """A merge that did not reproduce base + adapter closely enough; nothing was written."""
+
+
+@dataclass
+class Verification:
+    max_logit_diff: float
+    mean_kl: float
+    ppl_reference: float
+    ppl_merged: float
+    worst_layer: str | None = None
+
+    def as_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def _dequantize_into(full, quant: dict) -> int:
+    """Replace `full`'s linear weights by their 4/8-bit round trip, as training saw them.
+
+    Loads the same base quantized the way the manifest says, dequantizes each bitsandbytes
+    layer and copies the result into the full-precision model. Returns the count replaced.
+    """
+    import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
+
+    qcfg = ModelConfig(**{**quant, "dtype": "fp32"})
+    qmodel, _ = load_base(qcfg, device="cpu")
+    full_modules = dict(full.named_modules())
+    n = 0
+    for name, m in qmodel.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            w = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
+        elif isinstance(m, bnb.nn.Linear8bitLt):
+            cb, scb = m.weight.data, m.weight.SCB
+            w = cb.float() * scb.float()[:, None] / 127.0
+        else:
+            continue
+        target = full_modules[name].weight
+        if isinstance(full_modules[name], Conv1D):
+            w = w.T  # bitsandbytes holds (out, in); GPT-2's Conv1D stores (in, out)
+        with torch.no_grad():
+            target.copy_(w.to(target.dtype))
+        n += 1
+    del qmodel
+    return n
+
+
+def _texts(tokenizer, data: list[str] | None, max_len: int = 128) -> list[torch.Tensor]:
+    return [tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_len]
+            for t in (data or SAMPLE_TEXT) if t.strip()]
+
+
+@torch.no_grad()
+def compare_models(ref, merged, batches: list[torch.Tensor]) -> Verification:
+    """Logit difference, KL(ref || merged), perplexities, and the layer that differs most."""
+    max_diff, kl_sum, n_tok, nll_r, nll_m = 0.0, 0.0, 0, 0.0, 0.0
+    layer_diff: dict[int, float] = {}
+    for ids in batches:
+        a = ref(ids, output_hidden_states=True)
+        b = merged(ids, output_hidden_states=True)
+        la, lb = a.logits.float()[0], b.logits.float()[0]  # (T, V)
+        diff = float((la - lb).abs().max())  # NaN when either side is not finite
+        max_diff = diff if diff != diff or diff > max_diff else max_diff
+        pa, pb = F.log_softmax(la, -1), F.log_softmax(lb, -1)
+        kl_sum += float((pa.exp() * (pa - pb)).sum())
+        n_tok += la.shape[0]
+        target = ids[0, 1:]
+        nll_r += float(F.cross_entropy(la[:-1], target, reduction="sum"))
+        nll_m += float(F.cross_entropy(lb[:-1], target, reduction="sum"))
+        for i, (ha, hb) in enumerate(zip(a.hidden_states, b.hidden_states)):
+            rel = float((ha - hb).norm() / ha.norm().clamp_min(1e-12))
+            layer_diff[i] = max(layer_diff.get(i, 0.0), rel)
+    n_pred = max(n_tok - len(batches), 1)
+    worst = max(layer_diff, key=layer_diff.get) if layer_diff else None
+    return Verification(max_diff, kl_sum / max(n_tok, 1), float(torch.tensor(nll_r / n_pred).exp()),
+                        float(torch.tensor(nll_m / n_pred).exp()),
+                        None if worst is None else f"hidden state {worst} "
+                        f"(relative difference {layer_diff[worst]:.2e})")
+
+
+def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
+                  dtype: str = "fp32", against: str = "dequantized", verify: bool = True,
+                  data: list[str] | None = None, max_kl: float = 0.05,
+                  allow_base_mismatch: bool = False) -> tuple[Path, Verification | None]:
+    """Write base + adapter as one full model folder that plain transformers loads.
+
+    against: for an adapter trained on a 4/8-bit base, "dequantized" merges into the
+    dequantized weights it was trained against, "original" into the full-precision ones.
+    The reference for verification is the base as trained (quantized or not) + adapter.
+    """
+    from peft import PeftModel
+
+    adapter = Path(adapter)
+    manifest = check_files(adapter) or {}
+    spec = base or (manifest.get("base") or {}).get("name")
+    if not spec:
+        raise AdaptersError(f"{adapter}: no manifest names the base; pass --base")
+    quant = manifest.get("quantization") or {}
+    quantized = quant.get("quantization", "none") != "none"
+    # Merge and verify in fp32; cast to the requested dtype only when writing.
+    model, tok = load_base(ModelConfig(name=spec, dtype="fp32"), device="cpu")
+    check_base(manifest, model, tok, adapter, allow_base_mismatch)
+    if quantized and against == "dequantized":
+        log.info("merging into the dequantized %s weights (%d layers)", quant["quantization"],
+                 _dequantize_into(model, {**quant, "name": spec}))
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    result = None
+    if verify:
+        as_trained = {**quant, "name": spec, "dtype": "fp32"} if quant else {"name": spec}
+        ref_base, _ = load_base(ModelConfig(**{**as_trained, "dtype": "fp32"}), device="cpu")
+        exact_4bit_on_cpu(ref_base)
+        ref = PeftModel.from_pretrained(ref_base, str(adapter)).eval()
+        result = compare_models(ref, merged.eval(), _texts(tok, data))
+        log.info("verification: %s", result.as_dict())
+        if not result.mean_kl <= max_kl or result.max_logit_diff != result.max_logit_diff:
+            raise MergeError(f"{adapter}: the merged model departs from base + adapter (mean KL "
+                             f"{result.mean_kl:.4g} > {max_kl}, max logit difference "
+                             f"{result.max_logit_diff:.4g}); most different: "
+                             f"{result.worst_layer}. Nothing was written.")
+    merged = merged.to(resolve_dtype(dtype))
+    _write_model(merged, tok, spec, Path(out))
+    return Path(out), result
+
+
+def _write_model(model, tok, spec: str, out: Path) -> None:
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+        tok.save_pretrained(tmp)
+        src = Path(resolve_model_path(spec))
+        if (src / "generation_config.json").is_file() and not (
+                tmp / "generation_config.json").exists():
+            shutil.copy(src / "generation_config.json", tmp / "generation_config.json")
+
+
+def read_base_name(adapter: str | Path) -> str | None:
+    return ((read_manifest(adapter) or {}).get("base") or {}).get("name")
+
+
+def _lora_deltas(adapter: Path) -> tuple[dict[str, tuple], float, bool]:
+    """{base weight name: (A, B)}, scaling, fan_in_fan_out from a peft LoRA folder."""
+    import json
+    import math
+
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise AdaptersError(f"{adapter}: DoRA and per-module ranks need the in-memory merge "
+                            "(leave out --stream)")
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    weights = load_file(adapter / "adapter_model.safetensors")
+    pairs = {}
+    for key, a in weights.items():
+        if key.endswith(".lora_A.weight"):
+            module = key[len("base_model.model."):-len(".lora_A.weight")]
+            pairs[module + ".weight"] = (a, weights[key.replace("lora_A", "lora_B")])
+    return pairs, scaling, bool(cfg.get("fan_in_fan_out"))
+
+
+def merge_streaming(base_folder: str | Path, adapter: str | Path, out: str | Path) -> Path:
+    """Merge tensor by tensor from the base's safetensors shards, never building the model.
+
+    Peak memory is about the largest shard plus the adapter. The arithmetic is the in-memory
+    merge's (fp32: W + transpose(B @ A) * scaling), so both give the same bits.
+    """
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base_folder, adapter, out = Path(base_folder), Path(adapter), Path(out)
+    check_files(adapter)
+    pairs, scaling, fan_in_fan_out = _lora_deltas(adapter)
+    shards = sorted(base_folder.glob("*.safetensors"))
+    if not shards:
+        raise AdaptersError(f"{base_folder}: no .safetensors files to stream from")
+    done = set()
+    with atomic_dir(out) as tmp:
+        for shard in shards:
+            tensors = {}
+            with safe_open(shard, "pt") as f:
+                meta = f.metadata()
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    if name in pairs:
+                        a, b = pairs[name]
+                        delta = b.float() @ a.float()  # (out, in)
+                        delta = (delta.T if fan_in_fan_out else delta) * scaling
+                        t = (t.float() + delta).to(t.dtype)
+                        done.add(name)
+                    tensors[name] = t
+            save_file(tensors, tmp / shard.name, metadata=meta)
+            del tensors
+        missing = set(pairs) - done
+        if missing:
+            raise AdaptersError(f"{adapter}: {len(missing)} adapted weights are not in "
+                                f"{base_folder} (e.g. {sorted(missing)[0]}): another base?")
+        for p in base_folder.iterdir():
+            if p.is_file() and p.suffix != ".safetensors":
+                shutil.copy(p, tmp / p.name)
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    log.info("streamed %d shards, merged %d weights into %s", len(shards), len(done), out)
+    return out
+
+
+def merge_streaming_verified(adapter: str | Path, out: str | Path, base: str | None = None,
+                             verify: bool = True, data: list[str] | None = None,
+                             max_kl: float = 0.05) -> tuple[Path, Verification | None]:
+    """Streaming merge into a temporary folder, checked, then moved into place."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter, out = Path(adapter), Path(out)
+    spec = base or read_base_name(adapter)
+    if not spec:
+        raise AdaptersError(f"{adapter}: no manifest names the base; pass --base")
+    folder = Path(resolve_model_path(spec))
+    with atomic_dir(out) as tmp:
+        merge_streaming(folder, adapter, tmp / "m")
+        result = None
+        if verify:
+            ref_base, tok = load_base(ModelConfig(name=str(folder), dtype="fp32"), device="cpu")
+            check_base(read_manifest(adapter), ref_base, tok, adapter)
+            ref = PeftModel.from_pretrained(ref_base, str(adapter)).eval()
+            merged = AutoModelForCausalLM.from_pretrained(tmp / "m", dtype=torch.float32).eval()
+            result = compare_models(ref, merged, _texts(tok, data))
+            if not result.mean_kl <= max_kl:  # also catches NaN
+                raise MergeError(f"{adapter}: streamed merge departs from base + adapter (mean "
+                                 f"KL {result.mean_kl:.4g}); most different: "
+                                 f"{result.worst_layer}. Nothing was written.")
+        for p in (tmp / "m").iterdir():
+            p.rename(tmp / p.name)
+        (tmp / "m").rmdir()
+    return out, result
