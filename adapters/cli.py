@@ -159,19 +159,21 @@ def cmd_inspect(args) -> int:
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--tiny", action="store_true",
+                   help="a tiny random model and a few steps: checks the pipeline in a minute")
+    p.add_argument("--fresh", action="store_true", help="redo every step, even finished ones")
+    p.add_argument("--steps", type=int, help="training steps per adapter (default: recipes)")
+    p.add_argument("--eval-rows", type=int, help="held-out examples per dataset")
 
 
 def cmd_demo(args) -> int:
-    from .config import ModelConfig
-    from .generate import chat_answers
-    from .model import load_base
+    from .demo import run_demo
 
-    model, tok = load_base(ModelConfig(name="default"))
-    prompts = ["What is the capital of France?", "What does Python's `zip` function do?",
-               "Give one tip for writing readable code."]
-    for prompt, answer in zip(prompts, chat_answers(model, tok, prompts, args.max_new_tokens)):
-        print(f"> {prompt}\n{answer}\n")
+    report = run_demo(args.out, tiny=args.tiny, fresh=args.fresh, steps=args.steps,
+                      eval_rows=args.eval_rows, progress=sys.stderr.isatty())
+    print(report.read_text())
+    print(f"report: {report}")
     return 0
 
 

@@ -80,6 +80,11 @@ def run_loop(run, signals, progress: bool, stop_after: int | None = None) -> boo
             if run.step % t.log_every == 0 or not m["finite"] or "eval_loss" in m:
                 _record(run, m, mf)
             run.last = m
+            if run.step - start == 3 and not progress:
+                per_step = (time.perf_counter() - t_start) / 3
+                log.info("ETA: %.0f s for the remaining %d steps (%.2f s/step)",
+                         per_step * (run.total_steps - run.step), run.total_steps - run.step,
+                         per_step)
             bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
                             tok_s=f"{m['tokens_per_s']:.0f}")
             bar.update(1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -77,27 +78,43 @@ def recipe(args, case: str, work: Path) -> dict:
 def worker_ours(args: dict) -> dict:
     import shutil
 
+    from adapters.config import from_dict
+    from adapters.data import build
+    from adapters.model import load_tokenizer
     from adapters.train import train
 
     work = Path(args["work"])
     cfg = recipe(args, args["case"], work)
+    _, seq, batch, _, _ = CASES[args["case"]]
+    # We pack examples into rows of `seq` tokens: take as many rows as `batch` examples would
+    # fill (rounded up); the baseline then gets as many examples as our rows hold.
+    stats = build(from_dict(cfg).data, load_tokenizer(args["model_path"])).train.stats
+    mean_len = stats["tokens"] / stats["examples"]
+    cfg["train"]["batch_size"] = max(1, math.ceil(batch * mean_len / seq))
     shutil.rmtree(cfg["output"]["dir"], ignore_errors=True)
     out = train(cfg)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r][1:]  # step 1 is warm-up for both sides
-    return {"tokens": sum(r["tokens"] for r in steps),
+    return {"tokens": sum(r["tokens"] for r in steps), "rows_per_step": cfg["train"]["batch_size"],
+            "mean_example_len": mean_len,
+            "tokens_per_step": sum(r["tokens"] for r in steps) / len(steps),
             "seconds": sum(r["seconds"] for r in steps),
             "final_loss": sum(r["loss"] for r in steps[-3:]) / 3}
 
 
 def worker_baseline(args: dict) -> dict:
     """HF Trainer + peft on exactly our tokenised examples (prompt tokens masked alike)."""
-    import datasets
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig,
-                              DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        BitsAndBytesConfig,
+        DataCollatorForSeq2Seq,
+        DataCollatorWithFlattening,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from adapters.config import from_dict
     from adapters.data import build
@@ -106,6 +123,7 @@ def worker_baseline(args: dict) -> dict:
 
     work = Path(args["work"])
     _, seq, batch, quant, collator = CASES[args["case"]]
+    batch = args.get("baseline_batch") or batch
     cfg = from_dict(recipe(args, args["case"], work))
     tok = load_tokenizer(args["model_path"])
     ds = build(cfg.data, tok).train.dataset.select_columns(["input_ids", "labels"])
@@ -142,7 +160,8 @@ def worker_baseline(args: dict) -> dict:
     tr.train()
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
     per_step = counted["per_step"][1:args["steps"]]
-    return {"tokens": sum(per_step), "seconds": times[-1] - times[0],
+    return {"tokens": sum(per_step), "tokens_per_step": sum(per_step) / len(per_step),
+            "seconds": times[-1] - times[0],
             "final_loss": sum(losses[-3:]) / 3}
 
 
@@ -186,7 +205,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="SmolLM2 only, fewer steps (<10 min)")
     p.add_argument("--models", nargs="+", default=["smollm2", "gpt2-small"])
     p.add_argument("--cases", nargs="+", default=list(CASES))
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=16)
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -199,7 +218,7 @@ def main() -> None:
         print(json.dumps(res))
         return
     if a.quick:
-        a.models, a.steps = ["smollm2"], 6
+        a.models, a.steps = ["smollm2"], 8
         a.cases = ["a-256", "b-padded", "b-flat", "c-qlora"]
     out = ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
@@ -210,7 +229,12 @@ def main() -> None:
         for case in a.cases:
             args = {"model": model, "model_path": path, "case": case, "steps": a.steps,
                     "work": str(out)}
-            base, ours = run_worker("baseline", args), run_worker("ours", args)
+            ours = run_worker("ours", args)
+            if "error" not in ours and ours["rows_per_step"] and CASES[case][0] == "qa":
+                # Equal tokens per step: as many examples as our packed rows carried.
+                args["baseline_batch"] = max(1, round(ours["tokens_per_step"]
+                                                      / ours["mean_example_len"]))
+            base = run_worker("baseline", args)
             row = summarise(model, case, base, ours, peak, matmul_params(path))
             results.append(row)
             print(format_row(row), flush=True)

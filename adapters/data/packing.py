@@ -50,6 +50,10 @@ def epoch_order(n_items: int, seed: int, epoch: int) -> list[int]:
 
 def collate_packed(rows: list[list[tuple[list[int], list[int]]]], pad_id: int) -> dict:
     """rows: per batch row, its examples as (ids, labels). Returns model inputs + labels."""
+    if all(len(row) == 1 for row in rows):
+        # One example per row (e.g. long text windows): a padding mask is enough, and lets
+        # SDPA take its causal fast path instead of an explicit (B, 1, T, T) mask.
+        return collate_padded([row[0] for row in rows], pad_id)
     T = max(sum(len(ids) for ids, _ in row) for row in rows)
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)

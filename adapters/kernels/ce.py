@@ -82,7 +82,10 @@ def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, target: torc
     """
     if h.shape[0] == 0:
         return h.sum() * 0.0  # keeps the graph connected so backward still runs
-    use_torch = _HAS_TORCH_LCE if use_torch is None else use_torch
+    if use_torch is None:
+        # On CPU ours measured faster (0.66 s vs 0.92 s for 1008 x 576 -> 49152 in bf16,
+        # forward + backward, torch 2.13); on CUDA prefer torch's op where it exists.
+        use_torch = _HAS_TORCH_LCE and h.device.type == "cuda"
     if use_torch:
         opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk)
         return F.linear_cross_entropy(h, weight, target, linear_bias=bias, reduction="sum",

@@ -1,0 +1,174 @@
+"""The main job: two domain adapters on one base, trained, evaluated, swapped and merged.
+
+Steps (each reused on a re-run unless `fresh`): build the stdlib datasets, train a pydoc-qa
+and a stdlib-code adapter (QLoRA on the embedded SmolLM2-135M), evaluate the base and both
+adapters on both held-out sets, answer the same prompts with base / each adapter / one mixed
+batch, merge the pydoc-qa adapter with verification, and write `report.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from .config import load_recipe
+from .datasets import build_pydoc_qa, build_stdlib_code
+
+log = logging.getLogger(__name__)
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+DOMAINS = {"pydoc-qa": "smollm2-pydoc-qa.yaml", "stdlib-code": "smollm2-stdlib-code.yaml"}
+TEMPLATE = "Question: {prompt}\nAnswer: "
+PROMPTS = [  # (prompt, the adapter that fits it)
+    (TEMPLATE.format(prompt="What does the function `json.dumps(obj, *, skipkeys=False, "
+                     "ensure_ascii=True, indent=None)` do?"), "pydoc-qa"),
+    (TEMPLATE.format(prompt="What does the class `collections.Counter(iterable=None, /, "
+                     "**kwds)` do?"), "pydoc-qa"),
+    ("import os\n\n\ndef list_python_files(folder):\n    \"\"\"Return the .py files in folder."
+     "\"\"\"\n", "stdlib-code"),
+]
+
+
+def tiny_model(folder: Path) -> str:
+    """A tiny random Llama with a BPE tokenizer trained here on stdlib text (CI, offline)."""
+    if (folder / "config.json").exists():
+        return str(folder)
+    import inspect
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([inspect.getsource(json), inspect.getsource(shutil)],
+                            trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|im_end|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel
+                                                .alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id,
+                      initializer_range=0.2, max_position_embeddings=512)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return str(folder)
+
+
+def _configs(out: Path, data: dict, tiny: bool, steps: int | None) -> dict:
+    cfgs = {}
+    base = tiny_model(out / "tiny-model") if tiny else None
+    for name, recipe in DOMAINS.items():
+        over = [f"data.train={data[name]['train']}", f"data.eval={data[name]['eval']}",
+                f"output.dir={out / name}"]
+        if tiny:
+            over += [f"model.name={base}", "model.quantization=none", "model.dtype=fp32",
+                     "train.steps=4", "train.batch_size=2", "train.eval_every=2",
+                     "train.save_every=2", "data.max_seq_len=64", "lora.r=4"]
+        if steps:
+            over.append(f"train.steps={steps}")
+        cfgs[name] = load_recipe(RECIPES / recipe, over)
+    return cfgs
+
+
+def _train_all(cfgs: dict, fresh: bool, progress: bool) -> dict[str, Path]:
+    from .train import train
+
+    outs = {}
+    for name, cfg in cfgs.items():
+        out = Path(cfg.output.dir)
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        if (out / "adapter_model.safetensors").exists():
+            log.info("%s: adapter already trained (re-run with --fresh to retrain)", name)
+        else:
+            resume = "latest" if (out / "checkpoints").exists() else None
+            train(cfg, resume=resume, progress=progress)
+        outs[name] = out
+    return outs
+
+
+def _samples(cfg, adapters: dict[str, Path], max_new_tokens: int) -> list[dict]:
+    from .checkpoint import load_adapter
+    from .generate import generate_texts
+    from .model import load_base
+
+    model, tok = load_base(cfg.model)
+    pm = None
+    for name, folder in adapters.items():
+        pm = load_adapter(pm or model, folder, tokenizer=tok, adapter_name=name)
+    prompts = [p for p, _ in PROMPTS]
+    answers = {"base": generate_texts(pm, tok, prompts, max_new_tokens,
+                                      adapter_names=["__base__"] * len(prompts))}
+    for name in adapters:
+        answers[name] = generate_texts(pm, tok, prompts, max_new_tokens,
+                                       adapter_names=[name] * len(prompts))
+    answers["mixed batch"] = generate_texts(pm, tok, prompts, max_new_tokens,
+                                            adapter_names=[a for _, a in PROMPTS])
+    return [{"prompt": p, "fits": a, **{k: v[i] for k, v in answers.items()}}
+            for i, (p, a) in enumerate(PROMPTS)]
+
+
+def _report(out: Path, rows: list[dict], samples: list[dict], merge_info: dict,
+            cfgs: dict, seconds: float) -> Path:
+    from .eval import table
+
+    lines = ["# adapters demo: two domain adapters on one base", "",
+             f"Base: `{next(iter(cfgs.values())).model.name}` "
+             f"({next(iter(cfgs.values())).model.quantization} during training). "
+             f"Wall time: {seconds / 60:.1f} min.", "",
+             "## Held-out loss (each adapter on both domains)", "", table(rows, "loss"), "",
+             table(rows, "token_accuracy"), "", "![eval](eval/eval.png)", "",
+             "## Training curves", ""]
+    for name in cfgs:
+        summary = json.loads((out / name / "manifest.json").read_text()).get("training", {})
+        lines += [f"### {name}", "", f"{summary.get('steps')} steps, "
+                  f"{summary.get('tokens')} tokens, {summary.get('tokens_per_s')} tokens/s, "
+                  f"peak memory {summary.get('peak_memory_bytes', 0) / 1e9:.2f} GB", "",
+                  f"![{name}]({name}/loss.png)", ""]
+    lines += ["## The same prompts: base, each adapter, and one mixed batch", ""]
+    for s in samples:
+        lines += [f"**Prompt** (fits `{s['fits']}`):", "", "```", s["prompt"].strip(), "```", ""]
+        for k, v in s.items():
+            if k not in ("prompt", "fits"):
+                lines.append(f"- **{k}**: {v[:300]!r}")
+        lines.append("")
+    lines += ["## Merge of pydoc-qa into the base (verified)", "",
+              "```json", json.dumps(merge_info, indent=1), "```", "",
+              "## Files", ""]
+    lines += [f"- `{p.relative_to(out)}`" for p in sorted(out.glob("*")) if p.name != "data"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"
+
+
+def run_demo(out: str | Path = "runs/demo", tiny: bool = False, fresh: bool = False,
+             steps: int | None = None, eval_rows: int | None = None,
+             progress: bool = True) -> Path:
+    """Run the whole demo; returns the path of report.md."""
+    from .eval import evaluate, write_results
+    from .merge import merge_adapter
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    data = {"pydoc-qa": build_pydoc_qa(out / "data" / "pydoc-qa",
+                                       max_rows=40 if tiny else None),
+            "stdlib-code": build_stdlib_code(out / "data" / "stdlib-code",
+                                             max_chars=2000 if tiny else 12_000)}
+    cfgs = _configs(out, data, tiny, steps)
+    adapters = _train_all(cfgs, fresh, progress)
+    first = next(iter(cfgs.values()))
+    datasets = {name: cfg.data for name, cfg in cfgs.items()}
+    for dcfg, d in zip(datasets.values(), data.values()):
+        dcfg.train = str(d["eval"])  # evaluate on the held-out modules
+    rows = evaluate(first.model.name, adapters, datasets, first.model.quantization,
+                    max_rows=eval_rows or (16 if tiny else 200), progress=progress)
+    write_results(rows, out / "eval")
+    samples = _samples(first, adapters, 8 if tiny else 48)
+    merged, check = merge_adapter(adapters["pydoc-qa"], out / "merged-pydoc-qa",
+                                  data=[r["prompt"] for r in samples])
+    info = {"folder": str(merged), **(check.as_dict() if check else {})}
+    return _report(out, rows, samples, info, cfgs, time.perf_counter() - t0)

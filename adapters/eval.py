@@ -1,0 +1,190 @@
+"""Evaluate the base and adapters side by side on the same data (one base in memory).
+
+Loss and perplexity are computed exactly as in training (`loss.mean_loss`: the fused loss on
+the trainable tokens), so a number means the same thing in metrics.jsonl and here. Adapters
+are swapped on one loaded base (peft's set_adapter); the base row runs with adapters disabled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import re
+import string
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_adapter
+from .config import DataConfig, ModelConfig
+from .data import build
+from .data.packing import Batcher
+from .loss import mean_loss
+from .model import load_base, resolve_dtype
+
+log = logging.getLogger(__name__)
+BASE = "base"
+
+
+# ---- text metrics (SQuAD-style normalisation) ----
+
+def normalize(text: str) -> list[str]:
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return text.split()
+
+
+def exact_match(pred: str, ref: str) -> float:
+    return float(normalize(pred) == normalize(ref))
+
+
+def token_f1(pred: str, ref: str) -> float:
+    p, r = normalize(pred), normalize(ref)
+    common = sum((Counter(p) & Counter(r)).values())
+    if not p or not r:
+        return float(p == r)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F1 over normalised tokens (longest common subsequence)."""
+    p, r = normalize(pred), normalize(ref)
+    if not p or not r:
+        return float(p == r)
+    prev = [0] * (len(r) + 1)
+    for a in p:
+        cur = [0]
+        for j, b in enumerate(r):
+            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+HIGHER_IS_BETTER = {"loss": False, "perplexity": False, "token_accuracy": True,
+                    "exact_match": True, "token_f1": True, "rouge_l": True}
+
+
+@torch.no_grad()
+def token_accuracy(model, batches, device: str, dtype: torch.dtype) -> float:
+    """Share of trainable tokens whose greedy prediction is right."""
+    from .loss import autocast_for
+
+    right = total = 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast_for(device, dtype):
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")
+                      if k in batch}
+            logits = model(**inputs).logits[:, :-1]  # (B, T-1, V): fine at eval sizes
+        labels = batch["labels"][:, 1:]
+        keep = labels != -100
+        right += int((logits.argmax(-1)[keep] == labels[keep]).sum())
+        total += int(keep.sum())
+    return right / max(total, 1)
+
+
+def _models(base_model, tok, adapters: dict[str, Path]):
+    """Yield (name, model) for the base and each adapter, swapping on one base."""
+    peft_model = None
+    for name, folder in adapters.items():
+        peft_model = load_adapter(peft_model or base_model, folder, tokenizer=tok,
+                                  adapter_name=name)
+    yield BASE, peft_model or base_model, (peft_model.disable_adapter() if peft_model
+                                           else contextlib.nullcontext())
+    for name in adapters:
+        peft_model.set_adapter(name)
+        yield name, peft_model, contextlib.nullcontext()
+
+
+def evaluate(base: str, adapters: dict[str, str | Path], datasets: dict[str, DataConfig],
+             quantization: str = "none", max_rows: int | None = None,
+             accuracy: bool = True, progress: bool = False) -> list[dict]:
+    """One row per (model, dataset): loss, perplexity, token accuracy, token count."""
+    from tqdm.auto import tqdm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok = load_base(ModelConfig(name=base, quantization=quantization), device)
+    dtype = resolve_dtype("auto", device)
+    batchers = {}
+    for name, dcfg in datasets.items():
+        ds = build(dcfg, tok).train.dataset
+        if max_rows:
+            ds = ds.select(range(min(max_rows, len(ds))))
+        batchers[name] = Batcher(ds, 8, dcfg.max_seq_len, dcfg.packing, tok.pad_token_id)
+    rows = []
+    bar = tqdm(total=(len(adapters) + 1) * len(datasets), disable=not progress, desc="eval")
+    for mname, m, ctx in _models(model, tok, {k: Path(v) for k, v in adapters.items()}):
+        with ctx:
+            for dname, b in batchers.items():
+                r = mean_loss(m, b.iter_all(), device, dtype)
+                row = {"model": mname, "dataset": dname, "loss": r["loss"],
+                       "perplexity": r["perplexity"], "tokens": r["tokens"]}
+                if accuracy:
+                    row["token_accuracy"] = token_accuracy(m, b.iter_all(), device, dtype)
+                rows.append(row)
+                bar.update(1)
+    bar.close()
+    return rows
+
+
+def table(rows: list[dict], metric: str = "loss") -> str:
+    """Markdown table: datasets as rows, models as columns, with the change vs base."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    dsets = list(dict.fromkeys(r["dataset"] for r in rows))
+    val = {(r["model"], r["dataset"]): r[metric] for r in rows}
+    arrow = "higher is better" if HIGHER_IS_BETTER.get(metric) else "lower is better"
+    lines = [f"| {metric} ({arrow}) | " + " | ".join(models) + " |",
+             "|---" * (len(models) + 1) + "|"]
+    for d in dsets:
+        cells = []
+        for m in models:
+            v, b = val[(m, d)], val.get((BASE, d))
+            rel = f" ({100 * (v / b - 1):+.1f}%)" if b and m != BASE else ""
+            cells.append(f"{v:.4f}{rel}")
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    chart(rows, out / "eval.png")
+
+
+def chart(rows: list[dict], path: Path, metric: str = "loss") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    dsets = list(dict.fromkeys(r["dataset"] for r in rows))
+    val = {(r["model"], r["dataset"]): r[metric] for r in rows}
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    width = 0.8 / len(models)
+    for i, m in enumerate(models):
+        xs = [j + i * width for j in range(len(dsets))]
+        ax.bar(xs, [val[(m, d)] for d in dsets], width, label=m)
+    ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(dsets))], dsets)
+    ax.set_ylabel(f"held-out {metric} (lower is better)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

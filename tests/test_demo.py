@@ -1,0 +1,45 @@
+"""The main job, shortened: tiny model, a few steps, the whole report."""
+
+import csv
+import json
+import subprocess
+import sys
+
+from adapters.datasets import build_pydoc_qa, build_stdlib_code
+
+
+def test_dataset_builders_are_deterministic_and_split_by_module(tmp_path):
+    a = build_pydoc_qa(tmp_path / "a")
+    b = build_pydoc_qa(tmp_path / "b")
+    assert a["train"].read_text() == b["train"].read_text()
+    train = list(csv.DictReader(open(a["train"])))
+    ev = list(csv.DictReader(open(a["eval"])))
+    assert len(train) > 300 and len(ev) > 50
+    assert not {r["module"] for r in train} & {r["module"] for r in ev}
+    assert all(r["input"].startswith("What does the ") and r["output"] for r in train)
+    c = build_stdlib_code(tmp_path / "c")
+    mods = [{json.loads(x)["module"] for x in open(c[k])} for k in ("train", "eval")]
+    assert mods[0] and mods[1] and not mods[0] & mods[1]
+
+
+def test_tiny_demo_end_to_end(tmp_path):
+    env_home = {"ADAPTERS_HOME": str(tmp_path / "home")}
+    import os
+
+    res = subprocess.run([sys.executable, "-m", "adapters", "demo", "--tiny", "--out",
+                          str(tmp_path / "demo")], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, **env_home})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "demo"
+    report = (out / "report.md").read_text()
+    for piece in ("Held-out loss", "pydoc-qa", "stdlib-code", "mixed batch", "max_logit_diff",
+                  "eval/eval.png", "pydoc-qa/loss.png"):
+        assert piece in report
+    assert (out / "merged-pydoc-qa" / "config.json").exists()
+    rows = json.loads((out / "eval" / "results.json").read_text())
+    assert len(rows) == 6  # base + 2 adapters, on 2 held-out sets
+    # A second run reuses the trained adapters.
+    res = subprocess.run([sys.executable, "-m", "adapters", "demo", "--tiny", "--out",
+                          str(out)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, **env_home})
+    assert res.returncode == 0 and "already trained" in res.stderr

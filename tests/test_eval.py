@@ -1,0 +1,63 @@
+"""Evaluation: metric functions by hand, perplexity by direct computation, adapters help."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_train import qa_csv, recipe
+
+from adapters.config import DataConfig, ModelConfig
+from adapters.eval import BASE, evaluate, exact_match, rouge_l, table, token_f1, write_results
+from adapters.model import load_base
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTERS_HOME", str(tmp_path / "home"))
+
+
+def test_text_metrics_by_hand():
+    assert exact_match("The Paris.", "paris") == 1.0
+    assert exact_match("Paris, France", "Paris") == 0.0
+    # pred: [paris, is, capital] vs ref: [capital, is, paris, france]: 3 common
+    assert token_f1("Paris is the capital", "capital is Paris, France") == pytest.approx(
+        2 * (3 / 3) * (3 / 4) / (3 / 3 + 3 / 4))
+    # LCS of [a1 b c d] and [a1 c d e] (articles dropped, a1 kept) = [a1 c d] = 3
+    assert rouge_l("a1 b c d", "a1 c d e") == pytest.approx(2 * 0.75 * 0.75 / 1.5)
+    assert token_f1("", "") == 1.0 and rouge_l("x", "") == 0.0
+
+
+def test_perplexity_matches_direct_computation(tiny_llama, tmp_path):
+    f = qa_csv(tmp_path / "qa.csv", 6)
+    rows = evaluate(str(tiny_llama), {}, {"qa": DataConfig(train=str(f), packing=False)})
+    model, tok = load_base(ModelConfig(name=str(tiny_llama), dtype="fp32"))
+    import csv
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r in csv.DictReader(open(f)):
+            p = tok(r["input"] + "\n", add_special_tokens=False)["input_ids"]
+            c = tok(r["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids = torch.tensor([p + c])
+            logits = model(ids).logits[0, len(p) - 1:-1]
+            total += float(F.cross_entropy(logits, torch.tensor(c), reduction="sum"))
+            count += len(c)
+    # bf16 autocast on this CPU (dtype auto) vs fp32 direct: close, not bitwise.
+    assert rows[0]["loss"] == pytest.approx(total / count, rel=2e-2)
+    assert rows[0]["perplexity"] == pytest.approx(math.exp(rows[0]["loss"]), rel=1e-6)
+    assert rows[0]["tokens"] == count
+
+
+def test_trained_adapter_scores_better_on_its_data(tiny_llama, tmp_path):
+    from adapters.train import train
+
+    out = train(recipe(tiny_llama, tmp_path, "train.steps=25", "train.lr=2e-2", rows=4))
+    data = {"qa": DataConfig(train=str(tmp_path / "qa.csv"))}
+    rows = evaluate(str(tiny_llama), {"qa-adapter": out}, data)
+    loss = {r["model"]: r["loss"] for r in rows}
+    acc = {r["model"]: r["token_accuracy"] for r in rows}
+    assert loss["qa-adapter"] < 0.7 * loss[BASE] and acc["qa-adapter"] > acc[BASE]
+    write_results(rows, tmp_path / "eval")
+    assert (tmp_path / "eval" / "eval.png").stat().st_size > 0
+    assert "qa-adapter" in table(rows) and "%" in table(rows)
