@@ -46,6 +46,61 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", help="base model (default: the first adapter's manifest base)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH")
+    p.add_argument("--data", action="append", default=[], metavar="[NAME=]FILE",
+                   help="eval data; repeat for several datasets")
+    p.add_argument("--format", default="prompt_completion",
+                   choices=["text", "prompt_completion", "chat", "alpaca", "sharegpt"])
+    p.add_argument("--columns", help="role=column,... e.g. prompt=question,completion=answer")
+    p.add_argument("--prompt-template")
+    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--max-rows", type=int, help="at most this many examples per dataset")
+    p.add_argument("--quantization", choices=["none", "8bit", "4bit"], default="none")
+    p.add_argument("--out", help="write results.json, results.csv and eval.png here")
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from .config import DataConfig
+    from .errors import ConfigError
+    from .eval import evaluate, table, write_results
+    from .merge import read_base_name
+
+    adapters = dict(_pair(a, "--adapter") for a in args.adapter)
+    base = args.base or (read_base_name(next(iter(adapters.values()))) if adapters else None)
+    if not base or not args.data:
+        raise ConfigError("adapters eval needs --data and --base (or an --adapter whose "
+                          "manifest names its base)")
+    columns = dict(_pair(c, "--columns") for c in args.columns.split(",")) if args.columns \
+        else None
+    datasets = {}
+    for d in args.data:
+        name, path = _pair(d, "--data") if "=" in d else (Path(d).stem, d)
+        datasets[name] = DataConfig(train=path, format=args.format, columns=columns,
+                                    prompt_template=args.prompt_template,
+                                    max_seq_len=args.max_seq_len)
+    rows = evaluate(base, adapters, datasets, args.quantization, args.max_rows,
+                    progress=sys.stderr.isatty())
+    print(table(rows, "loss"))
+    print(table(rows, "token_accuracy"))
+    if args.out:
+        write_results(rows, Path(args.out))
+        print(f"results in {args.out}")
+    return 0
+
+
+def _pair(text: str, flag: str) -> tuple[str, str]:
+    from .errors import ConfigError
+
+    if "=" not in text:
+        raise ConfigError(f"{flag} {text!r}: expected NAME=VALUE")
+    k, v = text.split("=", 1)
+    return k.strip(), v.strip()
+
+
 def _add_merge(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", help="adapter folder")
     p.add_argument("--out", required=True, help="folder for the merged model")
@@ -113,12 +168,24 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     pv.add_argument("overrides", nargs="*", help="section.key=value")
     pv.add_argument("--n", type=int, default=3, help="how many examples to show (default 3)")
     pv.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    bd = sub.add_parser("build", help="write the stdlib datasets (pydoc-qa CSV, stdlib-code "
+                                      "JSONL), split by module")
+    bd.add_argument("--out", default="runs/demo/data")
 
 
 def cmd_data(args) -> int:
+    from pathlib import Path
+
     from .config import load_recipe
     from .data.preview import preview
 
+    if args.action == "build":
+        from .datasets import build_pydoc_qa, build_stdlib_code
+
+        for name, files in (("pydoc-qa", build_pydoc_qa(Path(args.out) / "pydoc-qa")),
+                            ("stdlib-code", build_stdlib_code(Path(args.out) / "stdlib-code"))):
+            print(f"{name}: {files['train']} and {files['eval']}")
+        return 0
     cfg = load_recipe(args.recipe, args.overrides)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     print(preview(cfg, n=args.n, color=color))
@@ -191,8 +258,7 @@ def _nothing(p: argparse.ArgumentParser) -> None:
 # name -> (help, add-arguments, run)
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train a LoRA adapter from a recipe", _add_train, cmd_train),
-    "eval": ("evaluate the base and adapters side by side", _nothing,
-             _not_built("eval", "see the evaluation issue")),
+    "eval": ("evaluate the base and adapters side by side", _add_eval, cmd_eval),
     "merge": ("merge an adapter into its base model, verified", _add_merge, cmd_merge),
     "combine": ("combine adapters of one base into a new adapter", _add_combine, cmd_combine),
     "generate": ("answer a prompt with the base and each adapter", _nothing,
@@ -201,7 +267,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
               _not_built("serve", "see the inference issue")),
     "inspect": ("show an adapter folder's base, settings, size and integrity", _add_inspect,
                 cmd_inspect),
-    "data": ("data tools: `data preview RECIPE`", _add_data, cmd_data),
+    "data": ("data tools: `data preview RECIPE`, `data build`", _add_data, cmd_data),
     "demo": ("the main job on the embedded default model", _add_demo, cmd_demo),
     "models": ("model tools: `models default`", _add_models, cmd_models),
 }

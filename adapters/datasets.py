@@ -102,11 +102,19 @@ def build_pydoc_qa(out: Path, max_rows: int | None = None) -> dict[str, Path]:
     return {"train": out / "train.csv", "eval": out / "eval.csv"}
 
 
-def build_stdlib_code(out: Path, max_chars: int = 12_000) -> dict[str, Path]:
-    """Write train.jsonl and eval.jsonl ({"text", "module"} per source file)."""
+def build_stdlib_code(out: Path, max_chars: int = 12_000, eval_chars: int = 4_000
+                      ) -> dict[str, Path]:
+    """Write train.jsonl and eval.jsonl ({"text", "module"} per source file).
+
+    Eval files are cut shorter (`eval_chars`): held-out loss needs a sample, not every line,
+    and evaluation runs several times per training run.
+    """
     train, ev = [], []
     for m in MODULES:
-        (ev if is_eval_module(m) else train).extend(code_rows(m, max_chars))
+        if is_eval_module(m):
+            ev.extend(code_rows(m, eval_chars))
+        else:
+            train.extend(code_rows(m, max_chars))
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("eval", ev)):
         atomic_write_text(out / f"{name}.jsonl",

@@ -63,10 +63,12 @@ def run_loop(run, signals, progress: bool, stop_after: int | None = None) -> boo
 
     t = run.cfg.train
     start, tok0, t_start, eval_loss = run.step, run.tokens, time.perf_counter(), None
+    step_seconds = 0.0  # time in training steps only (no eval, no checkpoint writes)
     bar = _bar(run, progress)
     with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as mf:
         while run.step < run.total_steps:
             m = train_step(run, run.step)
+            step_seconds += m["seconds"]
             if run.step == start and run.cfg.train.compile:
                 log.info("first step (includes torch.compile): %.1f s", m["seconds"])
                 m["compile_seconds"] = m["seconds"]
@@ -108,16 +110,18 @@ def run_loop(run, signals, progress: bool, stop_after: int | None = None) -> boo
             eval_loss = ev["loss"]
             mf.write(json.dumps({"step": run.step, "eval_loss": eval_loss,
                                  "eval_perplexity": ev["perplexity"]}) + "\n")
-    _finish(run, start, run.tokens - tok0, time.perf_counter() - t_start, eval_loss)
+    _finish(run, start, run.tokens - tok0, step_seconds, time.perf_counter() - t_start,
+            eval_loss)
     return True
 
 
-def _finish(run, start: int, tokens: int, seconds: float, eval_loss: float | None) -> None:
+def _finish(run, start: int, tokens: int, seconds: float, wall: float,
+            eval_loss: float | None) -> None:
     from .train import save
 
     steps_here = run.step - start
     summary = {"steps": run.step, "tokens": run.tokens, "trainable_tokens": run.trainable_tokens,
-               "seconds": round(seconds, 2),
+               "seconds": round(wall, 2), "train_seconds": round(seconds, 2),
                "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
                "peak_memory_bytes": peak_memory_bytes(run.device),
                "final_train_loss": run.last.get("loss"), "final_eval_loss": eval_loss,
