@@ -54,6 +54,7 @@ class Run:
     trainable_tokens: int = 0
     bad_in_a_row: int = 0
     bad_total: int = 0
+    scaler: torch.amp.GradScaler | None = None  # fp16 only: bf16 and fp32 need no scaling
     last: dict = field(default_factory=dict)
 
 
@@ -123,8 +124,9 @@ def setup(cfg: RunConfig, device: str | None = None) -> Run:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, steps))
     stats = {"train": data.train.stats, "eval": data.eval.stats if data.eval else None}
+    scaler = torch.amp.GradScaler(device.split(":")[0]) if dtype == torch.float16 else None
     return Run(cfg, model, tok, batcher, eval_batcher, opt, sched, device, dtype, out, steps,
-               stats)
+               stats, scaler=scaler)
 
 
 def micro_batches(run: Run, step: int) -> list[dict]:
@@ -142,15 +144,25 @@ def train_step(run: Run, step: int) -> dict:
         b = {k: v.to(run.device) for k, v in b.items()}
         with autocast_for(run.device, run.dtype):
             s, _ = batch_loss(run.model, b)
-        (s / max(counted, 1)).backward()
+        part = s / max(counted, 1)
+        (run.scaler.scale(part) if run.scaler else part).backward()
         loss_sum += float(s.detach())
     params = [p for p in run.model.parameters() if p.requires_grad]
     max_norm = run.cfg.train.max_grad_norm or float("inf")
+    if run.scaler:
+        run.scaler.unscale_(run.optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     loss = loss_sum / max(counted, 1)
-    finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    if finite:
-        run.optimizer.step()
+    if run.scaler:
+        # fp16: an overflowing gradient is the scaler's business (it skips and backs off);
+        # only a non-finite loss counts as a bad step.
+        finite = math.isfinite(loss)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
@@ -179,6 +191,7 @@ def save(run: Run, final: bool = False, training: dict | None = None) -> Path:
     man = manifest_for(run, training)
     state = {"step": run.step, "tokens": run.tokens, "trainable_tokens": run.trainable_tokens,
              "bad_in_a_row": run.bad_in_a_row, "bad_total": run.bad_total,
+             "scaler": run.scaler.state_dict() if run.scaler else None,
              "recipe": run.cfg.to_dict()}
     path = ckpt.save_checkpoint(run.out / "checkpoints", run.step,
                                 lambda d: save_adapter(run.model, d, man), run.optimizer, state,
@@ -204,6 +217,8 @@ def restore(run: Run, resume: str) -> None:
     ckpt.load_optimizer(path, run.optimizer)
     for key in ("step", "tokens", "trainable_tokens", "bad_in_a_row", "bad_total"):
         setattr(run, key, state[key])
+    if run.scaler and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
     run.scheduler.last_epoch = run.step
     run.scheduler._last_lr = [g["lr"] for g in run.optimizer.param_groups]
     ckpt.set_rng_state(state["rng"])

@@ -61,3 +61,24 @@ def test_trained_adapter_scores_better_on_its_data(tiny_llama, tmp_path):
     write_results(rows, tmp_path / "eval")
     assert (tmp_path / "eval" / "eval.png").stat().st_size > 0
     assert "qa-adapter" in table(rows) and "%" in table(rows)
+
+
+def test_cli_eval_writes_results(tiny_gpt2, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_checkpoint import _trained_adapter
+
+    _trained_adapter(tiny_gpt2, tmp_path / "a")
+    f = qa_csv(tmp_path / "qa.csv", 5)
+    res = subprocess.run([sys.executable, "-m", "adapters", "eval", "--adapter",
+                          f"mine={tmp_path / 'a'}", "--data", f"qa={f}", "--out",
+                          str(tmp_path / "ev")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "ADAPTERS_HOME": str(tmp_path / "home")})
+    assert res.returncode == 0, res.stderr
+    assert "| qa |" in res.stdout and "mine" in res.stdout
+    rows = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert {r["model"] for r in rows} == {"base", "mine"}
+    assert (tmp_path / "ev" / "results.csv").exists()

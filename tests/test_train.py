@@ -105,3 +105,16 @@ def test_cli_train_writes_the_full_output_folder(tiny_gpt2, tmp_path):
     a = load_file(out / "adapter_model.safetensors")
     b = load_file(out / "checkpoints" / "step-000006" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("extra", [["model.dtype=fp16"], ["train.optimizer=adamw_8bit"]],
+                         ids=["fp16+grad-scaler", "adamw-8bit"])
+def test_fp16_scaler_and_8bit_adam_train(tiny_llama, tmp_path, extra):
+    cfg = recipe(tiny_llama, tmp_path, "train.steps=12", "train.lr=2e-2", "train.save_every=6",
+                 *extra, rows=4)
+    out = train(cfg)
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in x]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    state = json.loads((out / "checkpoints" / "step-000012" / "state.json").read_text())
+    assert (state["scaler"] is not None) == ("model.dtype=fp16" in extra)
