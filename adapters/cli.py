@@ -58,7 +58,12 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--max-rows", type=int, help="at most this many examples per dataset")
     p.add_argument("--quantization", choices=["none", "8bit", "4bit"], default="none")
-    p.add_argument("--out", help="write results.json, results.csv and eval.png here")
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="also answer the first N prompts greedily: exact match, token F1, "
+                        "ROUGE-L, sample answers")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--compare", metavar="OLD/results.json", help="print deltas against it")
+    p.add_argument("--out", help="write results.json/.csv, eval.png and report.md here")
 
 
 def cmd_eval(args) -> int:
@@ -66,7 +71,7 @@ def cmd_eval(args) -> int:
 
     from .config import DataConfig
     from .errors import ConfigError
-    from .eval import evaluate, table, write_results
+    from .eval import compare, evaluate, table, write_results
     from .merge import read_base_name
 
     adapters = dict(_pair(a, "--adapter") for a in args.adapter)
@@ -83,9 +88,15 @@ def cmd_eval(args) -> int:
                                     prompt_template=args.prompt_template,
                                     max_seq_len=args.max_seq_len)
     rows = evaluate(base, adapters, datasets, args.quantization, args.max_rows,
-                    progress=sys.stderr.isatty())
-    print(table(rows, "loss"))
-    print(table(rows, "token_accuracy"))
+                    progress=sys.stderr.isatty(), generate=args.generate,
+                    max_new_tokens=args.max_new_tokens)
+    for metric in ("loss", "token_accuracy", "token_f1", "rouge_l", "exact_match"):
+        if metric in rows[0]:
+            print(table(rows, metric) + "\n")
+    if args.compare:
+        import json
+
+        print(compare(rows, json.loads(Path(args.compare).read_text())))
     if args.out:
         write_results(rows, Path(args.out))
         print(f"results in {args.out}")

@@ -94,6 +94,35 @@ def token_accuracy(model, batches, device: str, dtype: torch.dtype) -> float:
     return right / max(total, 1)
 
 
+def split_prompt(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """(prompt ids, reference ids): the prefix before the first trained token, and the first
+    contiguous run of trained tokens (the completion or the first assistant turn)."""
+    first = next((i for i, x in enumerate(labels) if x != -100), len(labels))
+    end = next((i for i in range(first, len(labels)) if labels[i] == -100), len(labels))
+    return ids[:first], ids[first:end]
+
+
+def generation_scores(model, tok, dataset, n: int, max_new_tokens: int = 64
+                      ) -> tuple[dict[str, float], list[dict]]:
+    """Greedy answers to the first `n` prompts: mean EM, token F1, ROUGE-L, and samples."""
+    from .generate import generate_texts
+
+    pairs = [split_prompt(dataset[i]["input_ids"], dataset[i]["labels"])
+             for i in range(min(n, len(dataset)))]
+    pairs = [(p, r) for p, r in pairs if p and r]
+    prompts = [tok.decode(p) for p, _ in pairs]
+    refs = [tok.decode(r, skip_special_tokens=True).strip() for _, r in pairs]
+    preds = []
+    for s in range(0, len(prompts), 8):
+        preds += generate_texts(model, tok, prompts[s:s + 8], max_new_tokens)
+    scores = {name: sum(fn(p, r) for p, r in zip(preds, refs)) / max(len(refs), 1)
+              for name, fn in (("exact_match", exact_match), ("token_f1", token_f1),
+                               ("rouge_l", rouge_l))}
+    samples = [{"prompt": q, "reference": r, "answer": p}
+               for q, r, p in list(zip(prompts, refs, preds))[:3]]
+    return scores, samples
+
+
 def _models(base_model, tok, adapters: dict[str, Path]):
     """Yield (name, model) for the base and each adapter, swapping on one base."""
     peft_model = None
@@ -109,19 +138,22 @@ def _models(base_model, tok, adapters: dict[str, Path]):
 
 def evaluate(base: str, adapters: dict[str, str | Path], datasets: dict[str, DataConfig],
              quantization: str = "none", max_rows: int | None = None,
-             accuracy: bool = True, progress: bool = False) -> list[dict]:
-    """One row per (model, dataset): loss, perplexity, token accuracy, token count."""
+             accuracy: bool = True, progress: bool = False, generate: int = 0,
+             max_new_tokens: int = 64) -> list[dict]:
+    """One row per (model, dataset): loss, perplexity, token accuracy, token count, and with
+    `generate` > 0 exact match, token F1 and ROUGE-L of greedy answers (plus samples)."""
     from tqdm.auto import tqdm
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_base(ModelConfig(name=base, quantization=quantization), device)
     dtype = resolve_dtype("auto", device)
-    batchers = {}
+    batchers, tokenised = {}, {}
     for name, dcfg in datasets.items():
         ds = build(dcfg, tok).train.dataset
         if max_rows:
             ds = ds.select(range(min(max_rows, len(ds))))
         batchers[name] = Batcher(ds, 8, dcfg.max_seq_len, dcfg.packing, tok.pad_token_id)
+        tokenised[name] = ds
     rows = []
     bar = tqdm(total=(len(adapters) + 1) * len(datasets), disable=not progress, desc="eval")
     for mname, m, ctx in _models(model, tok, {k: Path(v) for k, v in adapters.items()}):
@@ -132,6 +164,10 @@ def evaluate(base: str, adapters: dict[str, str | Path], datasets: dict[str, Dat
                        "perplexity": r["perplexity"], "tokens": r["tokens"]}
                 if accuracy:
                     row["token_accuracy"] = token_accuracy(m, b.iter_all(), device, dtype)
+                if generate:
+                    scores, row["samples"] = generation_scores(m, tok, tokenised[dname], generate,
+                                                               max_new_tokens)
+                    row.update(scores)
                 rows.append(row)
                 bar.update(1)
     bar.close()
@@ -157,13 +193,36 @@ def table(rows: list[dict], metric: str = "loss") -> str:
 
 
 def write_results(rows: list[dict], out: Path) -> None:
+    """results.json (with samples), results.csv (numbers), eval.png and report.md."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    (out / "results.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+    flat = [{k: v for k, v in r.items() if k != "samples"} for r in rows]
     with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(flat[0]))
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(flat)
     chart(rows, out / "eval.png")
+    metrics = [m for m in HIGHER_IS_BETTER if m in flat[0]]
+    lines = ["# Evaluation", ""] + [table(rows, m) + "\n" for m in metrics] + [
+        "![chart](eval.png)", ""]
+    for r in rows:
+        for s in r.get("samples", []):
+            lines += [f"- **{r['model']}** on {r['dataset']}: {s['prompt'][-120:]!r} -> "
+                      f"{s['answer'][:200]!r} (reference {s['reference'][:120]!r})"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def compare(rows: list[dict], old: list[dict]) -> str:
+    """Deltas of every shared metric against an earlier results.json."""
+    before = {(r["model"], r["dataset"]): r for r in old}
+    lines = ["| model | dataset | metric | before | now | delta |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        prev = before.get((r["model"], r["dataset"]))
+        for m in HIGHER_IS_BETTER:
+            if prev and m in r and m in prev:
+                lines.append(f"| {r['model']} | {r['dataset']} | {m} | {prev[m]:.4f} | "
+                             f"{r[m]:.4f} | {r[m] - prev[m]:+.4f} |")
+    return "\n".join(lines)
 
 
 def chart(rows: list[dict], path: Path, metric: str = "loss") -> Path:

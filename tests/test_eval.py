@@ -54,13 +54,17 @@ def test_trained_adapter_scores_better_on_its_data(tiny_llama, tmp_path):
 
     out = train(recipe(tiny_llama, tmp_path, "train.steps=25", "train.lr=2e-2", rows=4))
     data = {"qa": DataConfig(train=str(tmp_path / "qa.csv"))}
-    rows = evaluate(str(tiny_llama), {"qa-adapter": out}, data)
+    rows = evaluate(str(tiny_llama), {"qa-adapter": out}, data, generate=4, max_new_tokens=12)
     loss = {r["model"]: r["loss"] for r in rows}
+    f1 = {r["model"]: r["token_f1"] for r in rows}
+    assert f1["qa-adapter"] > f1[BASE] and rows[1]["samples"][0]["reference"].startswith("0 plus")
     acc = {r["model"]: r["token_accuracy"] for r in rows}
     assert loss["qa-adapter"] < 0.7 * loss[BASE] and acc["qa-adapter"] > acc[BASE]
     write_results(rows, tmp_path / "eval")
     assert (tmp_path / "eval" / "eval.png").stat().st_size > 0
     assert "qa-adapter" in table(rows) and "%" in table(rows)
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "token_f1 (higher is better)" in report and "reference" in report
 
 
 def test_cli_eval_writes_results(tiny_gpt2, tmp_path):
@@ -82,3 +86,18 @@ def test_cli_eval_writes_results(tiny_gpt2, tmp_path):
     rows = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert {r["model"] for r in rows} == {"base", "mine"}
     assert (tmp_path / "ev" / "results.csv").exists()
+    res = subprocess.run([sys.executable, "-m", "adapters", "eval", "--adapter",
+                          f"mine={tmp_path / 'a'}", "--data", f"qa={f}", "--generate", "2",
+                          "--max-new-tokens", "4", "--compare", str(tmp_path / "ev" /
+                                                                   "results.json")],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "ADAPTERS_HOME": str(tmp_path / "home")})
+    assert res.returncode == 0, res.stderr
+    assert "rouge_l (higher is better)" in res.stdout and "| mine | qa | loss |" in res.stdout
+
+
+def test_split_prompt():
+    from adapters.eval import split_prompt
+
+    assert split_prompt([1, 2, 3, 4, 5], [-100, -100, 3, 4, -100]) == ([1, 2], [3, 4])
+    assert split_prompt([1, 2], [-100, -100]) == ([1, 2], [])
