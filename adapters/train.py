@@ -147,10 +147,10 @@ def train_step(run: Run, step: int) -> dict:
         part = s / max(counted, 1)
         (run.scaler.scale(part) if run.scaler else part).backward()
         loss_sum += float(s.detach())
-    params = [p for p in run.model.parameters() if p.requires_grad]
     max_norm = run.cfg.train.max_grad_norm or float("inf")
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
+    params = [p for g in run.optimizer.param_groups for p in g["params"]]  # the adapter's
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     loss = loss_sum / max(counted, 1)
     if run.scaler:

@@ -109,6 +109,13 @@ class Batcher:
         self.shard = shard  # (rank, world size)
         lengths = [len(x) for x in self.ids]
         self.items = pack_bins(lengths, max_len) if packing else [[i] for i in range(len(lengths))]
+        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, this rank's items): one shuffle
+
+    def _mine(self, epoch: int) -> list[int]:
+        if self._order[0] != epoch:
+            rank, world = self.shard
+            self._order = (epoch, epoch_order(len(self.items), self.seed, epoch)[rank::world])
+        return self._order[1]
 
     def batches_per_epoch(self) -> int:
         per_rank = len(self.items) // self.shard[1]
@@ -127,9 +134,7 @@ class Batcher:
 
     def batch(self, epoch: int, index: int) -> dict:
         """Batch `index` of `epoch` for this rank (ranks take interleaved items)."""
-        order = epoch_order(len(self.items), self.seed, epoch)
-        rank, world = self.shard
-        mine = order[rank::world]
+        mine = self._mine(epoch)
         if len(mine) < self.batch_size:  # tiny data: repeat to fill one batch
             mine = (mine * (self.batch_size // max(len(mine), 1) + 1))
         start = index * self.batch_size
