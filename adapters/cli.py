@@ -47,6 +47,8 @@ def cmd_train(args) -> int:
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", help="evaluate on this recipe's data.eval with its data settings "
+                                    "(and its model as the default base)")
     p.add_argument("--base", help="base model (default: the first adapter's manifest base)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH")
     p.add_argument("--data", action="append", default=[], metavar="[NAME=]FILE",
@@ -76,12 +78,23 @@ def cmd_eval(args) -> int:
 
     adapters = dict(_pair(a, "--adapter") for a in args.adapter)
     base = args.base or (read_base_name(next(iter(adapters.values()))) if adapters else None)
-    if not base or not args.data:
+    datasets = {}
+    if args.recipe:
+        import dataclasses
+
+        from .config import load_recipe
+
+        cfg = load_recipe(args.recipe)
+        if cfg.data.eval is None:
+            raise ConfigError(f"{args.recipe}: data.eval is not set; nothing to evaluate on")
+        base = args.base or base or cfg.model.name
+        datasets["eval"] = dataclasses.replace(cfg.data, train=cfg.data.eval, eval=None,
+                                               eval_fraction=0.0)
+    if not base or not (args.data or datasets):
         raise ConfigError("adapters eval needs --data and --base (or an --adapter whose "
                           "manifest names its base)")
     columns = dict(_pair(c, "--columns") for c in args.columns.split(",")) if args.columns \
         else None
-    datasets = {}
     for d in args.data:
         name, path = _pair(d, "--data") if "=" in d else (Path(d).stem, d)
         datasets[name] = DataConfig(train=path, format=args.format, columns=columns,

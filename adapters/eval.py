@@ -72,6 +72,7 @@ def rouge_l(pred: str, ref: str) -> float:
 
 
 HIGHER_IS_BETTER = {"loss": False, "perplexity": False, "token_accuracy": True,
+                    "choice_accuracy": True,
                     "exact_match": True, "token_f1": True, "rouge_l": True}
 
 
@@ -123,6 +124,38 @@ def generation_scores(model, tok, dataset, n: int, max_new_tokens: int = 64
     return scores, samples
 
 
+@torch.no_grad()
+def choice_logprob(model, tok, prompt: str, choice: str) -> float:
+    """Sum of log p(choice tokens | prompt) under `model`."""
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    c = tok(choice, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p + c], device=model.device)
+    logp = torch.log_softmax(model(ids).logits[0, len(p) - 1:-1].float(), -1)  # (len(c), V)
+    return float(logp.gather(1, torch.tensor(c, device=model.device)[:, None]).sum())
+
+
+def choice_accuracy(model, tok, rows: list, dcfg: DataConfig) -> float | None:
+    """Multiple choice by log-likelihood ranking, for rows with `choices` and `answer`.
+
+    `answer` is the index of the right choice or its text. None when rows carry no choices.
+    """
+    from .data.formats import DEFAULT_TEMPLATE, columns_for
+
+    rows = [r.data for r in rows if isinstance(r.data.get("choices"), list)]
+    if not rows:
+        return None
+    col = columns_for(dcfg).get("prompt", "input")
+    template = dcfg.prompt_template or DEFAULT_TEMPLATE
+    right = 0
+    for r in rows:
+        prompt = template.replace("{prompt}", str(r.get(col, "")))
+        scores = [choice_logprob(model, tok, prompt, str(c)) for c in r["choices"]]
+        answer = r["answer"] if isinstance(r["answer"], int) else r["choices"].index(
+            r["answer"])
+        right += int(max(range(len(scores)), key=scores.__getitem__) == answer)
+    return right / len(rows)
+
+
 def _models(base_model, tok, adapters: dict[str, Path]):
     """Yield (name, model) for the base and each adapter, swapping on one base."""
     peft_model = None
@@ -147,8 +180,11 @@ def evaluate(base: str, adapters: dict[str, str | Path], datasets: dict[str, Dat
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_base(ModelConfig(name=base, quantization=quantization), device)
     dtype = resolve_dtype("auto", device)
-    batchers, tokenised = {}, {}
+    from .data.sources import read_rows
+
+    batchers, tokenised, raw = {}, {}, {}
     for name, dcfg in datasets.items():
+        raw[name] = read_rows(dcfg.train, dcfg.text_unit)[0][:max_rows or None]
         ds = build(dcfg, tok).train.dataset
         if max_rows:
             ds = ds.select(range(min(max_rows, len(ds))))
@@ -164,6 +200,9 @@ def evaluate(base: str, adapters: dict[str, str | Path], datasets: dict[str, Dat
                        "perplexity": r["perplexity"], "tokens": r["tokens"]}
                 if accuracy:
                     row["token_accuracy"] = token_accuracy(m, b.iter_all(), device, dtype)
+                mc = choice_accuracy(m, tok, raw[dname], datasets[dname])
+                if mc is not None:
+                    row["choice_accuracy"] = mc
                 if generate:
                     scores, row["samples"] = generation_scores(m, tok, tokenised[dname], generate,
                                                                max_new_tokens)

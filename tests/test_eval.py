@@ -101,3 +101,37 @@ def test_split_prompt():
 
     assert split_prompt([1, 2, 3, 4, 5], [-100, -100, 3, 4, -100]) == ([1, 2], [3, 4])
     assert split_prompt([1, 2], [-100, -100]) == ([1, 2], [])
+
+
+def test_multiple_choice_ranks_by_log_likelihood(tiny_gpt2, tmp_path):
+    from conftest import write_jsonl
+
+    from adapters.eval import choice_logprob
+
+    rows = [{"input": "Pick a number", "output": "one", "choices": ["one", "two", "three"],
+             "answer": 0},
+            {"input": "Pick a word", "output": "cat", "choices": ["dog", "cat"], "answer": "cat"}]
+    f = write_jsonl(tmp_path / "mc.jsonl", rows)
+    got = evaluate(str(tiny_gpt2), {}, {"mc": DataConfig(train=str(f))})[0]["choice_accuracy"]
+    model, tok = load_base(ModelConfig(name=str(tiny_gpt2)))  # same dtype as evaluate's
+    right = 0
+    for r in rows:
+        scores = [choice_logprob(model, tok, r["input"] + "\n", c) for c in r["choices"]]
+        answer = r["answer"] if isinstance(r["answer"], int) else r["choices"].index(r["answer"])
+        right += max(range(len(scores)), key=scores.__getitem__) == answer
+    assert got == right / 2
+
+
+def test_cli_eval_from_a_recipe(tiny_gpt2, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    f = qa_csv(tmp_path / "qa.csv", 4)
+    r = tmp_path / "r.yaml"
+    r.write_text(f"model: {{name: {tiny_gpt2}}}\ndata: {{train: {f}, eval: {f}}}\n")
+    res = subprocess.run([sys.executable, "-m", "adapters", "eval", "--recipe", str(r)],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "ADAPTERS_HOME": str(tmp_path / "home")})
+    assert res.returncode == 0, res.stderr
+    assert "| eval |" in res.stdout
