@@ -103,7 +103,8 @@ def cmd_eval(args) -> int:
     rows = evaluate(base, adapters, datasets, args.quantization, args.max_rows,
                     progress=sys.stderr.isatty(), generate=args.generate,
                     max_new_tokens=args.max_new_tokens)
-    for metric in ("loss", "token_accuracy", "token_f1", "rouge_l", "exact_match"):
+    for metric in ("loss", "token_accuracy", "choice_accuracy", "token_f1", "rouge_l",
+                   "bleu", "exact_match"):
         if metric in rows[0]:
             print(table(rows, metric) + "\n")
     if args.compare:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 import json
 import logging
 import re
@@ -71,9 +72,16 @@ def rouge_l(pred: str, ref: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def bleu(pred: str, ref: str) -> float:
+    """Sentence BLEU (sacrebleu, 0-100); needs the `eval` extra."""
+    import sacrebleu
+
+    return float(sacrebleu.sentence_bleu(pred, [ref]).score)
+
+
 HIGHER_IS_BETTER = {"loss": False, "perplexity": False, "token_accuracy": True,
                     "choice_accuracy": True,
-                    "exact_match": True, "token_f1": True, "rouge_l": True}
+                    "exact_match": True, "token_f1": True, "rouge_l": True, "bleu": True}
 
 
 @torch.no_grad()
@@ -116,9 +124,11 @@ def generation_scores(model, tok, dataset, n: int, max_new_tokens: int = 64
     preds = []
     for s in range(0, len(prompts), 8):
         preds += generate_texts(model, tok, prompts[s:s + 8], max_new_tokens)
+    metrics = [("exact_match", exact_match), ("token_f1", token_f1), ("rouge_l", rouge_l)]
+    if importlib.util.find_spec("sacrebleu"):
+        metrics.append(("bleu", bleu))
     scores = {name: sum(fn(p, r) for p, r in zip(preds, refs)) / max(len(refs), 1)
-              for name, fn in (("exact_match", exact_match), ("token_f1", token_f1),
-                               ("rouge_l", rouge_l))}
+              for name, fn in metrics}
     samples = [{"prompt": q, "reference": r, "answer": p}
                for q, r, p in list(zip(prompts, refs, preds))[:3]]
     return scores, samples

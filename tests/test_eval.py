@@ -26,6 +26,10 @@ def test_text_metrics_by_hand():
     # LCS of [a1 b c d] and [a1 c d e] (articles dropped, a1 kept) = [a1 c d] = 3
     assert rouge_l("a1 b c d", "a1 c d e") == pytest.approx(2 * 0.75 * 0.75 / 1.5)
     assert token_f1("", "") == 1.0 and rouge_l("x", "") == 0.0
+    from adapters.eval import bleu
+
+    assert bleu("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(100.0)
+    assert 0 < bleu("the cat sat on a mat", "the cat sat on the mat") < 100
 
 
 def test_perplexity_matches_direct_computation(tiny_llama, tmp_path):
@@ -93,7 +97,8 @@ def test_cli_eval_writes_results(tiny_gpt2, tmp_path):
                          capture_output=True, text=True, timeout=300,
                          env={**os.environ, "ADAPTERS_HOME": str(tmp_path / "home")})
     assert res.returncode == 0, res.stderr
-    assert "rouge_l (higher is better)" in res.stdout and "| mine | qa | loss |" in res.stdout
+    assert "rouge_l (higher is better)" in res.stdout and "bleu" in res.stdout
+    assert "| mine | qa | loss |" in res.stdout
 
 
 def test_split_prompt():

@@ -1,0 +1,49 @@
+"""Interop: lm-evaluation-harness scores our adapter folders, and agrees with our numbers."""
+
+import json
+import os
+
+import pytest
+from test_checkpoint import _trained_adapter
+
+from adapters.checkpoint import load_adapter
+from adapters.config import ModelConfig
+from adapters.eval import choice_logprob
+from adapters.model import load_base
+
+lm_eval = pytest.importorskip("lm_eval", reason="install the eval extra: pip install .[eval]")
+
+ROWS = [{"input": "Pick a number", "choices": ["one", "two", "three"], "answer": 0},
+        {"input": "Pick a word", "choices": ["dog", "cat"], "answer": 1}]
+
+
+def test_lm_eval_loads_the_adapter_folder_and_agrees(tiny_gpt2, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    _trained_adapter(tiny_gpt2, tmp_path / "a")
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "local.yaml").write_text(
+        "task: adapters_local_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{input}}\\n"\ndoc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\ntarget_delimiter: ""\nmetric_list:\n  - metric: acc\n')
+    lm = HFLM(pretrained=str(tiny_gpt2), peft=str(tmp_path / "a"), batch_size=1, device="cpu",
+              dtype="float32")
+    res = simple_evaluate(model=lm, tasks=["adapters_local_mc"], log_samples=True,
+                          task_manager=TaskManager(include_path=str(tmp_path / "task")))
+    theirs = {s["doc"]["input"]: [r[0][0] for r in s["resps"]]
+              for s in res["samples"]["adapters_local_mc"]}
+    base, tok = load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))
+    model = load_adapter(base, tmp_path / "a", tokenizer=tok).eval()
+    for row in ROWS:
+        # lm-eval moves the context's trailing "\n" into the continuation.
+        ours = [choice_logprob(model, tok, row["input"], "\n" + c) for c in row["choices"]]
+        assert ours == pytest.approx(theirs[row["input"]], abs=1e-4)
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
