@@ -60,6 +60,9 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--max-rows", type=int, help="at most this many examples per dataset")
     p.add_argument("--quantization", choices=["none", "8bit", "4bit"], default="none")
+    p.add_argument("--metrics", nargs="+", metavar="M",
+                   help="only these: loss perplexity token_accuracy choice_accuracy exact_match "
+                        "token_f1 rouge_l bleu (default: all that apply)")
     p.add_argument("--generate", type=int, default=0, metavar="N",
                    help="also answer the first N prompts greedily: exact match, token F1, "
                         "ROUGE-L, sample answers")
@@ -100,11 +103,20 @@ def cmd_eval(args) -> int:
         datasets[name] = DataConfig(train=path, format=args.format, columns=columns,
                                     prompt_template=args.prompt_template,
                                     max_seq_len=args.max_seq_len)
+    wanted = set(args.metrics or ["token_accuracy"])
     rows = evaluate(base, adapters, datasets, args.quantization, args.max_rows,
+                    accuracy="token_accuracy" in wanted,
                     progress=sys.stderr.isatty(), generate=args.generate,
                     max_new_tokens=args.max_new_tokens)
-    for metric in ("loss", "token_accuracy", "choice_accuracy", "token_f1", "rouge_l",
-                   "bleu", "exact_match"):
+    from .eval import HIGHER_IS_BETTER
+
+    unknown = set(args.metrics or []) - set(HIGHER_IS_BETTER)
+    if unknown:
+        raise ConfigError(f"--metrics: unknown {sorted(unknown)}; choose from "
+                          f"{', '.join(HIGHER_IS_BETTER)}")
+    keep = set(args.metrics or HIGHER_IS_BETTER) | {"model", "dataset", "tokens", "samples"}
+    rows = [{k: v for k, v in r.items() if k in keep} for r in rows]
+    for metric in HIGHER_IS_BETTER:
         if metric in rows[0]:
             print(table(rows, metric) + "\n")
     if args.compare:

@@ -135,8 +135,10 @@ def test_cli_eval_from_a_recipe(tiny_gpt2, tmp_path):
     f = qa_csv(tmp_path / "qa.csv", 4)
     r = tmp_path / "r.yaml"
     r.write_text(f"model: {{name: {tiny_gpt2}}}\ndata: {{train: {f}, eval: {f}}}\n")
-    res = subprocess.run([sys.executable, "-m", "adapters", "eval", "--recipe", str(r)],
+    res = subprocess.run([sys.executable, "-m", "adapters", "eval", "--recipe", str(r),
+                          "--metrics", "loss", "perplexity"],
                          capture_output=True, text=True, timeout=300,
                          env={**os.environ, "ADAPTERS_HOME": str(tmp_path / "home")})
     assert res.returncode == 0, res.stderr
-    assert "| eval |" in res.stdout
+    assert "| eval |" in res.stdout and "perplexity (lower" in res.stdout
+    assert "token_accuracy" not in res.stdout
