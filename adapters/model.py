@@ -10,8 +10,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from functools import cache
 from pathlib import Path
 
@@ -57,9 +55,9 @@ def default_model_dir(progress: bool = True) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from .io import atomic_dir
+
     gguf = _gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     if not progress:
         hf_logging.disable_progress_bar()
     try:
@@ -71,22 +69,13 @@ def default_model_dir(progress: bool = True) -> Path:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, target) if not target.exists() else _swap_dir(tmp, target)
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not progress:
             hf_logging.enable_progress_bar()
     return target
-
-
-def _swap_dir(new: Path, old: Path) -> None:
-    trash = old.with_name(old.name + ".old")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.replace(old, trash)
-    os.replace(new, old)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def resolve_model_path(name: str) -> str:
