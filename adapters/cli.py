@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from .cli_infer import COMMANDS as INFER_COMMANDS
 from .errors import AdaptersError
 
 log = logging.getLogger("adapters")
@@ -281,27 +282,13 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _not_built(name: str, issue: str) -> Callable:
-    def run(args) -> int:
-        print(f"adapters {name}: not built yet ({issue}).", file=sys.stderr)
-        return 2
-    return run
-
-
-def _nothing(p: argparse.ArgumentParser) -> None:
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-
-
 # name -> (help, add-arguments, run)
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train a LoRA adapter from a recipe", _add_train, cmd_train),
     "eval": ("evaluate the base and adapters side by side", _add_eval, cmd_eval),
     "merge": ("merge an adapter into its base model, verified", _add_merge, cmd_merge),
     "combine": ("combine adapters of one base into a new adapter", _add_combine, cmd_combine),
-    "generate": ("answer a prompt with the base and each adapter", _nothing,
-                 _not_built("generate", "see the inference issue")),
-    "serve": ("OpenAI-compatible HTTP server over the base and adapters", _nothing,
-              _not_built("serve", "see the inference issue")),
+    **INFER_COMMANDS,
     "inspect": ("show an adapter folder's base, settings, size and integrity", _add_inspect,
                 cmd_inspect),
     "data": ("data tools: `data preview RECIPE`, `data build`", _add_data, cmd_data),

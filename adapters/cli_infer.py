@@ -1,0 +1,138 @@
+"""`adapters generate` and `adapters serve`: the inference commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import textwrap
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", help="base model: hub id, folder or `default` "
+                                  "(default: the first adapter's manifest base)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="an adapter folder (or .zip from `adapters pack`); repeat for more")
+    p.add_argument("--quantization", choices=["none", "8bit", "4bit"], default="none")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="load adapters trained on other weights of the same architecture")
+
+
+def _registry(args, capacity: int | None = None):
+    from .cli import _pair
+    from .errors import ConfigError
+    from .infer import Registry
+    from .merge import read_base_name
+
+    adapters = [_pair(a, "--adapter") for a in args.adapter]
+    base = args.base or (read_base_name(adapters[0][1]) if adapters else None)
+    if not base:
+        raise ConfigError("--base is needed (or an --adapter whose manifest names its base)")
+    reg = Registry.from_spec(base, quantization=args.quantization, device=args.device,
+                             capacity=capacity or max(8, len(adapters)),
+                             allow_base_mismatch=args.allow_base_mismatch)
+    for name, path in adapters:
+        reg.load(name, path)
+    return reg
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several")
+    p.add_argument("--chat", action="store_true", help="render the prompt as a user message "
+                                                       "with the model's chat template")
+    p.add_argument("--with-base", action="store_true", help="also answer with the plain base")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string; repeat for more")
+    p.add_argument("--json", action="store_true", help="print JSON instead of columns")
+
+
+def cmd_generate(args) -> int:
+    reg = _registry(args)
+    models = ([None] if args.with_base or not reg.names() else []) + reg.names()
+    # Every (prompt, model) pair in one mixed batch: one forward per new token for all.
+    pairs = [(p, m) for p in args.prompt for m in models]
+    texts = reg.generate([p for p, _ in pairs], [m for _, m in pairs], chat=args.chat,
+                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_p=args.top_p, seed=args.seed, stop=args.stop)
+    labels = [m or f"{reg.base_name} (no adapter)" for m in models]
+    if args.json:
+        print(json.dumps([{"prompt": p, "model": m or reg.base_name, "text": t}
+                          for (p, m), t in zip(pairs, texts)], indent=2))
+        return 0
+    for i, prompt in enumerate(args.prompt):
+        print(f"prompt: {prompt}\n")
+        print(side_by_side(labels, texts[i * len(models):(i + 1) * len(models)]))
+    return 0
+
+
+def side_by_side(labels: list[str], texts: list[str], width: int | None = None) -> str:
+    """Answers in columns when the terminal is wide enough, else one block per model."""
+    width = width or shutil.get_terminal_size((120, 20)).columns
+    col = (width - 3 * (len(labels) - 1)) // max(1, len(labels))
+    if col < 24:
+        return "\n".join(f"== {name} ==\n{text}\n" for name, text in zip(labels, texts))
+    cols = [[name[:col], "-" * min(col, max(len(name), 8))]
+            + [w for line in text.splitlines() or [""]
+               for w in (textwrap.wrap(line, col) or [""])]
+            for name, text in zip(labels, texts)]
+    height = max(len(c) for c in cols)
+    rows = [" | ".join(c[i].ljust(col) if i < len(c) else " " * col for c in cols).rstrip()
+            for i in range(height)]
+    return "\n".join(rows) + "\n"
+
+
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--adapter-root", metavar="DIR",
+                   help="allow POST /v1/adapters to load folders inside DIR (only there)")
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("ADAPTERS_API_KEY") or None,
+                   help="require `Authorization: Bearer KEY` (default: $ADAPTERS_API_KEY)")
+    p.add_argument("--base-name", default="base", help="the `model` id of the plain base")
+    p.add_argument("--capacity", type=int, default=16,
+                   help="adapters kept in memory; the least recently used is evicted")
+    p.add_argument("--max-batch", type=int, default=16, help="rows per batch")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="waiting requests before new ones get HTTP 429")
+    p.add_argument("--max-tokens-limit", type=int, default=512,
+                   help="the largest max_tokens a request may ask for")
+    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted")
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .serve import Limits, create_app, serve
+    except ImportError as e:
+        print(f"error: adapters serve needs the serve extra: pip install 'adapterkit[serve]' "
+              f"({e})", file=sys.stderr)
+        return 1
+    from .serve import _context_len
+
+    reg = _registry(args, capacity=args.capacity)
+    reg.base_name = args.base_name
+    limits = Limits(args.max_tokens_limit, args.max_prompt_tokens, _context_len(reg.model))
+    app = create_app(reg, adapter_root=args.adapter_root, api_key=args.api_key, limits=limits,
+                     max_batch=args.max_batch, max_queue=args.max_queue)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach this "
+              "port can use the model", file=sys.stderr)
+    print(f"models: {[reg.base_name, *reg.names()]} on http://{args.host}:{args.port}/v1",
+          flush=True)
+    serve(app, args.host, args.port)
+    return 0
+
+
+COMMANDS = {
+    "generate": ("answer a prompt with each adapter (and the base), side by side",
+                 _add_generate, cmd_generate),
+    "serve": ("OpenAI-compatible HTTP server over the base and adapters", _add_serve,
+              cmd_serve),
+}

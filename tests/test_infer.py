@@ -1,0 +1,133 @@
+"""The adapter registry: mixed batches, sampling, stops, eviction (real peft, real files)."""
+
+import pytest
+import torch
+from test_checkpoint import _trained_adapter
+
+from adapters.config import ModelConfig
+from adapters.decode import Request, Sampling, decode
+from adapters.infer import Registry, RegistryError
+from adapters.model import load_base
+
+PROMPTS = ["import os\n", "def f(x):", "class A:", "# comment"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tiny_gpt2, tiny_llama):
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for arch, path in (("gpt2", tiny_gpt2), ("llama", tiny_llama)):
+        out[arch] = [root / f"{arch}-{i}" for i in range(4)]
+        for i, f in enumerate(out[arch]):
+            _trained_adapter(path, f, seed=i + 1)
+    return out
+
+
+def registry(path, folders, **kw) -> Registry:
+    model, tok = load_base(ModelConfig(name=str(path), dtype="fp32", **kw))
+    reg = Registry(model, tok, capacity=8)
+    for i, f in enumerate(folders):
+        reg.load(f"a{i}", f)
+    return reg
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_mixed_batch_equals_one_adapter_at_a_time(arch, folders, tiny_gpt2, tiny_llama):
+    reg = registry({"gpt2": tiny_gpt2, "llama": tiny_llama}[arch], folders[arch])
+    names = [None, "a0", "a1", "a2", "a3"]
+    alone = {n: reg.generate(PROMPTS, n, max_new_tokens=10) for n in names}
+    assert len({tuple(v) for v in alone.values()}) == len(names)  # each adapter answers its own
+    # Each prompt with each model, shuffled into one batch: one forward per token for all rows.
+    pairs = [(p, n) for n in names for p in PROMPTS][::-1]
+    mixed = reg.generate([p for p, _ in pairs], [n for _, n in pairs], max_new_tokens=10)
+    assert mixed == [alone[n][PROMPTS.index(p)] for p, n in pairs]
+    reg.fast = False  # peft's own mixed-batch path gives the same answers as our batched LoRA
+    assert reg.generate([p for p, _ in pairs], [n for _, n in pairs], max_new_tokens=10) == mixed
+
+
+def test_decode_matches_hf_generate_greedy(tiny_llama, folders):
+    reg = registry(tiny_llama, folders["llama"][:1])
+    enc = reg.tok(PROMPTS[1], return_tensors="pt")
+    reg.model.set_adapter("a0")
+    ref = reg.model.generate(**enc, max_new_tokens=12, do_sample=False,
+                             pad_token_id=reg.tok.eos_token_id)[0, enc["input_ids"].shape[1]:]
+    out = decode(reg.model, reg.tok, [Request(enc["input_ids"][0].tolist(), "a0",
+                                              Sampling(max_new_tokens=12))])[0]
+    assert out.token_ids == ref.tolist()[:len(out.token_ids)]
+    assert out.finish_reason == ("length" if len(out.token_ids) == 12 else "stop")
+
+
+def test_sampling_is_seeded_per_request_and_batch_independent(tiny_gpt2, folders):
+    reg = registry(tiny_gpt2, folders["gpt2"][:2])
+    kw = dict(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=7)
+    one = reg.generate(PROMPTS[:1], "a1", **kw)
+    assert reg.generate(PROMPTS[:1], "a1", **kw) == one
+    # The same request inside a batch with others samples the same tokens (its own generator).
+    assert reg.generate(PROMPTS[:3], ["a0", "a1", None], **kw)[1] == reg.generate(
+        PROMPTS[1:2], "a1", **kw)[0]
+    assert reg.generate(PROMPTS[:1], "a1", **{**kw, "seed": 8}) != one
+
+
+def test_top_p_keeps_only_the_nucleus(tiny_gpt2, folders):
+    reg = registry(tiny_gpt2, folders["gpt2"][:1])
+    greedy = reg.generate(PROMPTS, "a0", max_new_tokens=8)
+    # A nucleus this small holds only the most likely token: sampling becomes greedy.
+    assert reg.generate(PROMPTS, "a0", max_new_tokens=8, temperature=1.0, top_p=1e-6) == greedy
+
+
+def test_stop_strings_cut_the_text_and_streaming_never_shows_them(tiny_gpt2, folders):
+    reg = registry(tiny_gpt2, folders["gpt2"][:1])
+    full = reg.generate(PROMPTS[:1], "a0", max_new_tokens=20)[0]
+    stop = full[5:8]
+    pieces: list[str] = []
+    req = Request(reg.encode(PROMPTS[0]), "a0", Sampling(max_new_tokens=20, stop=(stop,)),
+                  on_text=pieces.append)
+    out = reg.run([req])[0]
+    assert out.text == full[:full.index(stop)] and out.finish_reason == "stop"
+    assert "".join(pieces) == out.text
+
+
+def test_chat_prompts_use_the_chat_template(tiny_gpt2, folders):
+    reg = registry(tiny_gpt2, folders["gpt2"][:1])
+    ids = reg.encode([{"role": "user", "content": "hi"}])
+    text = reg.tok.decode(ids)  # ChatML fallback (turns end in the tokenizer's EOS)
+    assert text.startswith("<|im_start|>user\nhi") and text.endswith("<|im_start|>assistant\n")
+    assert reg.encode("hi", chat=True) == ids
+
+
+def test_eviction_is_least_recently_used_and_spares_adapters_in_use(tiny_gpt2, folders):
+    model, tok = load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))
+    reg = Registry(model, tok, capacity=2)
+    f = folders["gpt2"]
+    assert reg.load("a", f[0]) == [] and reg.load("b", f[1]) == []
+    reg.generate(PROMPTS[:1], "a", max_new_tokens=2)  # "a" is now the most recent
+    assert reg.load("c", f[2]) == ["b"]
+    assert reg.names() == ["a", "c"]
+    reg._touch(["a"])  # a request is using "a" (as the server does while decoding)
+    reg.generate(PROMPTS[:1], "c", max_new_tokens=2)  # so "a" is older, but busy
+    assert reg.load("d", f[3]) == ["c"]
+    with pytest.raises(RegistryError, match="in use"):
+        reg.unload("a")
+    reg._release(["a"])
+    reg.unload("a")
+    assert reg.names() == ["d"] and "a" not in reg.model.peft_config
+    with pytest.raises(RegistryError, match="no adapter named"):
+        reg.generate(PROMPTS[:1], "a")
+
+
+def test_names_are_checked_and_a_wrong_base_is_refused(tiny_gpt2, tiny_llama, folders):
+    reg = registry(tiny_gpt2, [])
+    for bad in ["", "a/b", "../x", "x" * 65, "base"]:
+        with pytest.raises(RegistryError, match="adapter name"):
+            reg.load(bad, folders["gpt2"][0])
+    with pytest.raises(Exception, match="another base"):
+        reg.load("llama", folders["llama"][0])
+    assert reg.generate(PROMPTS[:1], None, max_new_tokens=3)  # the base still answers
+
+
+def test_mixed_batch_on_a_4bit_base(tiny_llama, folders):
+    torch.manual_seed(0)
+    reg = registry(tiny_llama, folders["llama"][:3], quantization="4bit")
+    names = ["a0", "a1", None, "a2"]
+    alone = [reg.generate([p], n, max_new_tokens=6)[0] for p, n in zip(PROMPTS, names)]
+    assert reg.generate(PROMPTS, names, max_new_tokens=6) == alone

@@ -1,0 +1,224 @@
+"""The OpenAI-compatible server, for real: uvicorn on a loopback port, the official client."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import uvicorn
+from test_checkpoint import _trained_adapter
+
+from adapters.config import ModelConfig
+from adapters.infer import Registry
+from adapters.model import load_base
+from adapters.serve import Limits, create_app
+
+PROMPTS = ["import os\n", "def f(x):", "class A:", "# comment"]
+
+
+def http(method: str, url: str, body: dict | None = None) -> tuple[int, str]:
+    """A plain HTTP request with the standard library (for routes the openai client lacks)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+class Running:
+    """A real uvicorn server in a thread, on a free loopback port."""
+
+    def __init__(self, app):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(500):
+            if self.server.started:
+                break
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def client(self, key="none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, tiny_gpt2):
+    root = tmp_path_factory.mktemp("adapter-root")
+    for i in range(4):
+        _trained_adapter(tiny_gpt2, root / f"a{i}", seed=i + 1)
+    return root
+
+
+def start(tiny_gpt2, root, names=("a0", "a1", "a2", "a3"), **kw) -> Running:
+    model, tok = load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))
+    reg = Registry(model, tok, capacity=8)
+    for n in names:
+        reg.load(n, root / n)
+    return Running(create_app(reg, adapter_root=root, **kw))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gpt2, root):
+    s = start(tiny_gpt2, root)
+    yield s
+    s.close()
+
+
+def test_models_completion_chat_and_streaming(server):
+    c = server.client()
+    assert [m.id for m in c.models.list()] == ["base", "a0", "a1", "a2", "a3"]
+    r = c.completions.create(model="a1", prompt=PROMPTS[1], max_tokens=8, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
+    base = c.completions.create(model="base", prompt=PROMPTS[1], max_tokens=8, temperature=0)
+    assert base.choices[0].text != r.choices[0].text  # the adapter changes the answer
+    pieces = [ch.choices[0].text for ch in c.completions.create(
+        model="a1", prompt=PROMPTS[1], max_tokens=8, temperature=0, stream=True)]
+    assert len(pieces) > 2 and "".join(pieces) == r.choices[0].text
+
+    msgs = [{"role": "user", "content": "What is os.path?"}]
+    chat = c.chat.completions.create(model="a2", messages=msgs, max_tokens=8, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.object == "chat.completion"
+    chunks = list(c.chat.completions.create(model="a2", messages=msgs, max_tokens=8,
+                                            temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == \
+        chat.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+
+
+def test_concurrent_requests_over_four_adapters_get_their_own_tokens(server):
+    c = server.client()
+    jobs = [(f"a{i % 4}", PROMPTS[i // 4]) for i in range(16)]
+
+    def ask(job):
+        r = c.completions.create(model=job[0], prompt=job[1], max_tokens=10, temperature=0)
+        return r.choices[0].text
+
+    alone = [ask(j) for j in jobs]
+    assert len(set(alone[:4])) == 4  # the four adapters answer the same prompt differently
+    batches_before = len(server.server.config.app.state.engine.batches)
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(ask, jobs))
+    assert together == alone
+    sizes = server.server.config.app.state.engine.batches[batches_before:]
+    assert max(sizes) > 1 and len(sizes) < 16  # requests did share batches
+
+
+def test_unknown_model_and_over_limit_requests(server):
+    c = server.client()
+    with pytest.raises(openai.NotFoundError, match="nope"):
+        c.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="512"):
+        c.completions.create(model="a0", prompt="x", max_tokens=100_000)
+    with pytest.raises(openai.BadRequestError, match="context of 256 tokens"):
+        c.completions.create(model="a0", prompt="x " * 300, max_tokens=5)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        c.completions.create(model="a0", prompt="x", max_tokens=2, temperature=7)
+
+
+def test_hot_load_is_confined_to_the_adapter_root(server, root, tmp_path):
+    def post(body):
+        return http("POST", server.url + "/v1/adapters", body)
+
+    outside = tmp_path / "outside"
+    _trained_adapter(server.server.config.app.state.engine.reg.model.get_base_model()
+                     .name_or_path, outside, seed=9)
+    (root / "link-out").symlink_to(outside, target_is_directory=True)
+    for path in ["../outside", str(outside), "link-out", "a0/../../outside"]:
+        code, text = post({"name": "evil", "path": path})
+        assert code == 403 and "outside the adapter root" in text, path
+    code, text = post({"name": "hot", "path": "a3"})
+    assert code == 200, text
+    c = server.client()
+    hot = c.completions.create(model="hot", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+    a3 = c.completions.create(model="a3", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+    assert hot.choices[0].text == a3.choices[0].text
+    assert http("DELETE", server.url + "/v1/adapters/hot")[0] == 200
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="hot", prompt="x", max_tokens=2)
+    assert http("DELETE", server.url + "/v1/adapters/hot")[0] == 404
+    code, text = post({"name": "bad", "path": "."})  # no adapter files there
+    assert code == 400 and "adapter" in json.loads(text)["error"]["message"]
+
+
+def test_full_queue_answers_429_at_once(tiny_gpt2, root):
+    s = start(tiny_gpt2, root, names=("a0",), max_batch=1, max_queue=1)
+    try:
+        c = s.client()
+        long = c.completions.create(model="a0", prompt="x", max_tokens=200, temperature=0,
+                                    stream=True, extra_body={"ignore_eos": True})
+        next(iter(long))  # the worker is now busy with this one
+
+        def ask(_):
+            try:
+                c.completions.create(model="a0", prompt="y", max_tokens=2)
+                return 200
+            except openai.RateLimitError:
+                return 429
+
+        start_t = time.perf_counter()
+        with ThreadPoolExecutor(4) as pool:
+            codes = list(pool.map(ask, range(4)))
+        assert 429 in codes and 200 in codes  # one waited in the queue, the rest were refused
+        assert sum(len(ch.choices[0].text) for ch in long) >= 0
+        assert time.perf_counter() - start_t < 60
+    finally:
+        s.close()
+
+
+def test_api_key_is_checked_on_every_route(tiny_gpt2, root):
+    s = start(tiny_gpt2, root, names=("a0",), api_key="sekret", limits=Limits(16))
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            s.client("wrong").models.list()
+        assert http("DELETE", s.url + "/v1/adapters/a0")[0] == 401
+        assert [m.id for m in s.client("sekret").models.list()] == ["base", "a0"]
+        with pytest.raises(openai.BadRequestError, match="1 to 16"):
+            s.client("sekret").completions.create(model="a0", prompt="x", max_tokens=17)
+    finally:
+        s.close()
+
+
+def test_the_serve_and_generate_commands(tiny_gpt2, root, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "ADAPTERS_API_KEY"}
+    out = subprocess.run([sys.executable, "-m", "adapters", "generate", "--base", tiny_gpt2,
+                          "--adapter", f"a0={root / 'a0'}", "--adapter", f"a1={root / 'a1'}",
+                          "--prompt", PROMPTS[0], "--with-base", "--max-new-tokens", "6",
+                          "--json"], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    answers = json.loads(out.stdout)
+    assert [a["model"] for a in answers] == ["base", "a0", "a1"]
+    proc = subprocess.Popen([sys.executable, "-m", "adapters", "serve", "--adapter",
+                             f"a0={root / 'a0'}", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        url = None
+        for line in proc.stdout:  # uvicorn prints the port it bound
+            if "Uvicorn running on" in line:
+                url = line.split("running on ")[1].split()[0]
+                break
+        assert url and url.startswith("http://127.0.0.1:")
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        r = c.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+        assert r.choices[0].text == answers[1]["text"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
