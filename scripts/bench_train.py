@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Benchmark: `adapters train` against the HF Trainer + peft baseline, same everything.
 
-Each run is its own subprocess (clean peak RSS): identical model, tokens, LoRA settings
-(r=16, every attention and MLP projection), batch, sequence length, learning rate and steps.
+Each run is its own subprocess (clean peak RSS; peak GPU memory on CUDA): identical model,
+tokens, LoRA settings (r=16, every attention and MLP projection), batch, sequence length,
+learning rate and steps.
 Cases:
   a-256, a-1024  fixed-length text: stdlib source in windows of 256 / 1024 tokens, bf16
   b-padded       variable-length pydoc Q&A, baseline with its padding collator
@@ -36,9 +37,11 @@ CASES = {  # name -> (dataset, seq_len, batch, quantization, baseline collator)
 }
 
 
-def model_path(name: str, work: Path) -> str:
+def model_path(name: str, work: Path, override: str | None = None) -> str:
     from adapters.model import default_model_dir
 
+    if override:
+        return override
     if name == "smollm2":
         return str(default_model_dir())
     folder = work / "gpt2-small"
@@ -144,7 +147,8 @@ def worker_baseline(args: dict) -> dict:
             else DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
     targs = TrainingArguments(output_dir=str(work / "hf-out"), per_device_train_batch_size=batch,
                               max_steps=args["steps"], learning_rate=2e-4,
-                              lr_scheduler_type="constant", bf16=True, use_cpu=True,
+                              lr_scheduler_type="constant", bf16=True,
+                              use_cpu=not torch.cuda.is_available(),
                               logging_steps=1, report_to=[], save_strategy="no",
                               dataloader_num_workers=0, seed=0, remove_unused_columns=False)
     tr = Trainer(model=model, args=targs, train_dataset=ds, data_collator=coll,
@@ -177,13 +181,16 @@ def run_worker(kind: str, args: dict) -> dict:
 def bf16_peak_flops(seconds: float = 1.0) -> float:
     import torch
 
-    a = torch.randn(1024, 1024, dtype=torch.bfloat16)
-    b = torch.randn(1024, 1024, dtype=torch.bfloat16)
+    dev, size = ("cuda", 8192) if torch.cuda.is_available() else ("cpu", 1024)
+    a = torch.randn(size, size, dtype=torch.bfloat16, device=dev)
+    b = torch.randn(size, size, dtype=torch.bfloat16, device=dev)
     n, t = 0, time.perf_counter()
     while time.perf_counter() - t < seconds:
         a @ b
         n += 1
-    return 2 * 1024 ** 3 * n / (time.perf_counter() - t)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size ** 3 * n / (time.perf_counter() - t)
 
 
 def matmul_params(model_path: str) -> int:
@@ -207,6 +214,8 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=list(CASES))
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--out", default="runs/bench")
+    p.add_argument("--model-path", help="use this folder as the smollm2 model (e.g. a random "
+                                        "model of its shape on a machine without the weights)")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -215,6 +224,10 @@ def main() -> None:
         res = fn(json.loads(a.worker[1]))
         res["peak_rss_bytes"] = max(peak_before, resource.getrusage(
             resource.RUSAGE_SELF).ru_maxrss) * 1024
+        import torch
+
+        if torch.cuda.is_available():  # on a GPU the figure that matters is device memory
+            res["peak_rss_bytes"] = torch.cuda.max_memory_allocated()
         print(json.dumps(res))
         return
     if a.quick:
@@ -225,7 +238,7 @@ def main() -> None:
     peak = bf16_peak_flops()
     results = []
     for model in a.models:
-        path = model_path(model, out)
+        path = model_path(model, out, a.model_path if model == "smollm2" else None)
         for case in a.cases:
             args = {"model": model, "model_path": path, "case": case, "steps": a.steps,
                     "work": str(out)}

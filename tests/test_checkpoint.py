@@ -49,8 +49,8 @@ def test_plain_peft_loads_it_with_identical_logits(tiny_model, tmp_path, ids):
     ours = load_adapter(base2, tmp_path / "a", tokenizer=tok2).eval()
     fresh, _ = load_base(ModelConfig(name=str(tiny_model), dtype="fp32"))
     with torch.no_grad():
-        a, b, c = plain(ids).logits, ours(ids).logits, pm.eval()(ids).logits
-        ref = fresh(ids).logits
+        # load_base puts models on CUDA when there is one: compare on the CPU.
+        a, b, c, ref = (m(ids.to(m.device)).logits.cpu() for m in (plain, ours, pm.eval(), fresh))
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     torch.testing.assert_close(a, c, atol=1e-6, rtol=0)
     assert (a - ref).abs().max() > 1e-3  # the adapter really changes the model

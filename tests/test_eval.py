@@ -44,7 +44,7 @@ def test_perplexity_matches_direct_computation(tiny_llama, tmp_path):
             p = tok(r["input"] + "\n", add_special_tokens=False)["input_ids"]
             c = tok(r["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             ids = torch.tensor([p + c])
-            logits = model(ids).logits[0, len(p) - 1:-1]
+            logits = model(ids.to(model.device)).logits[0, len(p) - 1:-1].float().cpu()
             total += float(F.cross_entropy(logits, torch.tensor(c), reduction="sum"))
             count += len(c)
     # bf16 autocast on this CPU (dtype auto) vs fp32 direct: close, not bitwise.

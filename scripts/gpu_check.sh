@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The CUDA checks, as one script for a lent GPU machine (see README "GPU check").
+# Expects wheels in .whl/ (bitsandbytes, peft, datasets, dill, multiprocess, transformers)
+# and .gpu/smollm2/ holding SmolLM2-135M's config and tokenizer (no weights: the machine
+# has no hub access, so the benchmarks run a random model of that exact shape).
+# Writes logs and benchmark tables to $OUT (default runs/gpu).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-runs/gpu}"
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export ADAPTERS_HOME=/tmp/adapters-home
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import torch, transformers, peft, bitsandbytes, datasets; print('torch', \
+torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, \
+'peft', peft.__version__, 'bnb', bitsandbytes.__version__)" || exit 1
+python3 - <<'EOF'
+import shutil, torch
+from transformers import AutoConfig, AutoModelForCausalLM
+cfg = AutoConfig.from_pretrained(".gpu/smollm2")
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+model.save_pretrained("/tmp/smol")
+for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    shutil.copy(f".gpu/smollm2/{f}", "/tmp/smol/")
+print("random SmolLM2-135M-shaped model in /tmp/smol")
+EOF
+# 1. The test files whose code paths differ on CUDA (fused CE, autocast, 4-bit, decoding).
+timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+  tests/test_train.py tests/test_infer.py tests/test_merge.py 2>&1 | tee "$OUT/pytest.log" | tail -25
+# 2. Training speed and memory against HF Trainer + peft, same tokens (CUDA memory).
+timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench_train.py --models smollm2 \
+  --model-path /tmp/smol --cases a-256 a-1024 b-padded b-flat c-qlora --steps 30 \
+  --out "$OUT/bench" 2>&1 | tail -12
+# 3. Mixed-adapter generation on CUDA.
+timeout "${SWAP_TIMEOUT:-90}" python3 scripts/bench_swap.py --base /tmp/smol --device cuda \
+  --work /tmp/swap --out "$OUT" --repeat 3 2>&1 | tail -10
