@@ -128,6 +128,10 @@ def create_app(registry: Registry, adapter_root: str | Path | None = None,
     async def bad_request(_, e: RequestValidationError):
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"] if x != "body")
+        if not where:  # the body itself: not JSON, or curl -d without a JSON content type
+            return await api_error(None, ApiError(
+                400, "the request body must be a JSON object sent with "
+                     "'Content-Type: application/json'", param="body"))
         return await api_error(None, ApiError(400, f"{where}: {first['msg']}", param=where))
 
     def model_ids() -> list[str]:

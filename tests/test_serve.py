@@ -132,6 +132,12 @@ def test_unknown_model_and_over_limit_requests(server):
         c.completions.create(model="a0", prompt="x " * 300, max_tokens=5)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         c.completions.create(model="a0", prompt="x", max_tokens=2, temperature=7)
+    # curl -d without a JSON content type: say what the body must be
+    req = urllib.request.Request(server.url + "/v1/adapters", data=b'{"name": "x", "path": "y"}',
+                                 method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 400 and "Content-Type: application/json" in e.value.read().decode()
 
 
 def test_hot_load_is_confined_to_the_adapter_root(server, root, tmp_path):
