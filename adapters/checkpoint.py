@@ -1,9 +1,10 @@
 """Adapter folders: peft's files plus our manifest, written atomically and checked on load.
 
 A folder holds `adapter_config.json` + `adapter_model.safetensors` (so plain
-`peft.PeftModel.from_pretrained(base, folder)` loads it) and `manifest.json`: the base spec
+`peft.PeftModel.from_pretrained(base, folder)` loads it), `manifest.json`: the base spec
 and fingerprint, quantization used in training, LoRA settings, package versions, the weights'
-sha256 and the creation time (plus a training summary when it comes from `adapters train`).
+sha256 and the creation time (plus data, recipe and training summary when it comes from
+`adapters train`), and `README.md`, the model card rendered from the manifest (card.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .card import write_card
 from .errors import AdapterFileError
 from .io import atomic_write_json, fsync_dir, sha256_file
 from .model import base_fingerprint, compare_fingerprints
@@ -76,6 +78,7 @@ def save_adapter(model, folder: str | Path, manifest: dict[str, Any],
             os.replace(src / name, folder / name)
         fsync_dir(folder)
         atomic_write_json(folder / MANIFEST_FILE, manifest)
+        write_card(folder, manifest)  # derived from the manifest, so written after it
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -152,7 +155,9 @@ def load_adapter(model, folder: str | Path, tokenizer=None, adapter_name: str = 
     """
     from peft import PeftModel
 
-    folder = Path(folder)
+    from .archive import resolve_adapter
+
+    folder = resolve_adapter(folder)
     manifest = check_files(folder)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     check_base(manifest, base, tokenizer, folder, allow_base_mismatch)
@@ -170,8 +175,13 @@ def inspect_adapter(folder: str | Path) -> dict[str, Any]:
     """A summary of an adapter folder for `adapters inspect` (never raises on bad files)."""
     from safetensors import safe_open
 
-    folder = Path(folder)
+    from .archive import resolve_adapter
+
     info: dict[str, Any] = {"folder": str(folder)}
+    try:
+        folder = resolve_adapter(folder)
+    except AdapterFileError as e:
+        return {**info, "integrity": f"FAILED: {e}"}
     try:
         manifest = check_files(folder)
         info["integrity"] = "ok" if manifest else "ok (no manifest: hash not checked)"

@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 
 from .cli_infer import COMMANDS as INFER_COMMANDS
+from .cli_share import COMMANDS as SHARE_COMMANDS
 from .errors import AdaptersError
 
 log = logging.getLogger("adapters")
@@ -24,6 +26,10 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help="continue from the newest checkpoint in the output folder, or PATH")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="pause after N steps of this run (checkpoint written; --resume goes on)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="data-parallel on N processes of this machine (runs torchrun "
+                        "--standalone --nproc_per_node N; one per GPU, or gloo on CPU); "
+                        "train.batch_size is per process")
 
 
 def cmd_train(args) -> int:
@@ -33,6 +39,8 @@ def cmd_train(args) -> int:
     from .loop import Interrupted
     from .train import train
 
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args.nproc, args.argv)
     if args.resume and "=" in args.resume and not Path(args.resume).exists():
         # `--resume train.steps=9`: argparse took an override for the optional PATH.
         args.overrides.append(args.resume)
@@ -45,6 +53,25 @@ def cmd_train(args) -> int:
         return 128 + e.signum
     print(f"output folder: {out}")
     return 0
+
+
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """Run this same command under torchrun (PyTorch's launcher) with `nproc` processes."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:  # the command line minus --nproc N
+        if skip or a.startswith("--nproc="):
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "adapters", *rest]
+    print("running:", " ".join(cmd), file=sys.stderr, flush=True)
+    return subprocess.call(cmd)
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
@@ -127,6 +154,11 @@ def cmd_eval(args) -> int:
     if args.out:
         write_results(rows, Path(args.out))
         print(f"results in {args.out}")
+    from .card import record_eval
+
+    for name, folder in adapters.items():
+        if Path(folder).is_dir():  # the card in the adapter folder shows the results too
+            record_eval(folder, name, rows)
     return 0
 
 
@@ -245,7 +277,7 @@ def cmd_models(args) -> int:
 
 
 def _add_inspect(p: argparse.ArgumentParser) -> None:
-    p.add_argument("folder", help="adapter folder")
+    p.add_argument("folder", help="adapter folder (or .zip from `adapters pack`)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -291,6 +323,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     **INFER_COMMANDS,
     "inspect": ("show an adapter folder's base, settings, size and integrity", _add_inspect,
                 cmd_inspect),
+    **SHARE_COMMANDS,
     "data": ("data tools: `data preview RECIPE`, `data build`", _add_data, cmd_data),
     "demo": ("the main job on the embedded default model", _add_demo, cmd_demo),
     "models": ("model tools: `models default`", _add_models, cmd_models),
@@ -319,7 +352,9 @@ def _quiet_third_party() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s")
     if not args.verbose:
@@ -327,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command][2](args)
     except AdaptersError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        print(f"error: {rank}{e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .archive import resolve_adapter
 from .checkpoint import check_files, save_adapter
 from .config import ModelConfig
 from .errors import AdaptersError
@@ -30,7 +31,7 @@ def combine(folders: list[str | Path], weights: list[float], out: str | Path,
     """Write a new adapter = weighted combination of `folders` (all for the same base)."""
     from peft import PeftModel
 
-    folders = [Path(f) for f in folders]
+    folders = [resolve_adapter(f) for f in folders]
     if len(folders) < 2:
         raise AdaptersError("combine needs at least two adapters")
     if len(weights) != len(folders):

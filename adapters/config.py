@@ -81,11 +81,17 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     max_bad_steps: int = 5  # consecutive non-finite steps before training stops
+    # Under torchrun: how long a rank waits for the others in a collective before the job
+    # ends (a rank that dies ends it at once; this bounds one that hangs).
+    dist_timeout_s: int = 1800
 
 
 @dataclass
 class OutputConfig:
     dir: str = "runs/adapter"
+    # For the model card (README.md) in the adapter folder, in the hub's terms:
+    license: str | None = None  # e.g. apache-2.0 (default: the embedded base's, if it is one)
+    datasets: list[str] | None = None  # hub dataset ids the data came from
 
 
 @dataclass
@@ -105,7 +111,8 @@ _SECTION_TYPES = typing.get_type_hints(RunConfig)
 
 # Positive integers: a zero or negative value here is always a mistake.
 _POSITIVE = {"lora.r", "data.max_seq_len", "train.batch_size", "train.grad_accum",
-             "train.log_every", "train.max_bad_steps", "train.steps"}
+             "train.log_every", "train.max_bad_steps", "train.steps",
+             "train.dist_timeout_s"}
 
 
 def _suggest(key: str, valid: list[str]) -> str:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import time
 
+from . import distributed
 from .errors import TrainingError
 from .plots import plot_losses
 from .runtime import peak_memory_bytes
@@ -65,7 +68,8 @@ def run_loop(run, signals, progress: bool, stop_after: int | None = None) -> boo
     start, tok0, t_start, eval_loss = run.step, run.tokens, time.perf_counter(), None
     step_seconds = 0.0  # time in training steps only (no eval, no checkpoint writes)
     bar = _bar(run, progress)
-    with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as mf:
+    metrics = run.out / "metrics.jsonl" if run.dist.main else os.devnull  # rank 0 writes
+    with open(metrics, "a", encoding="utf-8") as mf:
         while run.step < run.total_steps:
             m = train_step(run, run.step)
             step_seconds += m["seconds"]
@@ -82,7 +86,7 @@ def run_loop(run, signals, progress: bool, stop_after: int | None = None) -> boo
             if run.step % t.log_every == 0 or not m["finite"] or "eval_loss" in m:
                 _record(run, m, mf)
             run.last = m
-            if run.step - start == 3 and not progress:
+            if run.step - start == 3 and not progress and run.dist.main:
                 per_step = (time.perf_counter() - t_start) / 3
                 log.info("ETA: %.0f s for the remaining %d steps (%.2f s/step)",
                          per_step * (run.total_steps - run.step), run.total_steps - run.step,
@@ -99,11 +103,15 @@ def run_loop(run, signals, progress: bool, stop_after: int | None = None) -> boo
                 log.info("paused at step %d; checkpoint %s; continue with --resume",
                          run.step, path)
                 return False
-            if signals.requested is not None:
+            stop = signals.requested is not None
+            if run.dist.active:  # a signal one rank caught stops all of them at this step
+                stop = distributed.any_rank(run.dist, stop, run.device)
+            if stop:
                 bar.close()
                 path = save(run)
                 raise Interrupted(f"stopped at step {run.step}; checkpoint {path}. Resume with: "
-                                  f"adapters train RECIPE --resume", signals.requested)
+                                  f"adapters train RECIPE --resume",
+                                  signals.requested or signal.SIGTERM)
         bar.close()
         ev = evaluate(run)
         if ev is not None:
@@ -126,11 +134,16 @@ def _finish(run, start: int, tokens: int, seconds: float, wall: float,
                "peak_memory_bytes": peak_memory_bytes(run.device),
                "final_train_loss": run.last.get("loss"), "final_eval_loss": eval_loss,
                "bad_steps": run.bad_total, "dtype": str(run.dtype).replace("torch.", ""),
-               "global_batch": run.cfg.train.batch_size * run.cfg.train.grad_accum}
+               "global_batch": run.cfg.train.batch_size * run.cfg.train.grad_accum
+               * run.dist.world, "ranks": run.dist.world}
     save(run, final=True, training=summary)
+    if not run.dist.main:
+        return
     plot_losses(run.out / "metrics.jsonl", run.out / "loss.png")
-    log.info("done: %d steps (%d this run), loss %.4f%s, %.0f tokens/s, peak memory %.2f GB, "
-             "adapter in %s", run.step, steps_here, summary["final_train_loss"] or float("nan"),
+    log.info("done: %d steps (%d this run), global batch %d (%d rank%s), loss %.4f%s, "
+             "%.0f tokens/s, peak memory %.2f GB, adapter in %s", run.step, steps_here,
+             summary["global_batch"], run.dist.world, "s" if run.dist.world > 1 else "",
+             summary["final_train_loss"] or float("nan"),
              f", eval loss {eval_loss:.4f}" if eval_loss is not None else "",
              summary["tokens_per_s"], summary["peak_memory_bytes"] / 1e9, run.out)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .archive import resolve_adapter
 from .checkpoint import check_base, check_files, read_manifest
 from .config import ModelConfig
 from .errors import AdaptersError
@@ -126,7 +127,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
     """
     from peft import PeftModel
 
-    adapter = Path(adapter)
+    adapter = resolve_adapter(adapter)
     manifest = check_files(adapter) or {}
     spec = base or (manifest.get("base") or {}).get("name")
     if not spec:
@@ -169,7 +170,7 @@ def _write_model(model, tok, spec: str, out: Path) -> None:
 
 
 def read_base_name(adapter: str | Path) -> str | None:
-    return ((read_manifest(adapter) or {}).get("base") or {}).get("name")
+    return ((read_manifest(resolve_adapter(adapter)) or {}).get("base") or {}).get("name")
 
 
 def _lora_deltas(adapter: Path) -> tuple[dict[str, tuple], float, bool]:
@@ -205,7 +206,7 @@ def merge_streaming(base_folder: str | Path, adapter: str | Path, out: str | Pat
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    base_folder, adapter, out = Path(base_folder), Path(adapter), Path(out)
+    base_folder, adapter, out = Path(base_folder), resolve_adapter(adapter), Path(out)
     check_files(adapter)
     pairs, scaling, fan_in_fan_out = _lora_deltas(adapter)
     shards = sorted(base_folder.glob("*.safetensors"))

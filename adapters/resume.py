@@ -29,7 +29,7 @@ _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 # Recipe keys whose change does not alter the trajectory of the run.
 HARMLESS = {"train.steps", "train.epochs", "train.eval_every", "train.save_every",
             "train.keep_checkpoints", "train.log_every", "train.max_bad_steps", "output.dir",
-            "data.eval"}
+            "data.eval", "train.dist_timeout_s", "output.license", "output.datasets"}
 
 
 def rng_state() -> dict[str, Any]:

@@ -20,13 +20,15 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from . import resume as ckpt
 from .checkpoint import build_manifest, save_adapter
 from .config import RunConfig, dump_recipe, from_dict
 from .data import build as build_data
 from .data.packing import Batcher
+from .distributed import Dist
 from .errors import TrainingError
-from .io import atomic_write_text
+from .io import atomic_write_text, sha256_file
 from .lora import attach_lora, set_adapter_training, trainable_report
 from .loss import autocast_for, batch_loss, mean_loss
 from .model import load_base, resolve_dtype
@@ -55,6 +57,7 @@ class Run:
     bad_in_a_row: int = 0
     bad_total: int = 0
     scaler: torch.amp.GradScaler | None = None  # fp16 only: bf16 and fp32 need no scaling
+    dist: Dist = field(default_factory=Dist)  # rank and world size under torchrun
     last: dict = field(default_factory=dict)
 
 
@@ -95,6 +98,8 @@ def setup(cfg: RunConfig, device: str | None = None) -> Run:
     out = Path(cfg.output.dir)
     check_output_dir(out)
     seed_all(cfg.train.seed)
+    d = distributed.init(cfg.train.dist_timeout_s)
+    device = distributed.device_for(d, device)
     model, tok = load_base(cfg.model, device)
     device = str(model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
@@ -114,19 +119,23 @@ def setup(cfg: RunConfig, device: str | None = None) -> Run:
         decoder = model.get_base_model().get_decoder()
         decoder.forward = torch.compile(decoder.forward, dynamic=True)
     set_adapter_training(model, True)
+    if d.active:
+        distributed.broadcast_params(d, [p for p in model.parameters() if p.requires_grad])
     data = build_data(cfg.data, tok, seed=cfg.train.seed)
-    mk = lambda ds, seed: Batcher(ds, cfg.train.batch_size, cfg.data.max_seq_len,  # noqa: E731
-                                  cfg.data.packing, tok.pad_token_id, seed)
-    batcher = mk(data.train.dataset, cfg.train.seed)
+    mk = lambda ds, seed, shard=(0, 1): Batcher(  # noqa: E731
+        ds, cfg.train.batch_size, cfg.data.max_seq_len, cfg.data.packing, tok.pad_token_id,
+        seed, shard)
+    batcher = mk(data.train.dataset, cfg.train.seed, (d.rank, d.world))
     eval_batcher = mk(data.eval.dataset, 0) if data.eval else None
     steps = total_steps(cfg, batcher.batches_per_epoch())
     opt = make_optimizer(model, cfg.train)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, steps))
-    stats = {"train": data.train.stats, "eval": data.eval.stats if data.eval else None}
+    stats = {"format": cfg.data.format, "files": data_files(cfg.data), "train": data.train.stats,
+             "eval": data.eval.stats if data.eval else None}
     scaler = torch.amp.GradScaler(device.split(":")[0]) if dtype == torch.float16 else None
     return Run(cfg, model, tok, batcher, eval_batcher, opt, sched, device, dtype, out, steps,
-               stats, scaler=scaler)
+               stats, scaler=scaler, dist=d)
 
 
 def micro_batches(run: Run, step: int) -> list[dict]:
@@ -139,6 +148,9 @@ def train_step(run: Run, step: int) -> dict:
     t0 = time.perf_counter()
     micro = micro_batches(run, step)
     counted = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    tokens = sum(int(b["n_tokens"]) for b in micro)
+    if run.dist.active:  # divide by the global batch's count: ranks then sum to the mean
+        counted, tokens = map(int, distributed.all_sum(run.dist, [counted, tokens], run.device))
     loss_sum = 0.0
     for b in micro:
         b = {k: v.to(run.device) for k, v in b.items()}
@@ -148,9 +160,11 @@ def train_step(run: Run, step: int) -> dict:
         (run.scaler.scale(part) if run.scaler else part).backward()
         loss_sum += float(s.detach())
     max_norm = run.cfg.train.max_grad_norm or float("inf")
+    params = [p for g in run.optimizer.param_groups for p in g["params"]]  # the adapter's
+    if run.dist.active:
+        loss_sum = distributed.sum_grads(run.dist, params, loss_sum)
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
-    params = [p for g in run.optimizer.param_groups for p in g["params"]]  # the adapter's
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     loss = loss_sum / max(counted, 1)
     if run.scaler:
@@ -166,7 +180,6 @@ def train_step(run: Run, step: int) -> dict:
     run.optimizer.zero_grad(set_to_none=True)
     lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
-    tokens = sum(int(b["n_tokens"]) for b in micro)
     dt = time.perf_counter() - t0
     return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
             "trainable_tokens": counted, "tokens_per_s": tokens / dt, "seconds": dt,
@@ -174,25 +187,39 @@ def train_step(run: Run, step: int) -> dict:
 
 
 def evaluate(run: Run) -> dict | None:
-    if run.eval_batcher is None:
+    if run.eval_batcher is None or not run.dist.main:  # rank 0 evaluates, the others go on
         return None
     return mean_loss(run.model, run.eval_batcher.iter_all(), run.device, run.dtype)
+
+
+def data_files(dcfg) -> list[dict]:
+    """Each data file with its size and sha256, for the manifest and the model card."""
+    from .data.sources import expand
+
+    return [{"split": split, "path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            for split, spec in (("train", dcfg.train), ("eval", dcfg.eval)) if spec
+            for f in expand(spec)]
 
 
 def manifest_for(run: Run, training: dict | None = None) -> dict:
     base = run.model.get_base_model()
     extra = {"training": training} if training else {}
     return build_manifest(base, run.tokenizer, run.cfg.model.name, run.cfg.model, run.cfg.lora,
-                          {"data": run.data_stats, **extra})
+                          {"data": run.data_stats, "recipe": run.cfg.to_dict(), **extra})
 
 
 def save(run: Run, final: bool = False, training: dict | None = None) -> Path:
-    """A checkpoint (resumable) and, when final, the adapter at the output folder's top."""
+    """A checkpoint (resumable) and, when final, the adapter at the output folder's top.
+
+    Under torchrun only rank 0 writes: every rank holds the same weights and optimiser state.
+    """
+    if not run.dist.main:
+        return run.out / "checkpoints"
     man = manifest_for(run, training)
     state = {"step": run.step, "tokens": run.tokens, "trainable_tokens": run.trainable_tokens,
              "bad_in_a_row": run.bad_in_a_row, "bad_total": run.bad_total,
              "scaler": run.scaler.state_dict() if run.scaler else None,
-             "recipe": run.cfg.to_dict()}
+             "recipe": run.cfg.to_dict(), "world_size": run.dist.world}
     path = ckpt.save_checkpoint(run.out / "checkpoints", run.step,
                                 lambda d: save_adapter(run.model, d, man), run.optimizer, state,
                                 run.cfg.train.keep_checkpoints)
@@ -211,6 +238,12 @@ def restore(run: Run, resume: str) -> None:
     if matter:
         raise TrainingError(f"{path}: cannot resume, the recipe changed in ways that alter the "
                             "run:\n  " + "\n  ".join(matter))
+    if state.get("world_size", 1) != run.dist.world:
+        raise TrainingError(
+            f"{path}: written by a run on {state.get('world_size', 1)} rank(s), this one has "
+            f"{run.dist.world}: the data shards and the global batch would differ. Resume with "
+            f"--nproc {state.get('world_size', 1)} (torchrun --nproc_per_node "
+            f"{state.get('world_size', 1)})")
     for line in harmless:
         log.info("resume: allowed change %s", line)
     set_peft_model_state_dict(run.model, load_file(path / "adapter_model.safetensors"))
@@ -222,7 +255,8 @@ def restore(run: Run, resume: str) -> None:
     run.scheduler.last_epoch = run.step
     run.scheduler._last_lr = [g["lr"] for g in run.optimizer.param_groups]
     ckpt.set_rng_state(state["rng"])
-    _truncate_metrics(run.out / "metrics.jsonl", run.step)
+    if run.dist.main:
+        _truncate_metrics(run.out / "metrics.jsonl", run.step)
     log.info("resumed from %s at step %d", path, run.step)
 
 
@@ -271,13 +305,25 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = False,
             raise TrainingError(f"{out}: holds checkpoints of an earlier run (newest "
                                 f"{earlier[-1].name}); continue it with --resume, or choose "
                                 "another output.dir")
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        if distributed.from_env().main:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+    if not distributed.from_env().main:  # rank 0 speaks for all; the others only warn
+        logging.getLogger("adapters").setLevel(logging.WARNING)
     run = setup(cfg, device)
-    if resume:
-        restore(run, resume)
-    atomic_write_text(run.out / "recipe.resolved.yaml", dump_recipe(cfg))
-    info = preflight(run)
-    check_disk(run.out, info["checkpoint_bytes"] * (cfg.train.keep_checkpoints + 2))
-    with StopSignals() as signals:
-        run_loop(run, signals, progress, stop_after)
+    try:
+        if resume:
+            restore(run, resume)
+        if run.dist.main:
+            atomic_write_text(run.out / "recipe.resolved.yaml", dump_recipe(cfg))
+            info = preflight(run)
+            check_disk(run.out, info["checkpoint_bytes"] * (cfg.train.keep_checkpoints + 2))
+        with StopSignals() as signals:
+            run_loop(run, signals, progress and run.dist.main, stop_after)
+        distributed.finish(run.dist)
+    except BaseException:
+        if run.dist.active:  # leave at once: the peers see the closed connection and stop
+            import torch.distributed as tdist
+
+            tdist.destroy_process_group()
+        raise
     return run.out

@@ -42,7 +42,7 @@ def test_plain_peft_loads_it_with_identical_logits(tiny_model, tmp_path, ids):
 
     pm, tok = _trained_adapter(tiny_model, tmp_path / "a")
     assert {p.name for p in (tmp_path / "a").iterdir()} == {
-        "adapter_config.json", "adapter_model.safetensors", "manifest.json"}
+        "adapter_config.json", "adapter_model.safetensors", "manifest.json", "README.md"}
     base, _ = load_base(ModelConfig(name=str(tiny_model), dtype="fp32"))
     plain = PeftModel.from_pretrained(base, tmp_path / "a").eval()
     base2, tok2 = load_base(ModelConfig(name=str(tiny_model), dtype="fp32"))

@@ -1,0 +1,147 @@
+"""One file to send: `adapters pack` zips an adapter folder; any command opens such a zip.
+
+Unpacking treats the archive as hostile: every entry must be a plain file whose name stays
+inside the target folder (no absolute paths, no `..`, no links), only the adapter's own files
+are extracted (never a pickle), and the total size may not exceed what the archive's manifest
+says the weights weigh, plus a small allowance for the JSON and the card. Sizes are counted
+while copying, so a zip that lies about its sizes is cut off too. An archive unpacks once into
+a cache folder named by its sha256 and is then checked like any folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from .card import CARD_FILE
+from .checkpoint import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, check_files
+from .errors import AdapterFileError
+from .io import atomic_dir, fsync_dir, sha256_file
+
+log = logging.getLogger(__name__)
+MEMBERS = (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE, CARD_FILE)
+SMALL_FILES_LIMIT = 16 << 20  # config + manifest + card: far below this
+_CHUNK = 1 << 20
+
+
+def cache_root() -> Path:
+    from .model import adapters_home
+
+    return adapters_home() / "unpacked"
+
+
+def is_archive(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_file() and zipfile.is_zipfile(p)
+
+
+def pack(folder: str | Path, out: str | Path) -> Path:
+    """Zip the adapter files of `folder` (checked first) into `out`, atomically."""
+    folder, out = Path(folder), Path(out)
+    if check_files(folder) is None:
+        raise AdapterFileError(f"{folder}: no {MANIFEST_FILE}; an archive needs one (its "
+                               "sizes and hash are checked on unpacking): `adapters convert` "
+                               "adds it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{out.name}-", dir=out.parent)
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w") as z:
+            for name in MEMBERS:
+                if (folder / name).is_file():
+                    # safetensors hardly compress; storing them keeps pack and unpack fast
+                    kind = zipfile.ZIP_STORED if name == WEIGHTS_FILE else zipfile.ZIP_DEFLATED
+                    z.write(folder / name, name, compress_type=kind)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def resolve_adapter(path: str | Path) -> Path:
+    """The folder to load: `path` itself, or the checked, unpacked copy of a zip archive."""
+    p = Path(path)
+    return unpack(p) if is_archive(p) else p
+
+
+def unpack(archive: str | Path, target: str | Path | None = None) -> Path:
+    archive = Path(archive)
+    target = Path(target) if target else cache_root() / sha256_file(archive)[:32]
+    if (target / MANIFEST_FILE).is_file():
+        return target  # unpacked before; check_files on load still checks the hash
+    try:
+        with zipfile.ZipFile(archive) as z:
+            members = _checked_members(archive, z)
+            with atomic_dir(target) as tmp:
+                for info, name in members:
+                    _extract(archive, z, info, tmp / name)
+    except zipfile.BadZipFile as e:
+        raise AdapterFileError(f"{archive}: not a readable zip archive ({e})") from e
+    return target
+
+
+def _member_name(archive: Path, info: zipfile.ZipInfo) -> str:
+    """The entry's plain file name, or AdapterFileError when it is a link or escapes."""
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        raise AdapterFileError(f"{archive}: entry {info.filename!r} is a symbolic link; "
+                               "refused (an adapter archive holds plain files only)")
+    raw = info.filename
+    parts = PurePosixPath(raw.replace("\\", "/")).parts
+    if raw.startswith(("/", "\\")) or (parts and ":" in parts[0]) or ".." in parts:
+        raise AdapterFileError(f"{archive}: entry {raw!r} points outside the folder it "
+                               "unpacks into; refused")
+    return parts[-1] if parts else ""
+
+
+def _checked_members(archive: Path, z: zipfile.ZipFile) -> list[tuple[zipfile.ZipInfo, str]]:
+    members, skipped = [], []
+    for info in z.infolist():
+        name = _member_name(archive, info)
+        if info.is_dir():
+            continue
+        if name not in MEMBERS:
+            skipped.append(info.filename)
+            continue
+        members.append((info, name))
+    if skipped:
+        log.warning("%s: not extracted (not adapter files): %s", archive, ", ".join(skipped))
+    by_name = {name: info for info, name in members}
+    if len(by_name) != len(members):
+        raise AdapterFileError(f"{archive}: holds the same adapter file twice")
+    if MANIFEST_FILE not in by_name:
+        raise AdapterFileError(f"{archive}: no {MANIFEST_FILE} inside; not made by "
+                               "`adapters pack`, so its size and hash cannot be checked")
+    if by_name[MANIFEST_FILE].file_size > SMALL_FILES_LIMIT:
+        raise AdapterFileError(f"{archive}: {MANIFEST_FILE} is implausibly large")
+    try:
+        manifest = json.loads(z.read(by_name[MANIFEST_FILE]))
+        expected = int(manifest["weights"]["bytes"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise AdapterFileError(f"{archive}: {MANIFEST_FILE} does not state the weights' size "
+                               f"({e})") from e
+    total = sum(info.file_size for info, _ in members)
+    if total > expected + SMALL_FILES_LIMIT:
+        raise AdapterFileError(
+            f"{archive}: unpacks to {total} bytes but its manifest says the weights are "
+            f"{expected} bytes; refused (a zip bomb or a tampered archive)")
+    return members
+
+
+def _extract(archive: Path, z: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> None:
+    """Copy one entry, never more bytes than its header declares."""
+    written = 0
+    with z.open(info) as src, open(dest, "wb") as out:
+        while block := src.read(_CHUNK):
+            written += len(block)
+            if written > info.file_size:
+                raise AdapterFileError(f"{archive}: entry {info.filename!r} is larger than "
+                                       "its header says; refused")
+            out.write(block)

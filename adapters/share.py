@@ -1,0 +1,261 @@
+"""Receive adapters safely: `verify` checks a folder or archive, `convert` rescues pickles.
+
+verify answers "is this intact, and does it fit my base?" without trusting anything in the
+folder: the weights' sha256 against the manifest, every tensor finite, every LoRA matrix the
+shape its config says, nothing but safetensors, and with a base the fingerprint, a real load
+and one forward pass. `convert` turns a peft `adapter_model.bin` into safetensors, reading the
+pickle with `torch.load(weights_only=True)` only, so no code in it can run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .archive import resolve_adapter
+from .card import write_card
+from .checkpoint import (
+    CONFIG_FILE,
+    FORMAT,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    check_base,
+    package_versions,
+    read_manifest,
+)
+from .errors import AdapterFileError
+from .io import atomic_dir, atomic_write_json, sha256_file
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# peft's key layout: <module path>.lora_A.weight, .lora_embedding_B, .lora_magnitude_vector
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_A|lora_B|"
+                       r"lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?:\.weight)?$")
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def verify(path: str | Path, base: str | None = None, quantization: str = "none",
+           device: str | None = None) -> list[Check]:
+    """Every check on an adapter folder or archive; the adapter is good when all are ok."""
+    try:
+        folder = resolve_adapter(path)
+    except AdapterFileError as e:
+        return [Check("archive", False, str(e))]
+    if not folder.is_dir():
+        return [Check("folder", False, f"{folder}: not found")]
+    checks = [_no_pickles(folder)]
+    config = _config(folder, checks)
+    manifest = _manifest_hash(folder, checks)
+    if (folder / WEIGHTS_FILE).is_file() and checks[-1].ok:
+        checks += _tensors(folder / WEIGHTS_FILE, config)
+    if base is not None and all(c.ok for c in checks):
+        checks += _against_base(folder, manifest, base, quantization, device)
+    return checks
+
+
+def _no_pickles(folder: Path) -> Check:
+    found = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if found:
+        return Check("safetensors only", False,
+                     f"pickle file(s) {', '.join(found)} present: refused, loading a pickle can "
+                     "run code (`adapters convert` makes a safetensors copy)")
+    return Check("safetensors only", True, "no pickle files")
+
+
+def _config(folder: Path, checks: list[Check]) -> dict | None:
+    path = folder / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        checks.append(Check("config", True, f"{CONFIG_FILE}: {config.get('peft_type')} r="
+                            f"{config.get('r')}"))
+        return config
+    except FileNotFoundError:
+        checks.append(Check("config", False, f"{path}: missing"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        checks.append(Check("config", False, f"{path}: not valid JSON ({e})"))
+    return None
+
+
+def _manifest_hash(folder: Path, checks: list[Check]) -> dict | None:
+    weights = folder / WEIGHTS_FILE
+    try:
+        manifest = read_manifest(folder)
+    except AdapterFileError as e:
+        checks.append(Check("sha256", False, str(e)))
+        return None
+    if not weights.is_file():
+        checks.append(Check("sha256", False, f"{weights}: missing"))
+    elif manifest is None:
+        checks.append(Check("sha256", False, f"{folder / MANIFEST_FILE}: missing, so the "
+                            "weights cannot be checked (`adapters convert` adds one)"))
+    else:
+        expected = (manifest.get("weights") or {}).get("sha256")
+        actual = sha256_file(weights)
+        ok = actual == expected
+        checks.append(Check("sha256", ok, f"{WEIGHTS_FILE}: " + (
+            f"sha256 {actual[:16]}... as in the manifest" if ok else
+            f"sha256 {actual[:16]}... but the manifest says {str(expected)[:16]}... "
+            "(corrupted, truncated or altered)")))
+    return manifest
+
+
+def _tensors(weights: Path, config: dict | None) -> list[Check]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(weights, "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        return [Check("readable", False, f"{weights}: not a readable safetensors file ({e})")]
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
+    checks = [Check("finite", not bad, f"{len(tensors)} tensors all finite" if not bad else
+                    f"{len(bad)} tensor(s) hold NaN or inf, e.g. {bad[0]}")]
+    if config is not None:
+        problems = shape_problems({k: tuple(t.shape) for k, t in tensors.items()}, config)
+        checks.append(Check("shapes", not problems, "every LoRA matrix fits the config" if not
+                            problems else "; ".join(problems[:3])
+                            + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")))
+    return checks
+
+
+def _rank(module: str, config: dict) -> int:
+    for pattern, r in (config.get("rank_pattern") or {}).items():
+        if re.search(rf"(^|\.){pattern}$", module):
+            return int(r)
+    return int(config.get("r") or 0)
+
+
+def _targeted(module: str, config: dict) -> bool:
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return not targets or module.split(".")[-1] in targets or module in targets
+
+
+def shape_problems(shapes: dict[str, tuple], config: dict) -> list[str]:
+    """What in a peft LoRA state dict contradicts its config (rank, pairs, targets)."""
+    modules: dict[str, dict[str, tuple]] = {}
+    problems = []
+    for key, shape in shapes.items():
+        m = _LORA_KEY.match(key)
+        if m is None:
+            problems.append(f"{key}: not a LoRA tensor name")
+            continue
+        modules.setdefault(m["module"], {})[m["part"]] = shape
+    for module, parts in modules.items():
+        r = _rank(module, config)
+        a = parts.get("lora_A") or parts.get("lora_embedding_A")
+        b = parts.get("lora_B") or parts.get("lora_embedding_B")
+        if a is None or b is None:
+            problems.append(f"{module}: has only one of lora_A / lora_B")
+            continue
+        if len(a) != 2 or len(b) != 2 or a[0] != r or b[1] != r:
+            problems.append(f"{module}: lora_A {list(a)} and lora_B {list(b)} do not have "
+                            f"rank r={r} ([r, in] and [out, r] expected)")
+        if not _targeted(module, config):
+            problems.append(f"{module}: not among target_modules {config.get('target_modules')}")
+        mag = parts.get("lora_magnitude_vector")
+        if mag is not None and tuple(mag) != (b[0],):
+            problems.append(f"{module}: DoRA magnitude {list(mag)} but {b[0]} outputs")
+    return problems
+
+
+def _against_base(folder: Path, manifest: dict | None, base: str, quantization: str,
+                  device: str | None) -> list[Check]:
+    import torch
+
+    from .checkpoint import load_adapter
+    from .config import ModelConfig
+    from .model import load_base
+
+    model, tok = load_base(ModelConfig(name=base, quantization=quantization), device)
+    try:
+        warnings = check_base(manifest, model, tok, folder)
+        checks = [Check("base fingerprint", True, "; ".join(warnings) if warnings else
+                        f"fits {base}")]
+    except AdapterFileError as e:
+        return [Check("base fingerprint", False, str(e))]
+    try:
+        peft_model = load_adapter(model, folder, tokenizer=tok).eval()
+        ids = tok("def hello():", return_tensors="pt")["input_ids"].to(peft_model.device)
+        with torch.no_grad():
+            logits = peft_model(ids).logits
+    except AdapterFileError as e:
+        return checks + [Check("load + forward", False, str(e))]
+    ok = bool(logits.isfinite().all())
+    return checks + [Check("load + forward", ok, f"loads into {base}; one forward pass gives "
+                           + ("finite logits" if ok else "NaN or inf logits"))]
+
+
+def convert(old: str | Path, out: str | Path | None = None, base: str | None = None) -> Path:
+    """A safetensors copy of a peft adapter folder saved as adapter_model.bin (or one without
+    a manifest), with a manifest and card; the old folder is left as it is."""
+    import torch
+    from safetensors.torch import save_file
+
+    old = Path(old)
+    out = Path(out) if out else old.with_name(old.name + "-safetensors")
+    if not (old / CONFIG_FILE).is_file():
+        raise AdapterFileError(f"{old / CONFIG_FILE}: missing; not a peft adapter folder")
+    source = old / "adapter_model.bin"
+    if source.is_file():
+        try:  # weights_only: tensors and plain containers only, never code
+            state = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError, RuntimeError: what torch raises varies
+            raise AdapterFileError(f"{source}: refused: it holds more than tensors, and only "
+                                   f"weights are ever loaded ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0]})") from e
+        if not isinstance(state, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            raise AdapterFileError(f"{source}: expected a dict of named tensors")
+    elif (old / WEIGHTS_FILE).is_file():
+        from safetensors.torch import load_file
+
+        source, state = old / WEIGHTS_FILE, load_file(old / WEIGHTS_FILE)
+    else:
+        raise AdapterFileError(f"{old}: neither adapter_model.bin nor {WEIGHTS_FILE} found")
+    config = json.loads((old / CONFIG_FILE).read_text(encoding="utf-8"))
+    with atomic_dir(out) as tmp:
+        # clone: tensors that shared storage in the pickle must be separate for safetensors
+        save_file({k: v.detach().clone().contiguous() for k, v in state.items()},
+                  tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        shutil.copy(old / CONFIG_FILE, tmp / CONFIG_FILE)
+        manifest = _converted_manifest(config, tmp / WEIGHTS_FILE, source, base)
+        atomic_write_json(tmp / MANIFEST_FILE, manifest)
+        write_card(tmp, manifest, name=out.name)
+    return out
+
+
+def _converted_manifest(config: dict, weights: Path, source: Path, base: str | None
+                        ) -> dict[str, Any]:
+    name = base or config.get("base_model_name_or_path")
+    fingerprint = None
+    if base:
+        from .config import ModelConfig
+        from .model import base_fingerprint, load_base
+
+        model, tok = load_base(ModelConfig(name=base), "cpu")
+        fingerprint = base_fingerprint(model, tok)
+    return {
+        "format": FORMAT,
+        "base": {"name": name, "fingerprint": fingerprint},
+        "quantization": None,
+        "lora": {"r": config.get("r"), "alpha": config.get("lora_alpha"),
+                 "dropout": config.get("lora_dropout"), "targets": config.get("target_modules"),
+                 "use_rslora": config.get("use_rslora"), "use_dora": config.get("use_dora")},
+        "versions": package_versions(),
+        "converted_from": {"file": source.name, "sha256": sha256_file(source)},
+        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(weights),
+                    "bytes": weights.stat().st_size},
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
