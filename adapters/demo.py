@@ -3,7 +3,8 @@
 Steps (each reused on a re-run unless `fresh`): build the stdlib datasets, train a pydoc-qa
 and a stdlib-code adapter (QLoRA on the embedded SmolLM2-135M), evaluate the base and both
 adapters on both held-out sets, answer the same prompts with base / each adapter / one mixed
-batch, merge the pydoc-qa adapter with verification, and write `report.md`.
+batch, merge the pydoc-qa adapter with verification, record the results in each adapter's
+model card and pack each into a verified zip (`shared/`), and write `report.md`.
 """
 
 from __future__ import annotations
@@ -113,8 +114,26 @@ def _samples(cfg, adapters: dict[str, Path], max_new_tokens: int) -> list[dict]:
             for i, (p, a) in enumerate(PROMPTS)]
 
 
+def _share(out: Path, adapters: dict[str, Path], rows: list[dict]) -> list[str]:
+    """Eval results into each adapter's card, then each packed into one verified file."""
+    from .archive import pack
+    from .card import record_eval
+    from .share import verify
+
+    lines = []
+    for name, folder in adapters.items():
+        record_eval(folder, name, rows)
+        archive = pack(folder, out / "shared" / f"{name}.zip")
+        failed = [f"{c.name}: {c.detail}" for c in verify(archive) if not c.ok]
+        lines.append(f"- `{archive.relative_to(out)}`: {archive.stat().st_size / 1e6:.1f} MB, "
+                     + ("verified (sha256, finite, shapes, no pickles)" if not failed else
+                        "verification FAILED: " + "; ".join(failed))
+                     + f"; model card `{name}/README.md`")
+    return lines
+
+
 def _report(out: Path, rows: list[dict], samples: list[dict], merge_info: dict,
-            cfgs: dict, seconds: float) -> Path:
+            cfgs: dict, seconds: float, shared: list[str]) -> Path:
     from .eval import table
 
     lines = ["# adapters demo: two domain adapters on one base", "",
@@ -140,7 +159,8 @@ def _report(out: Path, rows: list[dict], samples: list[dict], merge_info: dict,
         lines.append("")
     lines += ["## Merge of pydoc-qa into the base (verified)", "",
               "```json", json.dumps(merge_info, indent=1), "```", "",
-              "## Files", ""]
+              "## Share: one file per adapter (`adapters pack`, `adapters verify`)", "",
+              *shared, "", "## Files", ""]
     lines += [f"- `{p.relative_to(out)}`" for p in sorted(out.glob("*")) if p.name != "data"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
@@ -175,4 +195,5 @@ def run_demo(out: str | Path = "runs/demo", tiny: bool = False, fresh: bool = Fa
     merged, check = merge_adapter(adapters["pydoc-qa"], out / "merged-pydoc-qa",
                                   data=[r["prompt"] for r in samples])
     info = {"folder": str(merged), **(check.as_dict() if check else {})}
-    return _report(out, rows, samples, info, cfgs, time.perf_counter() - t0)
+    shared = _share(out, adapters, rows)
+    return _report(out, rows, samples, info, cfgs, time.perf_counter() - t0, shared)

@@ -36,6 +36,9 @@ def test_tiny_demo_end_to_end(tmp_path):
                   "eval/eval.png", "pydoc-qa/loss.png"):
         assert piece in report
     assert (out / "merged-pydoc-qa" / "config.json").exists()
+    assert report.count("verified (sha256, finite, shapes, no pickles)") == 2
+    assert "## Evaluation" in (out / "pydoc-qa" / "README.md").read_text()  # eval in the card
+    assert (out / "shared" / "stdlib-code.zip").is_file()
     rows = json.loads((out / "eval" / "results.json").read_text())
     assert len(rows) == 6  # base + 2 adapters, on 2 held-out sets
     # A second run reuses the trained adapters.
