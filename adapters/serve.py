@@ -94,14 +94,105 @@ class LoadAdapterBody(BaseModel):
     path: str
 
 
+class Service:
+    """What the routes share: the registry, the batching engine, the limits, the root."""
+
+    def __init__(self, registry: Registry, engine: Engine, limits: Limits, root: Path | None):
+        self.registry, self.engine, self.limits, self.root = registry, engine, limits, root
+        self.created = int(time.time())
+
+    def model_ids(self) -> list[str]:
+        return [self.registry.base_name, *self.registry.names()]
+
+    def prepare(self, body, prompts: list, chat: bool) -> list[Request]:
+        """One decode request per prompt and per `n`, after the model and limit checks."""
+        if body.model not in self.model_ids():
+            raise ApiError(404, f"model {body.model!r} does not exist; available: "
+                                f"{self.model_ids()}", kind="not_found_error", param="model")
+        max_tokens = (getattr(body, "max_completion_tokens", None) or body.max_tokens
+                      or (self.limits.max_new_tokens if chat else 16))
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        reqs = []
+        for p in prompts:
+            ids = self.registry.encode(p, chat=chat)
+            self.limits.check(len(ids), max_tokens)
+            for k in range(body.n):
+                seed = None if body.seed is None else body.seed + k
+                reqs.append(Request(ids, body.model, Sampling(
+                    max_tokens, body.temperature, body.top_p, seed, stop, body.ignore_eos)))
+        return reqs
+
+    def submit(self, reqs: list[Request]):
+        try:
+            return self.engine.submit(reqs)
+        except QueueFull as e:
+            raise ApiError(429, str(e), kind="rate_limit_error") from None
+
+    async def run(self, reqs: list[Request]) -> list[Output]:
+        return await self.wait(self.submit(reqs))
+
+    @staticmethod
+    async def wait(fut) -> list[Output]:
+        try:
+            return await asyncio.wrap_future(fut)
+        except KeyError as e:  # the adapter was unloaded while the request waited
+            raise ApiError(404, str(e.args[0]), kind="not_found_error") from None
+
+    def stream(self, reqs: list[Request], head: dict, chat: bool) -> StreamingResponse:
+        """Server-sent events: a chunk per piece of text, then finish reasons, then [DONE]."""
+        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
+        for i, r in enumerate(reqs):
+            r.on_text = lambda text, i=i: loop.call_soon_threadsafe(pieces.put_nowait, (i, text))
+        fut = self.submit(reqs)  # a full queue is a 429 before any event is sent
+        return StreamingResponse(_events(self.wait(fut), pieces, len(reqs), head, chat),
+                                 media_type="text/event-stream")
+
+
+def _usage(outs: list[Output]) -> dict[str, int]:
+    p = sum(o.prompt_tokens for o in outs)
+    c = sum(len(o.token_ids) for o in outs)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _chunk(head: dict, chat: bool, i: int, text: str | None, finish: str | None) -> str:
+    if chat:
+        delta = {"role": "assistant", "content": ""} if text is None else {}
+        choice = {"index": i, "delta": {**delta, **({"content": text} if text else {})},
+                  "finish_reason": finish}
+    else:
+        choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+    return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+
+
+async def _events(outcome, pieces: asyncio.Queue, n: int, head: dict, chat: bool):
+    task = asyncio.ensure_future(outcome)
+    if chat:  # the role first, as OpenAI's stream does
+        for i in range(n):
+            yield _chunk(head, chat, i, None, None)
+    while not (task.done() and pieces.empty()):
+        getter = asyncio.ensure_future(pieces.get())
+        await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            yield _chunk(head, chat, *getter.result(), None)
+        else:
+            getter.cancel()
+    try:
+        outs = task.result()
+    except ApiError as e:
+        yield f"data: {json.dumps({'error': {'message': e.message, 'code': e.status}})}\n\n"
+        return
+    for i, o in enumerate(outs):
+        yield _chunk(head, chat, i, "", o.finish_reason)
+    yield "data: [DONE]\n\n"
+
+
 def create_app(registry: Registry, adapter_root: str | Path | None = None,
                api_key: str | None = None, limits: Limits | None = None,
                max_batch: int = 16, max_queue: int = 64):
     """The FastAPI app; its engine starts now and stops with the app."""
     engine = Engine(registry, max_batch=max_batch, max_queue=max_queue)
-    limits = limits or Limits(context=_context_len(registry.model))
-    root = Path(adapter_root) if adapter_root else None
-    created = int(time.time())
+    svc = Service(registry, engine, limits or Limits(context=_context_len(registry.model)),
+                  Path(adapter_root) if adapter_root else None)
 
     def check_key(request: HttpRequest) -> None:
         if api_key is None:
@@ -118,142 +209,78 @@ def create_app(registry: Registry, adapter_root: str | Path | None = None,
 
     app = FastAPI(title="adapters", lifespan=lifespan, dependencies=[Depends(check_key)])
     app.state.engine = engine
+    _error_handlers(app)
+    _inference_routes(app, svc)
+    _adapter_routes(app, svc)
+    return app
 
+
+def _error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param,
+                                   "code": e.status}}, status_code=e.status)
+
+
+def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
-        return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param,
-                                       "code": e.status}}, status_code=e.status)
+        return _error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_, e: RequestValidationError):
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"] if x != "body")
         if not where:  # the body itself: not JSON, or curl -d without a JSON content type
-            return await api_error(None, ApiError(
+            return _error_response(ApiError(
                 400, "the request body must be a JSON object sent with "
                      "'Content-Type: application/json'", param="body"))
-        return await api_error(None, ApiError(400, f"{where}: {first['msg']}", param=where))
+        return _error_response(ApiError(400, f"{where}: {first['msg']}", param=where))
 
-    def model_ids() -> list[str]:
-        return [registry.base_name, *registry.names()]
 
+def _inference_routes(app: FastAPI, svc: Service) -> None:
     @app.get("/v1/models")
     async def list_models():
-        data = [{"id": m, "object": "model", "created": created, "owned_by": "adapters",
-                 "root": registry.base_name if m == registry.base_name
-                 else str(registry.folder(m))} for m in model_ids()]
+        base = svc.registry.base_name
+        data = [{"id": m, "object": "model", "created": svc.created, "owned_by": "adapters",
+                 "root": base if m == base else str(svc.registry.folder(m))}
+                for m in svc.model_ids()]
         return {"object": "list", "data": data}
-
-    def prepare(body, prompts: list, chat: bool) -> list[Request]:
-        if body.model not in model_ids():
-            raise ApiError(404, f"model {body.model!r} does not exist; available: "
-                                f"{model_ids()}", kind="not_found_error", param="model")
-        max_tokens = (getattr(body, "max_completion_tokens", None) or body.max_tokens
-                      or (limits.max_new_tokens if chat else 16))
-        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        reqs = []
-        for p in prompts:
-            ids = registry.encode(p, chat=chat)
-            limits.check(len(ids), max_tokens)
-            for k in range(body.n):
-                seed = None if body.seed is None else body.seed + k
-                reqs.append(Request(ids, body.model, Sampling(
-                    max_tokens, body.temperature, body.top_p, seed, stop, body.ignore_eos)))
-        return reqs
-
-    def submit(reqs: list[Request]):
-        try:
-            return engine.submit(reqs)
-        except QueueFull as e:
-            raise ApiError(429, str(e), kind="rate_limit_error") from None
-
-    async def wait(fut) -> list[Output]:
-        try:
-            return await asyncio.wrap_future(fut)
-        except KeyError as e:  # the adapter was unloaded while the request waited
-            raise ApiError(404, str(e.args[0]), kind="not_found_error") from None
-
-    def usage(outs: list[Output]) -> dict[str, int]:
-        p = sum(o.prompt_tokens for o in outs)
-        c = sum(len(o.token_ids) for o in outs)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        reqs = prepare(body, prompts, chat=False)
-        rid, now = f"cmpl-{secrets.token_hex(12)}", int(time.time())
-        head = {"id": rid, "object": "text_completion", "created": now, "model": body.model}
+        reqs = svc.prepare(body, prompts, chat=False)
+        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
+                "created": int(time.time()), "model": body.model}
         if body.stream:
-            return stream(reqs, head, chat=False)
-        outs = await wait(submit(reqs))
+            return svc.stream(reqs, head, chat=False)
+        outs = await svc.run(reqs)
         return {**head, "choices": [{"index": i, "text": o.text, "logprobs": None,
                                      "finish_reason": o.finish_reason}
-                                    for i, o in enumerate(outs)], "usage": usage(outs)}
+                                    for i, o in enumerate(outs)], "usage": _usage(outs)}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody):
-        messages = [m.model_dump() for m in body.messages]
-        reqs = prepare(body, [messages], chat=True)
-        rid, now = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
-        head = {"id": rid, "object": "chat.completion", "created": now, "model": body.model}
+        reqs = svc.prepare(body, [[m.model_dump() for m in body.messages]], chat=True)
+        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion",
+                "created": int(time.time()), "model": body.model}
         if body.stream:
-            return stream(reqs, {**head, "object": "chat.completion.chunk"}, chat=True)
-        outs = await wait(submit(reqs))
+            return svc.stream(reqs, {**head, "object": "chat.completion.chunk"}, chat=True)
+        outs = await svc.run(reqs)
         return {**head, "choices": [{"index": i, "finish_reason": o.finish_reason,
                                      "message": {"role": "assistant", "content": o.text}}
-                                    for i, o in enumerate(outs)], "usage": usage(outs)}
+                                    for i, o in enumerate(outs)], "usage": _usage(outs)}
 
-    def stream(reqs: list[Request], head: dict, chat: bool):
-        """Server-sent events: a chunk per piece of text, then finish reasons, then [DONE]."""
-        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
-        for i, r in enumerate(reqs):
-            r.on_text = lambda text, i=i: loop.call_soon_threadsafe(pieces.put_nowait, (i, text))
-        fut = submit(reqs)  # a full queue is a 429 before any event is sent
 
-        def chunk(i: int, text: str | None, finish: str | None) -> str:
-            if chat:
-                delta = {"role": "assistant", "content": ""} if text is None else {}
-                choice = {"index": i, "delta": {**delta, **({"content": text} if text else {})},
-                          "finish_reason": finish}
-            else:
-                choice = {"index": i, "text": text or "", "logprobs": None,
-                          "finish_reason": finish}
-            return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-
-        async def events():
-            task = asyncio.ensure_future(wait(fut))
-            if chat:
-                for i in range(len(reqs)):
-                    yield chunk(i, None, None)
-            while not (task.done() and pieces.empty()):
-                getter = asyncio.ensure_future(pieces.get())
-                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield chunk(*getter.result(), None)
-                else:
-                    getter.cancel()
-            try:
-                outs = task.result()
-            except ApiError as e:
-                error = {"error": {"message": e.message, "code": e.status}}
-                yield f"data: {json.dumps(error)}\n\n"
-                return
-            for i, o in enumerate(outs):
-                yield chunk(i, "", o.finish_reason)
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
+def _adapter_routes(app: FastAPI, svc: Service) -> None:
     @app.post("/v1/adapters")
     async def load_adapter(body: LoadAdapterBody):
-        if root is None:
+        if svc.root is None:
             raise ApiError(403, "loading adapters at run time is off; start the server with "
                                 "--adapter-root DIR", kind="permission_error")
-        folder = inside_root(root, body.path)
+        folder = inside_root(svc.root, body.path)
         try:
-            evicted = await asyncio.wrap_future(engine.call(
-                lambda: registry.load(body.name, folder)))
+            evicted = await asyncio.wrap_future(svc.engine.call(
+                lambda: svc.registry.load(body.name, folder)))
         except QueueFull as e:
             raise ApiError(429, str(e), kind="rate_limit_error") from None
         except AdaptersError as e:
@@ -262,15 +289,13 @@ def create_app(registry: Registry, adapter_root: str | Path | None = None,
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str):
-        if name not in registry.names():
+        if name not in svc.registry.names():
             raise ApiError(404, f"no adapter named {name!r}", kind="not_found_error")
         try:
-            await asyncio.wrap_future(engine.call(lambda: registry.unload(name)))
+            await asyncio.wrap_future(svc.engine.call(lambda: svc.registry.unload(name)))
         except AdaptersError as e:
             raise ApiError(409, str(e)) from None
         return {"id": name, "object": "model", "deleted": True}
-
-    return app
 
 
 def _context_len(model) -> int | None:
