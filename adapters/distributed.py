@@ -57,6 +57,11 @@ def init(timeout_s: int) -> Dist:
     if d.active and not tdist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:
+            if d.local_rank >= torch.cuda.device_count():
+                raise TrainingError(
+                    f"rank {d.rank}: local rank {d.local_rank} but this machine has "
+                    f"{torch.cuda.device_count()} GPU(s); start at most one process per GPU "
+                    "(or hide the GPUs with CUDA_VISIBLE_DEVICES= to run on CPU with gloo)")
             torch.cuda.set_device(d.local_rank)
         tdist.init_process_group("nccl" if cuda else "gloo",
                                  timeout=dt.timedelta(seconds=timeout_s))

@@ -27,8 +27,9 @@ def _home(tmp_path, monkeypatch):
 
 
 def _env():
-    # one thread per rank: two ranks share this machine's two cores
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
+    # one thread per rank: two ranks share this machine's two cores; CPU and gloo even where
+    # a GPU is present (one GPU cannot hold two ranks)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def _recipe_file(model, folder: Path, *extra) -> Path:
