@@ -172,7 +172,7 @@ def _pair(text: str, flag: str) -> tuple[str, str]:
 
 
 def _add_merge(p: argparse.ArgumentParser) -> None:
-    p.add_argument("adapter", help="adapter folder")
+    p.add_argument("adapter", help="adapter folder (or .zip from `adapters pack`)")
     p.add_argument("--out", required=True, help="folder for the merged model")
     p.add_argument("--base", help="base model (default: the one in the adapter's manifest)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
@@ -216,7 +216,7 @@ def _read_texts(path: str) -> list[str]:
 def _add_combine(p: argparse.ArgumentParser) -> None:
     from .combine import METHODS
 
-    p.add_argument("adapters", nargs="+", help="adapter folders (same base)")
+    p.add_argument("adapters", nargs="+", help="adapter folders or .zip archives (same base)")
     p.add_argument("--weights", nargs="+", type=float, required=True)
     p.add_argument("--method", choices=METHODS, default="linear")
     p.add_argument("--density", type=float, default=0.5, help="for ties / dare_*")
@@ -332,7 +332,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="adapters", description="Train, merge, evaluate and swap LoRA adapters.")
+        prog="adapters", description="Train, evaluate, merge, swap and share LoRA adapters.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, add, _) in COMMANDS.items():
