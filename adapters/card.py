@@ -40,7 +40,7 @@ def front_matter(manifest: dict[str, Any]) -> dict[str, Any]:
     base = (manifest.get("base") or {}).get("name")
     output = (manifest.get("recipe") or {}).get("output") or {}
     fm: dict[str, Any] = {}
-    if hub_id(base):
+    if hub_id(base):  # the hub rejects a local path here
         fm["base_model"] = hub_id(base)
     fm["library_name"] = "peft"
     fm["pipeline_tag"] = "text-generation"

@@ -121,6 +121,12 @@ def broadcast_params(d: Dist, params: list[torch.Tensor]) -> None:
         _collective(d, lambda p=p: tdist.broadcast(p.data, 0), "the initial weights")
 
 
+def abort(d: Dist) -> None:
+    """Leave the group at once on an error: the peers see the closed connection and stop."""
+    if d.active and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
 def finish(d: Dist) -> None:
     if d.active and tdist.is_initialized():
         _collective(d, tdist.barrier, "the final barrier")

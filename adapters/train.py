@@ -238,12 +238,12 @@ def restore(run: Run, resume: str) -> None:
     if matter:
         raise TrainingError(f"{path}: cannot resume, the recipe changed in ways that alter the "
                             "run:\n  " + "\n  ".join(matter))
-    if state.get("world_size", 1) != run.dist.world:
+    world = state.get("world_size", 1)
+    if world != run.dist.world:
         raise TrainingError(
-            f"{path}: written by a run on {state.get('world_size', 1)} rank(s), this one has "
-            f"{run.dist.world}: the data shards and the global batch would differ. Resume with "
-            f"--nproc {state.get('world_size', 1)} (torchrun --nproc_per_node "
-            f"{state.get('world_size', 1)})")
+            f"{path}: written by a run on {world} rank(s), this one has {run.dist.world}: the "
+            f"data shards and the global batch would differ. Resume with --nproc {world} "
+            f"(torchrun --nproc_per_node {world})")
     for line in harmless:
         log.info("resume: allowed change %s", line)
     set_peft_model_state_dict(run.model, load_file(path / "adapter_model.safetensors"))
@@ -299,15 +299,16 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = False,
         cfg = from_dict(cfg)
     out = Path(cfg.output.dir)
     check_output_dir(out)
+    main = distributed.from_env().main
     if not resume:
         earlier = ckpt.list_checkpoints(out / "checkpoints")
         if earlier:
             raise TrainingError(f"{out}: holds checkpoints of an earlier run (newest "
                                 f"{earlier[-1].name}); continue it with --resume, or choose "
                                 "another output.dir")
-        if distributed.from_env().main:
+        if main:
             (out / "metrics.jsonl").unlink(missing_ok=True)
-    if not distributed.from_env().main:  # rank 0 speaks for all; the others only warn
+    if not main:  # rank 0 speaks for all; the others only warn
         logging.getLogger("adapters").setLevel(logging.WARNING)
     run = setup(cfg, device)
     try:
@@ -321,9 +322,6 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = False,
             run_loop(run, signals, progress and run.dist.main, stop_after)
         distributed.finish(run.dist)
     except BaseException:
-        if run.dist.active:  # leave at once: the peers see the closed connection and stop
-            import torch.distributed as tdist
-
-            tdist.destroy_process_group()
+        distributed.abort(run.dist)
         raise
     return run.out

@@ -248,6 +248,15 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+def _push_and_pull_fail(adapter, dest, message: str, within_s: float) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(HubError, match=message):
+        push(adapter, "someone/adapter")
+    with pytest.raises(HubError, match=message):
+        pull("someone/adapter", dest)
+    assert time.monotonic() - t0 < within_s
+
+
 def test_push_and_pull_fail_fast_without_network(adapter, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -255,12 +264,7 @@ def test_push_and_pull_fail_fast_without_network(adapter, tmp_path, monkeypatch)
         pull("someone/adapter", tmp_path / "p")
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
-    t0 = time.monotonic()
-    with pytest.raises(HubError, match="cannot reach"):
-        push(adapter, "someone/adapter")
-    with pytest.raises(HubError, match="cannot reach"):
-        pull("someone/adapter", tmp_path / "p")
-    assert time.monotonic() - t0 < 10
+    _push_and_pull_fail(adapter, tmp_path / "p", "cannot reach", within_s=10)
     # A hub that answers every request with 401: what a bad or missing token gets.
     import huggingface_hub.constants
 
@@ -269,12 +273,7 @@ def test_push_and_pull_fail_fast_without_network(adapter, tmp_path, monkeypatch)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
     try:
-        t0 = time.monotonic()
-        with pytest.raises(HubError, match="not authorised"):
-            push(adapter, "someone/adapter")
-        with pytest.raises(HubError, match="not authorised"):
-            pull("someone/adapter", tmp_path / "p")
-        assert time.monotonic() - t0 < 30
+        _push_and_pull_fail(adapter, tmp_path / "p", "not authorised", within_s=30)
         env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
         cli = subprocess.run([sys.executable, "-m", "adapters", "pull", "someone/adapter",
                               "--out", str(tmp_path / "p")], env=env, capture_output=True,
