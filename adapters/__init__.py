@@ -1,6 +1,6 @@
 """adapters: train, merge, evaluate and swap LoRA adapters for causal LMs."""
 
-from .checkpoint import inspect_adapter, load_adapter, save_adapter
+from .adapter import inspect_adapter, load_adapter, save_adapter
 from .config import RunConfig, load_recipe
 from .errors import AdaptersError
 from .model import load_base

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .archive import resolve_adapter
-from .checkpoint import check_files, save_adapter
+from .adapter import check_files, save_adapter
+from .adapter.archive import resolve_adapter
 from .config import ModelConfig
 from .errors import AdaptersError
 from .model import compare_fingerprints, load_base

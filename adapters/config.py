@@ -19,6 +19,11 @@ import yaml
 
 from .errors import ConfigError
 
+# Names that mean one thing everywhere (CLI flags, eval tables, the server's model list).
+BASE_NAME = "base"  # the plain base model, next to adapters, in eval rows and in the server
+QUANTIZATIONS = ("none", "8bit", "4bit")
+IGNORE_INDEX = -100  # label of a position that no loss is counted on (PyTorch's convention)
+
 
 def _choice(*values: str) -> dict:
     return {"choices": values}
@@ -27,7 +32,7 @@ def _choice(*values: str) -> dict:
 @dataclass
 class ModelConfig:
     name: str = "default"  # hub id, local folder, or "default" (embedded SmolLM2-135M-Instruct)
-    quantization: str = field(default="none", metadata=_choice("none", "8bit", "4bit"))
+    quantization: str = field(default="none", metadata=_choice(*QUANTIZATIONS))
     quant_type: str = field(default="nf4", metadata=_choice("nf4", "fp4"))
     double_quant: bool = True
     dtype: str = field(default="auto", metadata=_choice("auto", "bf16", "fp16", "fp32"))

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .archive import resolve_adapter
-from .checkpoint import check_base, check_files, read_manifest
+from .adapter import check_base, check_files, read_manifest
+from .adapter.archive import resolve_adapter
 from .config import ModelConfig
 from .errors import AdaptersError
 from .io import atomic_dir

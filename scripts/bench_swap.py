@@ -33,7 +33,7 @@ PROMPTS = ["What does os.path.join do?", "Explain list comprehensions.", "What i
 def make_adapters(reg, work: Path, n: int, r: int) -> list[Path]:
     import torch
 
-    from adapters.checkpoint import build_manifest, save_adapter
+    from adapters.adapter import build_manifest, save_adapter
     from adapters.config import LoraConfig, ModelConfig
     from adapters.lora import attach_lora
 
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench")
     args = ap.parse_args()
 
-    from adapters.infer import Registry
+    from adapters.serving.registry import Registry
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,7 @@ def model_path(name: str, work: Path, override: str | None = None) -> str:
 
 
 def data_cfg(case: str, work: Path) -> dict:
-    from adapters.datasets import build_pydoc_qa, build_stdlib_code
+    from adapters.demo.datasets import build_pydoc_qa, build_stdlib_code
 
     kind, seq, *_ = CASES[case]
     if kind == "code":

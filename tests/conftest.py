@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import inspect
 import json
 import os
@@ -9,6 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from adapters.adapter import build_manifest, save_adapter
+from adapters.cli import main as cli_main
+from adapters.config import LoraConfig, ModelConfig, load_recipe
+from adapters.lora import attach_lora
+from adapters.model import load_base
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -105,3 +112,55 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                     encoding="utf-8")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """Every test gets its own ADAPTERS_HOME: caches and unpacked archives never leak."""
+    monkeypatch.setenv("ADAPTERS_HOME", str(tmp_path / "home"))
+
+
+def trained_adapter(path, out, seed=1, **model_kw):
+    """A LoRA r=4 adapter on the model at `path` with random non-zero B, saved to `out`.
+
+    A stand-in for training (non-zero B, so the adapter changes the logits); returns (pm, tok).
+    """
+    cfg = ModelConfig(name=str(path), **{"dtype": "fp32", **model_kw})
+    model, tok = load_base(cfg)
+    pm = attach_lora(model, LoraConfig(r=4))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    manifest = build_manifest(pm.get_base_model(), tok, str(path), cfg, LoraConfig(r=4))
+    save_adapter(pm, out, manifest)
+    return pm, tok
+
+
+def qa_csv(path, n=24):
+    """A question/answer CSV (input, output) of `n` rows of simple arithmetic."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["input", "output"])
+        for i in range(n):
+            w.writerow([f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}."])
+    return path
+
+
+def recipe(model, tmp_path, *extra, rows=24):
+    """A small fp32 recipe on `model` with a QA CSV in `tmp_path`; `extra` are overrides."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = qa_csv(tmp_path / "qa.csv", rows)
+    return load_recipe(None, [f"model.name={model}", "model.dtype=fp32", f"data.train={data}",
+                              "data.max_seq_len=64", "train.batch_size=2", "train.lr=5e-3",
+                              f"output.dir={tmp_path / 'out'}", "lora.r=4", *extra])
+
+
+def run_cli(*argv, capsys=None) -> tuple[int, str, str]:
+    """The real `adapters` CLI in this process: (exit code, stdout, stderr) when capsys given."""
+    code = cli_main([str(a) for a in argv])
+    if capsys is None:
+        return code, "", ""
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -4,32 +4,15 @@ import json
 
 import pytest
 import torch
-from conftest import make_llama
+from conftest import make_llama, trained_adapter
 
-from adapters.checkpoint import (
-    build_manifest,
+from adapters.adapter import (
     inspect_adapter,
     load_adapter,
-    save_adapter,
 )
-from adapters.config import LoraConfig, ModelConfig
+from adapters.config import ModelConfig
 from adapters.errors import AdapterFileError
-from adapters.lora import attach_lora
 from adapters.model import load_base
-
-
-def _trained_adapter(path, out, seed=1, **model_kw):
-    cfg = ModelConfig(name=str(path), **{"dtype": "fp32", **model_kw})
-    model, tok = load_base(cfg)
-    pm = attach_lora(model, LoraConfig(r=4))
-    torch.manual_seed(seed)
-    with torch.no_grad():  # stand-in for training: non-zero B so the adapter changes logits
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    manifest = build_manifest(pm.get_base_model(), tok, str(path), cfg, LoraConfig(r=4))
-    save_adapter(pm, out, manifest)
-    return pm, tok
 
 
 @pytest.fixture
@@ -40,7 +23,7 @@ def ids(tiny_tok):
 def test_plain_peft_loads_it_with_identical_logits(tiny_model, tmp_path, ids):
     from peft import PeftModel
 
-    pm, tok = _trained_adapter(tiny_model, tmp_path / "a")
+    pm, tok = trained_adapter(tiny_model, tmp_path / "a")
     assert {p.name for p in (tmp_path / "a").iterdir()} == {
         "adapter_config.json", "adapter_model.safetensors", "manifest.json", "README.md"}
     base, _ = load_base(ModelConfig(name=str(tiny_model), dtype="fp32"))
@@ -57,7 +40,7 @@ def test_plain_peft_loads_it_with_identical_logits(tiny_model, tmp_path, ids):
 
 
 def test_manifest_records_what_it_should(tiny_gpt2, tmp_path):
-    _trained_adapter(tiny_gpt2, tmp_path / "a")
+    trained_adapter(tiny_gpt2, tmp_path / "a")
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert m["base"]["name"] == str(tiny_gpt2)
     assert m["base"]["fingerprint"]["model_type"] == "gpt2"
@@ -67,7 +50,7 @@ def test_manifest_records_what_it_should(tiny_gpt2, tmp_path):
 
 
 def test_different_weights_same_shapes_refused_unless_allowed(tiny_llama, tiny_tok, tmp_path):
-    _trained_adapter(tiny_llama, tmp_path / "a")
+    trained_adapter(tiny_llama, tmp_path / "a")
     other = make_llama(tmp_path / "other", tiny_tok, seed=7)
     base, tok = load_base(ModelConfig(name=str(other), dtype="fp32"))
     with pytest.raises(AdapterFileError, match="weights differ"):
@@ -76,7 +59,7 @@ def test_different_weights_same_shapes_refused_unless_allowed(tiny_llama, tiny_t
 
 
 def test_same_base_in_bf16_or_4bit_is_accepted(tiny_llama, tmp_path):
-    _trained_adapter(tiny_llama, tmp_path / "a")
+    trained_adapter(tiny_llama, tmp_path / "a")
     for cfg in (ModelConfig(name=str(tiny_llama), dtype="bf16"),
                 ModelConfig(name=str(tiny_llama), dtype="fp32", quantization="4bit")):
         base, tok = load_base(cfg)
@@ -84,7 +67,7 @@ def test_same_base_in_bf16_or_4bit_is_accepted(tiny_llama, tmp_path):
 
 
 def test_other_architecture_or_shape_refused(tiny_llama, tiny_tok, tmp_path):
-    _trained_adapter(tiny_llama, tmp_path / "a")
+    trained_adapter(tiny_llama, tmp_path / "a")
     wider = make_llama(tmp_path / "wide", tiny_tok, hidden_size=128, intermediate_size=256)
     base, tok = load_base(ModelConfig(name=str(wider), dtype="fp32"))
     with pytest.raises(AdapterFileError, match="another base model.*hidden_size"):
@@ -92,7 +75,7 @@ def test_other_architecture_or_shape_refused(tiny_llama, tiny_tok, tmp_path):
 
 
 def test_truncated_weights_named(tiny_gpt2, tmp_path):
-    _trained_adapter(tiny_gpt2, tmp_path / "a")
+    trained_adapter(tiny_gpt2, tmp_path / "a")
     w = tmp_path / "a" / "adapter_model.safetensors"
     w.write_bytes(w.read_bytes()[:-100])
     base, tok = load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))
@@ -106,7 +89,7 @@ def test_truncated_weights_named(tiny_gpt2, tmp_path):
 
 
 def test_missing_config_named(tiny_gpt2, tmp_path):
-    _trained_adapter(tiny_gpt2, tmp_path / "a")
+    trained_adapter(tiny_gpt2, tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").unlink()
     base, _ = load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))
     with pytest.raises(AdapterFileError, match="adapter_config.json: missing"):
@@ -114,7 +97,7 @@ def test_missing_config_named(tiny_gpt2, tmp_path):
 
 
 def test_inspect_reports(tiny_gpt2, tmp_path):
-    _trained_adapter(tiny_gpt2, tmp_path / "a")
+    trained_adapter(tiny_gpt2, tmp_path / "a")
     info = inspect_adapter(tmp_path / "a")
     assert info["integrity"] == "ok" and info["base"] == str(tiny_gpt2)
     assert info["peft"]["r"] == 4 and set(info["peft"]["target_modules"]) == {

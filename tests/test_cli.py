@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from test_checkpoint import _trained_adapter
+from conftest import trained_adapter
 
 COMMANDS = ["train", "eval", "merge", "generate", "serve", "inspect", "data", "demo", "models"]
 
@@ -20,7 +20,7 @@ def test_help_lists_every_command():
 
 
 def test_inspect_a_saved_adapter(tiny_gpt2, tmp_path):
-    _trained_adapter(tiny_gpt2, tmp_path / "a")
+    trained_adapter(tiny_gpt2, tmp_path / "a")
     res = adapters("inspect", tmp_path / "a")
     assert "integrity: ok" in res.stdout
     assert "c_attn" in res.stdout and str(tiny_gpt2) in res.stdout

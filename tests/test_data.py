@@ -16,10 +16,6 @@ from adapters.model import load_base
 EOS = "<|endoftext|>"
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTERS_HOME", str(tmp_path / "home"))
-
 
 def _csv(path, rows, header=("input", "output")):
     with open(path, "w", newline="", encoding="utf-8") as f:

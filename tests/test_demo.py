@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from adapters.datasets import build_pydoc_qa, build_stdlib_code
+from adapters.demo.datasets import build_pydoc_qa, build_stdlib_code
 
 
 def test_dataset_builders_are_deterministic_and_split_by_module(tmp_path):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import recipe
 from safetensors.torch import load_file
-from test_train import recipe
 
 from adapters.config import dump_recipe
 from adapters.errors import TrainingError
@@ -20,10 +20,6 @@ from adapters.train import train
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="this torch build has no torch.distributed")
 
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTERS_HOME", str(tmp_path / "home"))
 
 
 def _env():

@@ -5,16 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train import qa_csv, recipe
+from conftest import qa_csv, recipe
 
-from adapters.config import DataConfig, ModelConfig
-from adapters.eval import BASE, evaluate, exact_match, rouge_l, table, token_f1, write_results
+from adapters.config import BASE_NAME, DataConfig, ModelConfig
+from adapters.eval import evaluate, exact_match, rouge_l, table, token_f1, write_results
 from adapters.model import load_base
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTERS_HOME", str(tmp_path / "home"))
 
 
 def test_text_metrics_by_hand():
@@ -61,9 +56,10 @@ def test_trained_adapter_scores_better_on_its_data(tiny_llama, tmp_path):
     rows = evaluate(str(tiny_llama), {"qa-adapter": out}, data, generate=4, max_new_tokens=12)
     loss = {r["model"]: r["loss"] for r in rows}
     f1 = {r["model"]: r["token_f1"] for r in rows}
-    assert f1["qa-adapter"] > f1[BASE] and rows[1]["samples"][0]["reference"].startswith("0 plus")
+    assert f1["qa-adapter"] > f1[BASE_NAME]
+    assert rows[1]["samples"][0]["reference"].startswith("0 plus")
     acc = {r["model"]: r["token_accuracy"] for r in rows}
-    assert loss["qa-adapter"] < 0.7 * loss[BASE] and acc["qa-adapter"] > acc[BASE]
+    assert loss["qa-adapter"] < 0.7 * loss[BASE_NAME] and acc["qa-adapter"] > acc[BASE_NAME]
     write_results(rows, tmp_path / "eval")
     assert (tmp_path / "eval" / "eval.png").stat().st_size > 0
     assert "qa-adapter" in table(rows) and "%" in table(rows)
@@ -77,9 +73,9 @@ def test_cli_eval_writes_results(tiny_gpt2, tmp_path):
     import subprocess
     import sys
 
-    from test_checkpoint import _trained_adapter
+    from conftest import trained_adapter
 
-    _trained_adapter(tiny_gpt2, tmp_path / "a")
+    trained_adapter(tiny_gpt2, tmp_path / "a")
     f = qa_csv(tmp_path / "qa.csv", 5)
     res = subprocess.run([sys.executable, "-m", "adapters", "eval", "--adapter",
                           f"mine={tmp_path / 'a'}", "--data", f"qa={f}", "--out",

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from test_checkpoint import _trained_adapter
+from conftest import trained_adapter
 
 from adapters.config import ModelConfig
-from adapters.decode import Request, Sampling, decode
-from adapters.infer import Registry, RegistryError
 from adapters.model import load_base
+from adapters.serving.decode import Request, Sampling, decode
+from adapters.serving.registry import Registry, RegistryError
 
 PROMPTS = ["import os\n", "def f(x):", "class A:", "# comment"]
 
@@ -19,7 +19,7 @@ def folders(tmp_path_factory, tiny_gpt2, tiny_llama):
     for arch, path in (("gpt2", tiny_gpt2), ("llama", tiny_llama)):
         out[arch] = [root / f"{arch}-{i}" for i in range(4)]
         for i, f in enumerate(out[arch]):
-            _trained_adapter(path, f, seed=i + 1)
+            trained_adapter(path, f, seed=i + 1)
     return out
 
 

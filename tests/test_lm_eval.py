@@ -4,9 +4,9 @@ import json
 import os
 
 import pytest
-from test_checkpoint import _trained_adapter
+from conftest import trained_adapter
 
-from adapters.checkpoint import load_adapter
+from adapters.adapter import load_adapter
 from adapters.config import ModelConfig
 from adapters.eval import choice_logprob
 from adapters.model import load_base
@@ -24,7 +24,7 @@ def test_lm_eval_loads_the_adapter_folder_and_agrees(tiny_gpt2, tmp_path, monkey
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    _trained_adapter(tiny_gpt2, tmp_path / "a")
+    trained_adapter(tiny_gpt2, tmp_path / "a")
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     (tmp_path / "task").mkdir()

@@ -6,11 +6,10 @@ import sys
 
 import pytest
 import torch
-from conftest import make_gpt2, make_llama
+from conftest import make_gpt2, make_llama, trained_adapter
 from safetensors.torch import load_file, save_file
-from test_checkpoint import _trained_adapter
 
-from adapters.checkpoint import load_adapter
+from adapters.adapter import load_adapter
 from adapters.combine import combine
 from adapters.config import ModelConfig
 from adapters.errors import AdaptersError
@@ -45,7 +44,7 @@ def _merged_logits(folder, ids):
 
 
 def test_merged_equals_base_plus_adapter(tiny_model, tmp_path, ids):
-    _trained_adapter(tiny_model, tmp_path / "a")
+    trained_adapter(tiny_model, tmp_path / "a")
     out, v = merge_adapter(tmp_path / "a", tmp_path / "merged")
     model, got = _merged_logits(out, ids)
     torch.testing.assert_close(got, _reference_logits(tiny_model, tmp_path / "a", ids),
@@ -62,7 +61,7 @@ def test_merged_equals_base_plus_adapter(tiny_model, tmp_path, ids):
 def test_4bit_trained_adapter_against_dequantized_and_original(arch, tiny_gpt2, tiny_llama,
                                                                tmp_path, ids):
     path = {"gpt2": tiny_gpt2, "llama": tiny_llama}[arch]
-    _trained_adapter(path, tmp_path / "a", quantization="4bit")
+    trained_adapter(path, tmp_path / "a", quantization="4bit")
     ref = _reference_logits(path, tmp_path / "a", ids, quantization="4bit")
     out, deq = merge_adapter(tmp_path / "a", tmp_path / "deq", against="dequantized")
     _, got = _merged_logits(out, ids)
@@ -76,7 +75,7 @@ def test_4bit_trained_adapter_against_dequantized_and_original(arch, tiny_gpt2, 
 
 
 def test_corrupted_adapter_fails_verification_and_writes_nothing(tiny_llama, tmp_path):
-    _trained_adapter(tiny_llama, tmp_path / "a")
+    trained_adapter(tiny_llama, tmp_path / "a")
     w = tmp_path / "a" / "adapter_model.safetensors"
     tensors = load_file(w)
     key = next(k for k in tensors if "lora_B" in k)
@@ -102,7 +101,7 @@ def test_streaming_merge_equals_in_memory_bit_for_bit(arch, tiny_tok, tmp_path):
     tiny_tok.save_pretrained(tmp_path / "sharded")
     shards = list((tmp_path / "sharded").glob("*.safetensors"))
     assert len(shards) > 2
-    _trained_adapter(tmp_path / "sharded", tmp_path / "a")
+    trained_adapter(tmp_path / "sharded", tmp_path / "a")
     merge_streaming(tmp_path / "sharded", tmp_path / "a", tmp_path / "streamed")
     merge_adapter(tmp_path / "a", tmp_path / "memory", verify=False)
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").state_dict()
@@ -116,8 +115,8 @@ def test_streaming_merge_equals_in_memory_bit_for_bit(arch, tiny_tok, tmp_path):
 
 
 def test_cli_merge_stream_and_combine(tiny_gpt2, tmp_path):
-    _trained_adapter(tiny_gpt2, tmp_path / "a", seed=1)
-    _trained_adapter(tiny_gpt2, tmp_path / "b", seed=2)
+    trained_adapter(tiny_gpt2, tmp_path / "a", seed=1)
+    trained_adapter(tiny_gpt2, tmp_path / "b", seed=2)
     run = lambda *a: subprocess.run([sys.executable, "-m", "adapters", *map(str, a)],  # noqa
                                     capture_output=True, text=True, timeout=300)
     res = run("merge", tmp_path / "a", "--out", tmp_path / "m", "--stream")
@@ -132,8 +131,8 @@ def test_cli_merge_stream_and_combine(tiny_gpt2, tmp_path):
 def test_combined_adapter_loads_in_plain_peft(tiny_llama, tmp_path, ids, method):
     from peft import PeftModel
 
-    _trained_adapter(tiny_llama, tmp_path / "a", seed=1)
-    _trained_adapter(tiny_llama, tmp_path / "b", seed=2)
+    trained_adapter(tiny_llama, tmp_path / "a", seed=1)
+    trained_adapter(tiny_llama, tmp_path / "b", seed=2)
     out = combine([tmp_path / "a", tmp_path / "b"], [0.7, 0.3], tmp_path / "c", method=method)
     man = json.loads((out / "manifest.json").read_text())
     assert man["combined_from"]["weights"] == [0.7, 0.3]
@@ -149,7 +148,7 @@ def test_combined_adapter_loads_in_plain_peft(tiny_llama, tmp_path, ids, method)
 
 def test_combine_refuses_other_bases(tiny_llama, tiny_tok, tmp_path):
     other = make_llama(tmp_path / "other", tiny_tok, seed=9)
-    _trained_adapter(tiny_llama, tmp_path / "a")
-    _trained_adapter(other, tmp_path / "b")
+    trained_adapter(tiny_llama, tmp_path / "a")
+    trained_adapter(other, tmp_path / "b")
     with pytest.raises(AdaptersError, match="another base"):
         combine([tmp_path / "a", tmp_path / "b"], [0.5, 0.5], tmp_path / "c")

@@ -65,7 +65,7 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 def test_default_model_resolves_from_the_wheel_and_answers():
     import time
 
-    from adapters.generate import chat_answers
+    from adapters.serving.generate import chat_answers
 
     path = resolve_model_path("default")  # converts on first use, then cached
     t = time.perf_counter()

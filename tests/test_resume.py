@@ -9,18 +9,13 @@ import time
 
 import pytest
 import torch
+from conftest import qa_csv, recipe
 from safetensors.torch import load_file
-from test_train import qa_csv, recipe
 
-import adapters.train as train_mod
+import adapters.train.trainer as train_mod
 from adapters.errors import TrainingError
-from adapters.resume import list_checkpoints, load_state
 from adapters.train import train
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTERS_HOME", str(tmp_path / "home"))
+from adapters.train.checkpoint import list_checkpoints, load_state
 
 
 def losses(out):
@@ -105,7 +100,7 @@ def test_unwritable_output_and_full_disk(tiny_gpt2, tmp_path, monkeypatch):
     cfg = recipe(tiny_gpt2, tmp_path, "train.steps=2", f"output.dir={blocker / 'out'}")
     with pytest.raises(TrainingError, match="output folder is not writable"):
         train(cfg)
-    import adapters.runtime as rt
+    import adapters.train.runtime as rt
 
     monkeypatch.setattr(rt.shutil, "disk_usage", lambda p: type("U", (), {"free": 1024})())
     with pytest.raises(TrainingError, match="only 0 MiB free"):

@@ -13,12 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import uvicorn
-from test_checkpoint import _trained_adapter
+from conftest import trained_adapter
 
 from adapters.config import ModelConfig
-from adapters.infer import Registry
 from adapters.model import load_base
-from adapters.serve import Limits, create_app
+from adapters.serving.registry import Registry
+from adapters.serving.server import Limits, create_app
 
 PROMPTS = ["import os\n", "def f(x):", "class A:", "# comment"]
 
@@ -62,7 +62,7 @@ class Running:
 def root(tmp_path_factory, tiny_gpt2):
     root = tmp_path_factory.mktemp("adapter-root")
     for i in range(4):
-        _trained_adapter(tiny_gpt2, root / f"a{i}", seed=i + 1)
+        trained_adapter(tiny_gpt2, root / f"a{i}", seed=i + 1)
     return root
 
 
@@ -145,7 +145,7 @@ def test_hot_load_is_confined_to_the_adapter_root(server, root, tmp_path):
         return http("POST", server.url + "/v1/adapters", body)
 
     outside = tmp_path / "outside"
-    _trained_adapter(server.server.config.app.state.engine.reg.model.get_base_model()
+    trained_adapter(server.server.config.app.state.engine.reg.model.get_base_model()
                      .name_or_path, outside, seed=9)
     (root / "link-out").symlink_to(outside, target_is_directory=True)
     for path in ["../outside", str(outside), "link-out", "a0/../../outside"]:

@@ -15,31 +15,24 @@ import zipfile
 import pytest
 import torch
 import yaml
-from conftest import make_llama
+from conftest import make_llama, recipe, trained_adapter
 from safetensors.torch import load_file, save_file
-from test_checkpoint import _trained_adapter
-from test_train import recipe
 
-from adapters.archive import pack, resolve_adapter
-from adapters.card import DEFAULT_HUB_ID, front_matter
-from adapters.checkpoint import load_adapter
+from adapters.adapter import load_adapter
+from adapters.adapter.archive import pack, resolve_adapter
+from adapters.adapter.card import DEFAULT_HUB_ID, front_matter
 from adapters.cli import main
 from adapters.config import ModelConfig
 from adapters.errors import AdapterFileError
-from adapters.hub import HubError, accept_pulled, pull, push
 from adapters.model import load_base
-from adapters.share import convert, verify
+from adapters.share.hub import HubError, accept_pulled, pull, push
+from adapters.share.verify import convert, verify
 from adapters.train import train
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTERS_HOME", str(tmp_path / "home"))
 
 
 @pytest.fixture
 def adapter(tiny_llama, tmp_path):
-    _trained_adapter(tiny_llama, tmp_path / "a")
+    trained_adapter(tiny_llama, tmp_path / "a")
     return tmp_path / "a"
 
 

@@ -1,38 +1,15 @@
 """The training loop on tiny models: what changes, what doesn't, and the output folder."""
 
-import csv
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import qa_csv, recipe
 from safetensors.torch import load_file
 
-from adapters.config import load_recipe
-from adapters.train import setup, train, train_step
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTERS_HOME", str(tmp_path / "home"))
-
-
-def qa_csv(path, n=24):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["input", "output"])
-        for i in range(n):
-            w.writerow([f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}."])
-    return path
-
-
-def recipe(model, tmp_path, *extra, rows=24):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    data = qa_csv(tmp_path / "qa.csv", rows)
-    return load_recipe(None, [f"model.name={model}", "model.dtype=fp32", f"data.train={data}",
-                              "data.max_seq_len=64", "train.batch_size=2", "train.lr=5e-3",
-                              f"output.dir={tmp_path / 'out'}", "lora.r=4", *extra])
+from adapters.train.trainer import setup, train, train_step
 
 
 def test_steps_change_every_trainable_and_no_frozen_parameter(tiny_model, tmp_path):

@@ -6,11 +6,11 @@ import logging
 import random
 from dataclasses import dataclass, field
 
-from ..config import DataConfig
+from ..config import IGNORE_INDEX, DataConfig
 from ..errors import DataError
 from .formats import SkipRow, check_columns, row_segments
 from .sources import Row, read_rows
-from .tokenize import IGNORE, tokenize_segments
+from .tokenize import tokenize_segments
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _split(rows: list[Row], cfg: DataConfig, tokenizer, name: str, cache: bool) 
                         f"data.max_seq_len={cfg.max_seq_len} with a trainable token "
                         f"(overlong={cfg.overlong}); raise max_seq_len or use overlong: truncate")
     lengths = [len(x) for x in ds["input_ids"]]
-    trainable = sum(sum(1 for t in lab if t != IGNORE) for lab in ds["labels"])
+    trainable = sum(sum(1 for t in lab if t != IGNORE_INDEX) for lab in ds["labels"])
     stats = {"rows": len(rows), "skipped": skipped, "examples": len(ds),
              "tokens": sum(lengths), "trainable_tokens": trainable,
              "truncated": int(sum(ds["truncated"])),

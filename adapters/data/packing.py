@@ -13,7 +13,7 @@ import random
 
 import torch
 
-from .tokenize import IGNORE
+from ..config import IGNORE_INDEX
 
 
 def pack_bins(lengths: list[int], max_len: int) -> list[list[int]]:
@@ -57,7 +57,7 @@ def collate_packed(rows: list[list[tuple[list[int], list[int]]]], pad_id: int) -
     T = max(sum(len(ids) for ids, _ in row) for row in rows)
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((B, T), dtype=torch.long)
     doc = torch.full((B, T), -1, dtype=torch.long)  # example index within the row; -1 = pad
     for b, row in enumerate(rows):
@@ -83,7 +83,7 @@ def collate_padded(examples: list[tuple[list[int], list[int]]], pad_id: int) -> 
     T = max(len(ids) for ids, _ in examples)
     B = len(examples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     attn = torch.zeros((B, T), dtype=torch.long)
     for b, (ids, lab) in enumerate(examples):
         input_ids[b, :len(ids)] = torch.tensor(ids)

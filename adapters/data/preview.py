@@ -7,11 +7,10 @@ truncated and dropped counts). Masking bugs show up here before they cost a trai
 
 from __future__ import annotations
 
-from ..config import RunConfig
+from ..config import IGNORE_INDEX, RunConfig
 from ..model import load_tokenizer, resolve_model_path
 from . import build
 from .packing import pack_bins
-from .tokenize import IGNORE
 
 _ON, _OFF = "\x1b[1;32m", "\x1b[0m"
 
@@ -20,7 +19,7 @@ def render_marked(tokenizer, ids: list[int], labels: list[int], color: bool) -> 
     """Decode `ids`, wrapping runs of loss-counted tokens in brackets or colour."""
     out, run, counted = [], [], False
     for tok, lab in zip(ids, labels):
-        c = lab != IGNORE
+        c = lab != IGNORE_INDEX
         if c != counted and run:
             out.append(_wrap(tokenizer.decode(run), counted, color))
             run = []
@@ -56,7 +55,7 @@ def preview(cfg: RunConfig, n: int = 3, color: bool = False) -> str:
     for i in range(min(n, len(ds))):
         row = ds[i]
         parts.append(f"--- example {i + 1} ({len(row['input_ids'])} tokens, "
-                     f"{sum(1 for x in row['labels'] if x != IGNORE)} trained"
+                     f"{sum(1 for x in row['labels'] if x != IGNORE_INDEX)} trained"
                      f"{', truncated' if row['truncated'] else ''}) ---")
         parts.append(render_marked(tok, row["input_ids"], row["labels"], color))
     lengths = [len(x) for x in ds["input_ids"]]

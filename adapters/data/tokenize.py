@@ -11,9 +11,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..config import IGNORE_INDEX
 from ..model import adapters_home
-
-IGNORE = -100
 
 
 def tokenizer_key(tokenizer) -> str:
@@ -42,23 +41,24 @@ def fit_length(ids: list[int], labels: list[int], max_len: int, mode: str, chunk
     trainable tokens. An example with no trainable token is dropped.
     """
     if len(ids) <= max_len:
-        return [(ids, labels, False)] if any(x != IGNORE for x in labels[1:]) else []
+        return [(ids, labels, False)] if any(x != IGNORE_INDEX for x in labels[1:]) else []
     if mode == "drop":
         return []
     if chunk:
         out = []
         for s in range(0, len(ids), max_len):
-            lab = [IGNORE] + labels[s + 1: s + max_len]  # first token of a window has no context
-            if any(x != IGNORE for x in lab):
+            # the first token of a window has no context
+            lab = [IGNORE_INDEX] + labels[s + 1: s + max_len]
+            if any(x != IGNORE_INDEX for x in lab):
                 out.append((ids[s: s + max_len], lab, True))
         return out
-    first = next((i for i, x in enumerate(labels) if x != IGNORE), None)
+    first = next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), None)
     if first is None:
         return []
     start = 0 if first < max_len else first - max_len // 2
     ids, labels = ids[start: start + max_len], labels[start: start + max_len]
-    labels[0] = IGNORE
-    return [(ids, labels, True)] if any(x != IGNORE for x in labels) else []
+    labels[0] = IGNORE_INDEX
+    return [(ids, labels, True)] if any(x != IGNORE_INDEX for x in labels) else []
 
 
 def _encode_batch(batch: dict, tokenizer, max_len: int, mode: str, chunk: bool) -> dict:
@@ -68,14 +68,15 @@ def _encode_batch(batch: dict, tokenizer, max_len: int, mode: str, chunk: bool) 
     out = {"input_ids": [], "labels": [], "row": [], "truncated": []}
     k = 0
     for row, trains in zip(batch["row"], batch["seg_train"]):
-        ids, labels = list(prefix), [IGNORE] * len(prefix)
+        ids, labels = list(prefix), [IGNORE_INDEX] * len(prefix)
         for train in trains:
             piece = enc[k]
             k += 1
             ids += piece
-            labels += piece if train else [IGNORE] * len(piece)
+            labels += piece if train else [IGNORE_INDEX] * len(piece)
         if labels:
-            labels[0] = IGNORE  # never predicted: keeps packed examples from seeing each other
+            # never predicted: keeps packed examples from seeing each other
+            labels[0] = IGNORE_INDEX
         for fids, flabels, trunc in fit_length(ids, labels, max_len, mode, chunk):
             out["input_ids"].append(fids)
             out["labels"].append(flabels)

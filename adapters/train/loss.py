@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from .data.tokenize import IGNORE
-from .kernels.ce import linear_cross_entropy_sum
+from ..config import IGNORE_INDEX
+from ..kernels.ce import linear_cross_entropy_sum
 
 
 def _base(model):
@@ -36,7 +36,7 @@ def batch_loss(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, int
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     labels = batch["labels"][:, 1:]  # (B, T-1)
-    keep = labels != IGNORE
+    keep = labels != IGNORE_INDEX
     h = hidden[:, :-1][keep]  # (N, H): only positions that predict a counted token
     target = labels[keep]  # (N,)
     head = base.get_output_embeddings()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime as dt
 import importlib.util
 import json
 import logging
@@ -19,15 +20,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_adapter
-from .config import DataConfig, ModelConfig
-from .data import build
-from .data.packing import Batcher
-from .loss import mean_loss
-from .model import load_base, resolve_dtype
+from ..adapter import MANIFEST_FILE, load_adapter, read_manifest
+from ..adapter.card import EVAL_KEYS, write_card
+from ..config import BASE_NAME, IGNORE_INDEX, DataConfig, ModelConfig
+from ..data import build
+from ..data.packing import Batcher
+from ..io import atomic_write_json
+from ..model import load_base, resolve_dtype
+from ..train.loss import mean_loss
 
 log = logging.getLogger(__name__)
-BASE = "base"
 
 
 # ---- text metrics (SQuAD-style normalisation) ----
@@ -87,7 +89,7 @@ HIGHER_IS_BETTER = {"loss": False, "perplexity": False, "token_accuracy": True,
 @torch.no_grad()
 def token_accuracy(model, batches, device: str, dtype: torch.dtype) -> float:
     """Share of trainable tokens whose greedy prediction is right."""
-    from .loss import autocast_for
+    from ..train.loss import autocast_for
 
     right = total = 0
     for batch in batches:
@@ -97,7 +99,7 @@ def token_accuracy(model, batches, device: str, dtype: torch.dtype) -> float:
                       if k in batch}
             logits = model(**inputs).logits[:, :-1]  # (B, T-1, V): fine at eval sizes
         labels = batch["labels"][:, 1:]
-        keep = labels != -100
+        keep = labels != IGNORE_INDEX
         right += int((logits.argmax(-1)[keep] == labels[keep]).sum())
         total += int(keep.sum())
     return right / max(total, 1)
@@ -106,15 +108,15 @@ def token_accuracy(model, batches, device: str, dtype: torch.dtype) -> float:
 def split_prompt(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
     """(prompt ids, reference ids): the prefix before the first trained token, and the first
     contiguous run of trained tokens (the completion or the first assistant turn)."""
-    first = next((i for i, x in enumerate(labels) if x != -100), len(labels))
-    end = next((i for i in range(first, len(labels)) if labels[i] == -100), len(labels))
+    first = next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), len(labels))
+    end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
     return ids[:first], ids[first:end]
 
 
 def generation_scores(model, tok, dataset, n: int, max_new_tokens: int = 64
                       ) -> tuple[dict[str, float], list[dict]]:
     """Greedy answers to the first `n` prompts: mean EM, token F1, ROUGE-L, and samples."""
-    from .generate import generate_texts
+    from ..serving.generate import generate_texts
 
     pairs = [split_prompt(dataset[i]["input_ids"], dataset[i]["labels"])
              for i in range(min(n, len(dataset)))]
@@ -149,7 +151,7 @@ def choice_accuracy(model, tok, rows: list, dcfg: DataConfig) -> float | None:
 
     `answer` is the index of the right choice or its text. None when rows carry no choices.
     """
-    from .data.formats import DEFAULT_TEMPLATE, columns_for
+    from ..data.formats import DEFAULT_TEMPLATE, columns_for
 
     rows = [r.data for r in rows if isinstance(r.data.get("choices"), list)]
     if not rows:
@@ -172,7 +174,7 @@ def _models(base_model, tok, adapters: dict[str, Path]):
     for name, folder in adapters.items():
         peft_model = load_adapter(peft_model or base_model, folder, tokenizer=tok,
                                   adapter_name=name)
-    yield BASE, peft_model or base_model, (peft_model.disable_adapter() if peft_model
+    yield BASE_NAME, peft_model or base_model, (peft_model.disable_adapter() if peft_model
                                            else contextlib.nullcontext())
     for name in adapters:
         peft_model.set_adapter(name)
@@ -190,7 +192,7 @@ def evaluate(base: str, adapters: dict[str, str | Path], datasets: dict[str, Dat
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_base(ModelConfig(name=base, quantization=quantization), device)
     dtype = resolve_dtype("auto", device)
-    from .data.sources import read_rows
+    from ..data.sources import read_rows
 
     batchers, tokenised, raw = {}, {}, {}
     for name, dcfg in datasets.items():
@@ -234,8 +236,8 @@ def table(rows: list[dict], metric: str = "loss") -> str:
     for d in dsets:
         cells = []
         for m in models:
-            v, b = val[(m, d)], val.get((BASE, d))
-            rel = f" ({100 * (v / b - 1):+.1f}%)" if b and m != BASE else ""
+            v, b = val[(m, d)], val.get((BASE_NAME, d))
+            rel = f" ({100 * (v / b - 1):+.1f}%)" if b and m != BASE_NAME else ""
             cells.append(f"{v:.4f}{rel}")
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -296,3 +298,20 @@ def chart(rows: list[dict], path: Path, metric: str = "loss") -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def record_eval(folder: str | Path, model_name: str, rows: list[dict]) -> None:
+    """Add `adapters eval` results (this adapter's rows, the base's beside them) to the
+    manifest and the card. The weights and their hash are untouched."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return
+    base_rows = {r["dataset"]: r for r in rows if r["model"] == BASE_NAME}
+    keep = lambda r: {k: r[k] for k in (*EVAL_KEYS, "tokens") if k in r}  # noqa: E731
+    manifest["eval"] = [
+        {"dataset": r["dataset"], "adapter": keep(r),
+         "base": keep(base_rows[r["dataset"]]) if r["dataset"] in base_rows else None,
+         "date": dt.date.today().isoformat()}
+        for r in rows if r["model"] == model_name]
+    atomic_write_json(Path(folder) / MANIFEST_FILE, manifest)
+    write_card(folder, manifest)

@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from .decode import Output, Request
-from .infer import Registry
+from .registry import Registry
 
 log = logging.getLogger("adapters")
 

@@ -15,10 +15,11 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from ..config import BASE_NAME
+from ..data.template import render_chat
+from ..errors import AdaptersError
 from . import lora_batch
-from .data.template import render_chat
-from .decode import Output, Request, Sampling, decode
-from .errors import AdaptersError
+from .decode import PEFT_NO_ADAPTER, Output, Request, Sampling, decode
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -28,7 +29,7 @@ class RegistryError(AdaptersError):
 
 
 class Registry:
-    def __init__(self, model, tokenizer, base_name: str = "base", capacity: int = 8,
+    def __init__(self, model, tokenizer, base_name: str = BASE_NAME, capacity: int = 8,
                  allow_base_mismatch: bool = False):
         if capacity < 1:
             raise RegistryError(f"capacity must be at least 1 (got {capacity})")
@@ -45,11 +46,11 @@ class Registry:
     @classmethod
     def from_spec(cls, base: str, quantization: str = "none", device: str | None = None,
                   **kw) -> Registry:
-        from .config import ModelConfig
-        from .model import load_base
+        from ..config import ModelConfig
+        from ..model import load_base
 
         model, tok = load_base(ModelConfig(name=base, quantization=quantization), device)
-        return cls(model, tok, base_name=kw.pop("base_name", "base"), **kw)
+        return cls(model, tok, base_name=kw.pop("base_name", BASE_NAME), **kw)
 
     # -- the set of adapters ------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -60,10 +61,10 @@ class Registry:
 
     def load(self, name: str, folder: str | Path) -> list[str]:
         """Load (or replace) adapter `name` from `folder`; return names evicted to make room."""
-        if not NAME_RE.fullmatch(name or "") or name in (self.base_name, "__base__"):
+        if not NAME_RE.fullmatch(name or "") or name in (self.base_name, PEFT_NO_ADAPTER):
             raise RegistryError(f"adapter name {name!r}: expected 1-64 characters of "
                                 f"A-Z a-z 0-9 . _ - and not {self.base_name!r}")
-        from .checkpoint import load_adapter
+        from ..adapter import load_adapter
 
         evicted = []
         with self._lock:

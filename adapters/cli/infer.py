@@ -9,6 +9,8 @@ import shutil
 import sys
 import textwrap
 
+from ..config import BASE_NAME
+
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="base model: hub id, folder or `default` "
@@ -22,10 +24,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _registry(args, capacity: int | None = None):
-    from .cli import _pair
-    from .errors import ConfigError
-    from .infer import Registry
-    from .merge import read_base_name
+    from ..errors import ConfigError
+    from ..merge import read_base_name
+    from ..serving.registry import Registry
+    from . import _pair
 
     adapters = [_pair(a, "--adapter") for a in args.adapter]
     base = args.base or (read_base_name(adapters[0][1]) if adapters else None)
@@ -96,7 +98,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("ADAPTERS_API_KEY") or None,
                    help="require `Authorization: Bearer KEY` (default: $ADAPTERS_API_KEY)")
-    p.add_argument("--base-name", default="base", help="the `model` id of the plain base")
+    p.add_argument("--base-name", default=BASE_NAME, help="the `model` id of the plain base")
     p.add_argument("--capacity", type=int, default=16,
                    help="adapters kept in memory; the least recently used is evicted")
     p.add_argument("--max-batch", type=int, default=16, help="rows per batch")
@@ -109,12 +111,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args) -> int:
     try:
-        from .serve import Limits, create_app, serve
+        from ..serving.server import Limits, create_app, serve
     except ImportError as e:
         print(f"error: adapters serve needs the serve extra: pip install 'adapterkit[serve]' "
               f"({e})", file=sys.stderr)
         return 1
-    from .serve import _context_len
+    from ..serving.server import _context_len
 
     reg = _registry(args, capacity=args.capacity)
     reg.base_name = args.base_name

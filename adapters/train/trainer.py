@@ -20,18 +20,18 @@ from pathlib import Path
 
 import torch
 
+from ..adapter import build_manifest, save_adapter
+from ..config import IGNORE_INDEX, RunConfig, dump_recipe, from_dict
+from ..data import build as build_data
+from ..data.packing import Batcher
+from ..errors import TrainingError
+from ..io import atomic_write_text, sha256_file
+from ..lora import attach_lora, set_adapter_training, trainable_report
+from ..model import load_base, resolve_dtype
+from . import checkpoint as ckpt
 from . import distributed
-from . import resume as ckpt
-from .checkpoint import build_manifest, save_adapter
-from .config import RunConfig, dump_recipe, from_dict
-from .data import build as build_data
-from .data.packing import Batcher
 from .distributed import Dist
-from .errors import TrainingError
-from .io import atomic_write_text, sha256_file
-from .lora import attach_lora, set_adapter_training, trainable_report
 from .loss import autocast_for, batch_loss, mean_loss
-from .model import load_base, resolve_dtype
 from .runtime import StopSignals, check_disk, check_output_dir, estimate_memory, seed_all
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def train_step(run: Run, step: int) -> dict:
     """One optimiser step; returns its metrics. Non-finite steps are skipped, not applied."""
     t0 = time.perf_counter()
     micro = micro_batches(run, step)
-    counted = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    counted = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
     tokens = sum(int(b["n_tokens"]) for b in micro)
     if run.dist.active:  # divide by the global batch's count: ranks then sum to the mean
         counted, tokens = map(int, distributed.all_sum(run.dist, [counted, tokens], run.device))
@@ -194,7 +194,7 @@ def evaluate(run: Run) -> dict | None:
 
 def data_files(dcfg) -> list[dict]:
     """Each data file with its size and sha256, for the manifest and the model card."""
-    from .data.sources import expand
+    from ..data.sources import expand
 
     return [{"split": split, "path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f)}
             for split, spec in (("train", dcfg.train), ("eval", dcfg.eval)) if spec

@@ -14,45 +14,32 @@ import json
 import os
 import shutil
 import tempfile
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from peft import PeftModel
+from safetensors import safe_open
+
+from ..errors import AdapterFileError
+from ..io import atomic_write_json, fsync_dir, sha256_file
+from ..model import base_fingerprint, compare_fingerprints
+from .archive import resolve_adapter
 from .card import write_card
-from .errors import AdapterFileError
-from .io import atomic_write_json, fsync_dir, sha256_file
-from .model import base_fingerprint, compare_fingerprints
+from .files import (
+    CONFIG_FILE,
+    FORMAT,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    _numel,
+    build_manifest,
+    check_files,
+    package_versions,
+    read_manifest,
+)
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-MANIFEST_FILE = "manifest.json"
-FORMAT = "adapterkit/1"
-
-
-def package_versions() -> dict[str, str]:
-    out = {}
-    for name in ("adapterkit", "torch", "transformers", "peft", "bitsandbytes", "safetensors"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def build_manifest(model, tokenizer, base_spec: str, model_cfg=None, lora_cfg=None,
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything but the weights' hash, which save_adapter adds once the file exists."""
-    import dataclasses
-
-    return {
-        "format": FORMAT,
-        "base": {"name": base_spec, "fingerprint": base_fingerprint(model, tokenizer)},
-        "quantization": dataclasses.asdict(model_cfg) if model_cfg is not None else None,
-        "lora": dataclasses.asdict(lora_cfg) if lora_cfg is not None else None,
-        "versions": package_versions(),
-        **(extra or {}),
-    }
-
+__all__ = ["CONFIG_FILE", "FORMAT", "MANIFEST_FILE", "WEIGHTS_FILE", "build_manifest",
+           "check_base", "check_files", "inspect_adapter", "load_adapter", "package_versions",
+           "read_manifest", "save_adapter"]
 
 def save_adapter(model, folder: str | Path, manifest: dict[str, Any],
                  adapter_name: str = "default") -> Path:
@@ -84,49 +71,6 @@ def save_adapter(model, folder: str | Path, manifest: dict[str, Any],
     return folder
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any] | None:
-    path = Path(folder) / MANIFEST_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{path}: not valid JSON ({e})") from e
-
-
-def check_files(folder: str | Path) -> dict[str, Any] | None:
-    """Check that an adapter folder is complete and intact; return its manifest (or None).
-
-    Raises AdapterFileError naming the file: missing config, pickle-only weights, a weights
-    file whose hash differs from the manifest, or one that safetensors cannot parse.
-    """
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise AdapterFileError(f"{folder}: adapter folder not found")
-    if not (folder / CONFIG_FILE).is_file():
-        raise AdapterFileError(f"{folder / CONFIG_FILE}: missing; this is not a peft adapter "
-                               "folder (expected adapter_config.json + adapter_model.safetensors)")
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        hint = (" It has adapter_model.bin (a pickle): convert it with `adapters convert`."
-                if (folder / "adapter_model.bin").exists() else "")
-        raise AdapterFileError(f"{weights}: missing.{hint}")
-    manifest = read_manifest(folder)
-    expected = (manifest or {}).get("weights", {}).get("sha256")
-    if expected and sha256_file(weights) != expected:
-        raise AdapterFileError(
-            f"{weights}: corrupted or truncated (sha256 differs from {MANIFEST_FILE}; "
-            f"{weights.stat().st_size} bytes on disk, {manifest['weights'].get('bytes')} written)")
-    try:
-        with safe_open(weights, "pt") as f:
-            list(f.keys())
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise AdapterFileError(f"{weights}: not a readable safetensors file ({e})") from e
-    return manifest
-
-
 def check_base(manifest: dict[str, Any] | None, model, tokenizer, folder: str | Path,
                allow_base_mismatch: bool = False) -> list[str]:
     """Compare the manifest's base fingerprint with `model`; return warnings, raise on errors."""
@@ -153,10 +97,6 @@ def load_adapter(model, folder: str | Path, tokenizer=None, adapter_name: str = 
 
     Returns the PeftModel. The base fingerprint is checked when a tokenizer is given.
     """
-    from peft import PeftModel
-
-    from .archive import resolve_adapter
-
     folder = resolve_adapter(folder)
     manifest = check_files(folder)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
@@ -173,10 +113,6 @@ def load_adapter(model, folder: str | Path, tokenizer=None, adapter_name: str = 
 
 def inspect_adapter(folder: str | Path) -> dict[str, Any]:
     """A summary of an adapter folder for `adapters inspect` (never raises on bad files)."""
-    from safetensors import safe_open
-
-    from .archive import resolve_adapter
-
     info: dict[str, Any] = {"folder": str(folder)}
     try:
         folder = resolve_adapter(folder)
@@ -219,8 +155,3 @@ def inspect_adapter(folder: str | Path) -> dict[str, Any]:
     return info
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from .errors import TrainingError
+from ..errors import TrainingError
 
 
 @dataclass(frozen=True)

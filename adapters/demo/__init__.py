@@ -15,11 +15,11 @@ import shutil
 import time
 from pathlib import Path
 
-from .config import load_recipe
+from ..config import load_recipe
 from .datasets import build_pydoc_qa, build_stdlib_code
 
 log = logging.getLogger(__name__)
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 DOMAINS = {"pydoc-qa": "smollm2-pydoc-qa.yaml", "stdlib-code": "smollm2-stdlib-code.yaml"}
 TEMPLATE = "Question: {prompt}\nAnswer: "
 PROMPTS = [  # (prompt, the adapter that fits it)
@@ -77,7 +77,7 @@ def _configs(out: Path, data: dict, tiny: bool, steps: int | None) -> dict:
 
 
 def _train_all(cfgs: dict, fresh: bool, progress: bool) -> dict[str, Path]:
-    from .train import train
+    from ..train.trainer import train
 
     outs = {}
     for name, cfg in cfgs.items():
@@ -94,9 +94,9 @@ def _train_all(cfgs: dict, fresh: bool, progress: bool) -> dict[str, Path]:
 
 
 def _samples(cfg, adapters: dict[str, Path], max_new_tokens: int) -> list[dict]:
-    from .checkpoint import load_adapter
-    from .generate import generate_texts
-    from .model import load_base
+    from ..adapter import load_adapter
+    from ..model import load_base
+    from ..serving.generate import generate_texts
 
     model, tok = load_base(cfg.model)
     pm = None
@@ -116,9 +116,9 @@ def _samples(cfg, adapters: dict[str, Path], max_new_tokens: int) -> list[dict]:
 
 def _share(out: Path, adapters: dict[str, Path], rows: list[dict]) -> list[str]:
     """Eval results into each adapter's card, then each packed into one verified file."""
-    from .archive import pack
-    from .card import record_eval
-    from .share import verify
+    from ..adapter.archive import pack
+    from ..eval import record_eval
+    from ..share.verify import verify
 
     lines = []
     for name, folder in adapters.items():
@@ -134,7 +134,7 @@ def _share(out: Path, adapters: dict[str, Path], rows: list[dict]) -> list[str]:
 
 def _report(out: Path, rows: list[dict], samples: list[dict], merge_info: dict,
             cfgs: dict, seconds: float, shared: list[str]) -> Path:
-    from .eval import table
+    from ..eval import table
 
     lines = ["# adapters demo: two domain adapters on one base", "",
              f"Base: `{next(iter(cfgs.values())).model.name}` "
@@ -170,8 +170,8 @@ def run_demo(out: str | Path = "runs/demo", tiny: bool = False, fresh: bool = Fa
              steps: int | None = None, eval_rows: int | None = None,
              progress: bool = True) -> Path:
     """Run the whole demo; returns the path of report.md."""
-    from .eval import evaluate, write_results
-    from .merge import merge_adapter
+    from ..eval import evaluate, write_results
+    from ..merge import merge_adapter
 
     t0 = time.perf_counter()
     out = Path(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .data.template import render_chat
+from ..data.template import render_chat
 
 
 @torch.inference_mode()

@@ -8,8 +8,8 @@ import os
 import signal
 import time
 
+from ..errors import TrainingError
 from . import distributed
-from .errors import TrainingError
 from .plots import plot_losses
 from .runtime import peak_memory_bytes
 
@@ -62,7 +62,7 @@ def _due(every: int, step: int, last: int) -> bool:
 
 def run_loop(run, signals, progress: bool, stop_after: int | None = None) -> bool:
     """Run steps to the end (True) or until `stop_after` steps of this run (False)."""
-    from .train import evaluate, save, train_step
+    from .trainer import evaluate, save, train_step
 
     t = run.cfg.train
     start, tok0, t_start, eval_loss = run.step, run.tokens, time.perf_counter(), None
@@ -125,7 +125,7 @@ def run_loop(run, signals, progress: bool, stop_after: int | None = None) -> boo
 
 def _finish(run, start: int, tokens: int, seconds: float, wall: float,
             eval_loss: float | None) -> None:
-    from .train import save
+    from .trainer import save
 
     steps_here = run.step - start
     summary = {"steps": run.step, "tokens": run.tokens, "trainable_tokens": run.trainable_tokens,

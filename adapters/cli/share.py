@@ -17,7 +17,7 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_verify(args) -> int:
-    from .share import verify
+    from ..share.verify import verify
 
     checks = verify(args.path, args.base, args.quantization)
     if args.json:
@@ -38,7 +38,7 @@ def _add_pack(p: argparse.ArgumentParser) -> None:
 def cmd_pack(args) -> int:
     from pathlib import Path
 
-    from .archive import pack
+    from ..adapter.archive import pack
 
     out = pack(args.folder, args.out)
     print(f"{out} ({Path(out).stat().st_size} bytes): load it with --adapter NAME={out}")
@@ -53,7 +53,7 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_convert(args) -> int:
-    from .share import convert
+    from ..share.verify import convert
 
     out = convert(args.folder, args.out, args.base)
     print(f"{out}: safetensors adapter with manifest and card (the old folder is unchanged)")
@@ -68,7 +68,7 @@ def _add_push(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_push(args) -> int:
-    from .hub import push
+    from ..share.hub import push
 
     print(push(args.folder, args.repo_id, private=args.private, message=args.message))
     return 0
@@ -81,7 +81,7 @@ def _add_pull(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_pull(args) -> int:
-    from .hub import pull
+    from ..share.hub import pull
 
     out = pull(args.repo_id, args.out, args.revision)
     print(f"{out}: pulled and verified")

@@ -15,10 +15,10 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .archive import MEMBERS
-from .errors import AdapterFileError, AdaptersError
-from .io import atomic_dir
-from .share import verify
+from ..adapter.archive import MEMBERS
+from ..errors import AdapterFileError, AdaptersError
+from ..io import atomic_dir
+from .verify import verify
 
 REACH_TIMEOUT_S = 5.0
 

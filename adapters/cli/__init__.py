@@ -12,9 +12,9 @@ import os
 import sys
 from collections.abc import Callable
 
-from .cli_infer import COMMANDS as INFER_COMMANDS
-from .cli_share import COMMANDS as SHARE_COMMANDS
-from .errors import AdaptersError
+from ..errors import AdaptersError
+from .infer import COMMANDS as INFER_COMMANDS
+from .share import COMMANDS as SHARE_COMMANDS
 
 log = logging.getLogger("adapters")
 
@@ -35,9 +35,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 def cmd_train(args) -> int:
     from pathlib import Path
 
-    from .config import load_recipe
-    from .loop import Interrupted
-    from .train import train
+    from ..config import load_recipe
+    from ..train.loop import Interrupted
+    from ..train.trainer import train
 
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _torchrun(args.nproc, args.argv)
@@ -102,10 +102,10 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 def cmd_eval(args) -> int:
     from pathlib import Path
 
-    from .config import DataConfig
-    from .errors import ConfigError
-    from .eval import compare, evaluate, table, write_results
-    from .merge import read_base_name
+    from ..config import DataConfig
+    from ..errors import ConfigError
+    from ..eval import compare, evaluate, table, write_results
+    from ..merge import read_base_name
 
     adapters = dict(_pair(a, "--adapter") for a in args.adapter)
     base = args.base or (read_base_name(next(iter(adapters.values()))) if adapters else None)
@@ -113,7 +113,7 @@ def cmd_eval(args) -> int:
     if args.recipe:
         import dataclasses
 
-        from .config import load_recipe
+        from ..config import load_recipe
 
         cfg = load_recipe(args.recipe)
         if cfg.data.eval is None:
@@ -136,7 +136,7 @@ def cmd_eval(args) -> int:
                     accuracy="token_accuracy" in wanted,
                     progress=sys.stderr.isatty(), generate=args.generate,
                     max_new_tokens=args.max_new_tokens)
-    from .eval import HIGHER_IS_BETTER
+    from ..eval import HIGHER_IS_BETTER
 
     unknown = set(args.metrics or []) - set(HIGHER_IS_BETTER)
     if unknown:
@@ -154,7 +154,7 @@ def cmd_eval(args) -> int:
     if args.out:
         write_results(rows, Path(args.out))
         print(f"results in {args.out}")
-    from .card import record_eval
+    from ..eval import record_eval
 
     for name, folder in adapters.items():
         if Path(folder).is_dir():  # the card in the adapter folder shows the results too
@@ -163,7 +163,7 @@ def cmd_eval(args) -> int:
 
 
 def _pair(text: str, flag: str) -> tuple[str, str]:
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     if "=" not in text:
         raise ConfigError(f"{flag} {text!r}: expected NAME=VALUE")
@@ -189,7 +189,7 @@ def _add_merge(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_merge(args) -> int:
-    from .merge import merge_adapter, merge_streaming_verified
+    from ..merge import merge_adapter, merge_streaming_verified
 
     data = _read_texts(args.data) if args.data else None
     if args.stream:
@@ -207,14 +207,14 @@ def cmd_merge(args) -> int:
 
 
 def _read_texts(path: str) -> list[str]:
-    from .data.sources import read_rows
+    from ..data.sources import read_rows
 
     rows, _ = read_rows(path)
     return [str(r.data.get("text") or next(iter(r.data.values()))) for r in rows][:64]
 
 
 def _add_combine(p: argparse.ArgumentParser) -> None:
-    from .combine import METHODS
+    from ..combine import METHODS
 
     p.add_argument("adapters", nargs="+", help="adapter folders or .zip archives (same base)")
     p.add_argument("--weights", nargs="+", type=float, required=True)
@@ -224,7 +224,7 @@ def _add_combine(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_combine(args) -> int:
-    from .combine import combine
+    from ..combine import combine
 
     print(f"combined adapter written to "
           f"{combine(args.adapters, args.weights, args.out, args.method, args.density)}")
@@ -246,11 +246,11 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 def cmd_data(args) -> int:
     from pathlib import Path
 
-    from .config import load_recipe
-    from .data.preview import preview
+    from ..config import load_recipe
+    from ..data.preview import preview
 
     if args.action == "build":
-        from .datasets import build_pydoc_qa, build_stdlib_code
+        from ..demo.datasets import build_pydoc_qa, build_stdlib_code
 
         for name, files in (("pydoc-qa", build_pydoc_qa(Path(args.out) / "pydoc-qa")),
                             ("stdlib-code", build_stdlib_code(Path(args.out) / "stdlib-code"))):
@@ -269,7 +269,7 @@ def _add_models(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_models(args) -> int:
-    from .model import default_model_dir
+    from ..model import default_model_dir
 
     logging.getLogger("adapters").setLevel(logging.INFO)
     print(default_model_dir(progress=True))
@@ -282,7 +282,7 @@ def _add_inspect(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_inspect(args) -> int:
-    from .checkpoint import inspect_adapter
+    from ..adapter import inspect_adapter
 
     info = inspect_adapter(args.folder)
     if args.json:
@@ -305,7 +305,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     report = run_demo(args.out, tiny=args.tiny, fresh=args.fresh, steps=args.steps,
                       eval_rows=args.eval_rows, progress=sys.stderr.isatty())

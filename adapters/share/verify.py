@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .archive import resolve_adapter
-from .card import write_card
-from .checkpoint import (
+from ..adapter import (
     CONFIG_FILE,
     FORMAT,
     MANIFEST_FILE,
@@ -28,8 +26,10 @@ from .checkpoint import (
     package_versions,
     read_manifest,
 )
-from .errors import AdapterFileError
-from .io import atomic_dir, atomic_write_json, sha256_file
+from ..adapter.archive import resolve_adapter
+from ..adapter.card import write_card
+from ..errors import AdapterFileError
+from ..io import atomic_dir, atomic_write_json, sha256_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # peft's key layout: <module path>.lora_A.weight, .lora_embedding_B, .lora_magnitude_vector
@@ -174,9 +174,9 @@ def _against_base(folder: Path, manifest: dict | None, base: str, quantization: 
                   device: str | None) -> list[Check]:
     import torch
 
-    from .checkpoint import load_adapter
-    from .config import ModelConfig
-    from .model import load_base
+    from ..adapter import load_adapter
+    from ..config import ModelConfig
+    from ..model import load_base
 
     model, tok = load_base(ModelConfig(name=base, quantization=quantization), device)
     try:
@@ -241,8 +241,8 @@ def _converted_manifest(config: dict, weights: Path, source: Path, base: str | N
     name = base or config.get("base_model_name_or_path")
     fingerprint = None
     if base:
-        from .config import ModelConfig
-        from .model import base_fingerprint, load_base
+        from ..config import ModelConfig
+        from ..model import base_fingerprint, load_base
 
         model, tok = load_base(ModelConfig(name=base), "cpu")
         fingerprint = base_fingerprint(model, tok)

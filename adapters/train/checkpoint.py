@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import RunConfig, from_dict
-from .errors import TrainingError
-from .io import atomic_dir, clean_stale_tmp
+from ..config import RunConfig, from_dict
+from ..errors import TrainingError
+from ..io import atomic_dir, clean_stale_tmp
 
 STATE_FILE = "state.json"
 OPTIM_FILE = "optimizer.pt"

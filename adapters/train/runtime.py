@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import TrainingError
+from ..errors import TrainingError
 
 log = logging.getLogger(__name__)
 

@@ -9,21 +9,20 @@ manifest, so the card is rewritten whenever the manifest changes and never disag
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_text
 
 CARD_FILE = "README.md"
 # The embedded default base (see model.py) and where it comes from on the hub.
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_LICENSE = "apache-2.0"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_EVAL_KEYS = ("loss", "perplexity", "token_accuracy", "choice_accuracy", "exact_match",
+EVAL_KEYS = ("loss", "perplexity", "token_accuracy", "choice_accuracy", "exact_match",
               "token_f1", "rouge_l", "bleu")
 
 
@@ -117,7 +116,7 @@ def _eval_section(manifest: dict[str, Any]) -> list[str]:
     results = manifest.get("eval") or []
     if not results:
         return []
-    keys = [k for k in _EVAL_KEYS if any(k in r.get("adapter", {}) for r in results)]
+    keys = [k for k in EVAL_KEYS if any(k in r.get("adapter", {}) for r in results)]
     rows = []
     for r in results:
         for who in ("base", "adapter"):
@@ -184,24 +183,3 @@ def write_card(folder: str | Path, manifest: dict[str, Any], name: str | None = 
     path = Path(folder) / CARD_FILE
     atomic_write_text(path, render(manifest, name or Path(folder).resolve().name))
     return path
-
-
-def record_eval(folder: str | Path, model_name: str, rows: list[dict]) -> None:
-    """Add `adapters eval` results (this adapter's rows, the base's beside them) to the
-    manifest and the card. The weights and their hash are untouched."""
-    from .checkpoint import MANIFEST_FILE, read_manifest
-
-    manifest = read_manifest(folder)
-    if manifest is None:
-        return
-    from .eval import BASE
-
-    base_rows = {r["dataset"]: r for r in rows if r["model"] == BASE}
-    keep = lambda r: {k: r[k] for k in (*_EVAL_KEYS, "tokens") if k in r}  # noqa: E731
-    manifest["eval"] = [
-        {"dataset": r["dataset"], "adapter": keep(r),
-         "base": keep(base_rows[r["dataset"]]) if r["dataset"] in base_rows else None,
-         "date": dt.date.today().isoformat()}
-        for r in rows if r["model"] == model_name]
-    atomic_write_json(Path(folder) / MANIFEST_FILE, manifest)
-    write_card(folder, manifest)

@@ -18,7 +18,7 @@ import io
 import json
 from pathlib import Path
 
-from .io import atomic_write_text
+from ..io import atomic_write_text
 
 # Pure-Python modules that import without side effects (no `this`, `antigravity`, GUI).
 MODULES = sorted("""

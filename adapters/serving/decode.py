@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+PEFT_NO_ADAPTER = "__base__"  # peft's own key for "no adapter" in `adapter_names`
 
 
 @dataclass
@@ -131,7 +131,7 @@ def decode(model, tokenizer, requests: list[Request], peft: bool | None = None) 
         mask[i, width - n:] = 1
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
-    extra = {"adapter_names": [r.adapter or BASE for r in requests]} if peft else {}
+    extra = {"adapter_names": [r.adapter or PEFT_NO_ADAPTER for r in requests]} if peft else {}
     cache = DynamicCache()
     step_in = ids
     while True:

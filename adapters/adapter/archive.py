@@ -18,10 +18,11 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from ..errors import AdapterFileError
+from ..io import atomic_dir, fsync_dir, sha256_file
+from ..model import adapters_home
 from .card import CARD_FILE
-from .checkpoint import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, check_files
-from .errors import AdapterFileError
-from .io import atomic_dir, fsync_dir, sha256_file
+from .files import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, check_files
 
 log = logging.getLogger(__name__)
 MEMBERS = (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE, CARD_FILE)
@@ -30,8 +31,6 @@ _CHUNK = 1 << 20
 
 
 def cache_root() -> Path:
-    from .model import adapters_home
-
     return adapters_home() / "unpacked"
 
 

@@ -20,10 +20,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
+from ..errors import AdaptersError
 from .decode import Output, Request, Sampling
 from .engine import Engine, QueueFull
-from .errors import AdaptersError
-from .infer import Registry
+from .registry import Registry
 
 
 class ApiError(Exception):
