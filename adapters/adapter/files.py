@@ -1,12 +1,19 @@
-"""The adapter folder format: file names, the manifest, and the completeness check.
+"""The adapter folder format: file names, the typed manifest, and the completeness check.
 
-The leaf of the adapter package: archive.py, card.py and the save/load functions build on it.
+The leaf of the adapter package (archive.py, card.py and the save/load functions build on it).
+A folder holds peft's `adapter_config.json` + `adapter_model.safetensors`, our
+`manifest.json` and the model card `README.md`. The manifest is read and written only here,
+through `Manifest`: reading validates every known field's type and names the file and the
+field at fault; keys this version does not know are kept and written back, so a manifest
+from a newer adapterkit survives a round trip.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -14,16 +21,210 @@ from typing import Any
 from safetensors import safe_open
 
 from ..errors import AdapterFileError
-from ..io import sha256_file
-from ..model import base_fingerprint
+from ..io import atomic_write_json, sha256_file
+from .schema import kind, parse, to_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MANIFEST_FILE = "manifest.json"
+CARD_FILE = "README.md"
 FORMAT = "adapterkit/1"
 
 
+# ---- the manifest's sections; every one keeps the keys it does not know in `extra` ----
+
+class Section:
+    """A part of the manifest: a dataclass whose unknown JSON keys are kept in `extra`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form, unknown keys folded back in."""
+        return to_json(self)
+
+
+@dataclass
+class TokenizerInfo(Section):
+    vocab_size: int | None = None
+    sha256_16: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Fingerprint(Section):
+    """model.base_fingerprint(): architecture, shape settings, tokenizer, sampled weights."""
+    model_type: str | None = None
+    architectures: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    tokenizer: TokenizerInfo | None = None
+    probe: dict[str, list[float]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BaseInfo(Section):
+    name: str | None  # the base spec: hub id, local folder or "default"
+    fingerprint: Fingerprint | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class QuantInfo(Section):
+    """The base as loaded for training: the recipe's model section (config.ModelConfig)."""
+    name: str | None = None
+    quantization: str = "none"
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    dtype: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoraInfo(Section):
+    """The recipe's lora section (config.LoraConfig); peft's own settings are in the config."""
+    r: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    targets: str | list[str] | None = None
+    use_rslora: bool | None = None
+    use_dora: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WeightsInfo(Section):
+    file: str
+    sha256: str
+    bytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataFile(Section):
+    split: str
+    path: str
+    bytes: int | None = None
+    sha256: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SplitStats(Section):
+    rows: int | None = None
+    examples: int | None = None
+    tokens: int | None = None
+    trainable_tokens: int | None = None
+    truncated: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataInfo(Section):
+    format: str | None = None
+    files: list[DataFile] = field(default_factory=list)
+    train: SplitStats | None = None
+    eval: SplitStats | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult(Section):
+    """One dataset's `adapters eval` numbers for this adapter and for the base beside it."""
+    dataset: str
+    adapter: dict[str, float]
+    base: dict[str, float] | None = None
+    date: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CombinedFrom(Section):
+    sources: list[str]
+    weights: list[float]
+    method: str
+    density: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ConvertedFrom(Section):
+    file: str
+    sha256: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_OPTIONAL = ("weights", "created", "data", "recipe", "training", "eval", "combined_from",
+             "converted_from")  # written only when set
+
+
+@dataclass(kw_only=True)
+class Manifest(Section):
+    """manifest.json. `weights` and `created` are None until the weights file is written."""
+    format: str = FORMAT
+    base: BaseInfo
+    quantization: QuantInfo | None = None
+    lora: LoraInfo | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    data: DataInfo | None = None
+    recipe: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None
+    eval: list[EvalResult] | None = None
+    combined_from: CombinedFrom | None = None
+    converted_from: ConvertedFrom | None = None
+    weights: WeightsInfo | None = None
+    created: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the adapter was trained on a 4/8-bit base."""
+        return self.quantization is not None and self.quantization.quantization != "none"
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | Path = MANIFEST_FILE) -> Manifest:
+        """Check `data` (parsed JSON) field by field; AdapterFileError names `source` and the
+        field. Unknown keys are kept in `extra` of their section."""
+        if not isinstance(data, dict):
+            raise AdapterFileError(f"{source}: must be a JSON object (the adapter's manifest), "
+                                   f"got {kind(data)}; rewrite it or delete it and run "
+                                   "`adapters convert`")
+        return parse(cls, data, str(source), f"fix {MANIFEST_FILE} or remake it with "
+                     "`adapters convert`")
+
+    @classmethod
+    def read(cls, folder: str | Path) -> Manifest:
+        """The manifest of an adapter folder; AdapterFileError when missing or invalid."""
+        path = Path(folder) / MANIFEST_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise AdapterFileError(f"{path}: missing (`adapters convert` adds one)") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise AdapterFileError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_dict(data, path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: the same keys as ever (the optional ones when set), plus any unknown
+        ones read in."""
+        out = to_json(self)
+        return {k: v for k, v in out.items() if v is not None or k not in _OPTIONAL}
+
+    def write(self, folder: str | Path) -> Path:
+        """manifest.json in `folder`, replaced atomically."""
+        path = Path(folder) / MANIFEST_FILE
+        atomic_write_json(path, self.to_dict())
+        return path
+
+    def with_weights(self, weights: str | Path) -> Manifest:
+        """A copy stamped with the weights file's name, sha256 and size, and the time now."""
+        weights = Path(weights)
+        return dataclasses.replace(
+            self, weights=WeightsInfo(WEIGHTS_FILE, sha256_file(weights), weights.stat().st_size),
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+
+
 def package_versions() -> dict[str, str]:
+    """Installed versions of adapterkit and the libraries an adapter's numbers depend on."""
     out = {}
     for name in ("adapterkit", "torch", "transformers", "peft", "bitsandbytes", "safetensors"):
         try:
@@ -33,34 +234,31 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def build_manifest(model, tokenizer, base_spec: str, model_cfg=None, lora_cfg=None,
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything but the weights' hash, which save_adapter adds once the file exists."""
-    return {
-        "format": FORMAT,
-        "base": {"name": base_spec, "fingerprint": base_fingerprint(model, tokenizer)},
-        "quantization": dataclasses.asdict(model_cfg) if model_cfg is not None else None,
-        "lora": dataclasses.asdict(lora_cfg) if lora_cfg is not None else None,
-        "versions": package_versions(),
-        **(extra or {}),
-    }
+def new_manifest(base_name: str | None, fingerprint: Any = None, *, quantization: Any = None,
+                 lora: Any = None, **sections: Any) -> Manifest:
+    """The one builder of manifests: format and package versions stamped, every section
+    checked as on reading. Sections may be dataclasses (ModelConfig, LoraConfig, ...) or
+    plain dicts; `sections` are the optional ones (data, recipe, training, combined_from,
+    converted_from, ...). The weights are added by `Manifest.with_weights` once written."""
+    raw = {"format": FORMAT, "base": {"name": base_name, "fingerprint": to_json(fingerprint)},
+           "quantization": to_json(quantization), "lora": to_json(lora),
+           "versions": package_versions(), **{k: to_json(v) for k, v in sections.items()}}
+    return Manifest.from_dict(raw, "the manifest being built")
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any] | None:
-    path = Path(folder) / MANIFEST_FILE
-    if not path.is_file():
+def read_manifest(folder: str | Path) -> Manifest | None:
+    """The folder's manifest, or None when it has none; AdapterFileError when invalid."""
+    if not (Path(folder) / MANIFEST_FILE).is_file():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{path}: not valid JSON ({e})") from e
+    return Manifest.read(folder)
 
 
-def check_files(folder: str | Path) -> dict[str, Any] | None:
+def check_files(folder: str | Path) -> Manifest | None:
     """Check that an adapter folder is complete and intact; return its manifest (or None).
 
-    Raises AdapterFileError naming the file: missing config, pickle-only weights, a weights
-    file whose hash differs from the manifest, or one that safetensors cannot parse.
+    Raises AdapterFileError naming the file: missing config, pickle-only weights, an invalid
+    manifest, a weights file whose hash differs from the manifest, or one that safetensors
+    cannot parse.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -74,11 +272,11 @@ def check_files(folder: str | Path) -> dict[str, Any] | None:
                 if (folder / "adapter_model.bin").exists() else "")
         raise AdapterFileError(f"{weights}: missing.{hint}")
     manifest = read_manifest(folder)
-    expected = (manifest or {}).get("weights", {}).get("sha256")
-    if expected and sha256_file(weights) != expected:
+    if manifest is not None and manifest.weights is not None and (
+            sha256_file(weights) != manifest.weights.sha256):
         raise AdapterFileError(
             f"{weights}: corrupted or truncated (sha256 differs from {MANIFEST_FILE}; "
-            f"{weights.stat().st_size} bytes on disk, {manifest['weights'].get('bytes')} written)")
+            f"{weights.stat().st_size} bytes on disk, {manifest.weights.bytes} written)")
     try:
         with safe_open(weights, "pt") as f:
             list(f.keys())
@@ -87,7 +285,8 @@ def check_files(folder: str | Path) -> dict[str, Any] | None:
     return manifest
 
 
-def _numel(shape) -> int:
+def numel(shape) -> int:
+    """Element count of a tensor shape (safetensors gives shapes without tensors)."""
     n = 1
     for s in shape:
         n *= s

@@ -10,10 +10,14 @@ adapter is used only after `verify` passed on it.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import threading
 from pathlib import Path
 from urllib.parse import urlparse
+
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from ..adapter.archive import MEMBERS
 from ..errors import AdapterFileError, AdaptersError
@@ -64,8 +68,6 @@ def check_reachable(url: str | None = None, timeout: float = REACH_TIMEOUT_S) ->
 
 
 def _hub_error(e: Exception, repo_id: str, action: str) -> HubError:
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
-
     status = getattr(getattr(e, "response", None), "status_code", None)
     if status in (401, 403) or isinstance(e, RepositoryNotFoundError):
         return HubError(f"{action} {repo_id}: not authorised or no such repository (HTTP "
@@ -85,8 +87,6 @@ def push(folder: str | Path, repo_id: str, private: bool = False, token: str | N
         raise AdapterFileError(f"{folder}: not pushed, verification failed: "
                                + "; ".join(f"{c.name}: {c.detail}" for c in failed))
     check_reachable()
-    from huggingface_hub import HfApi
-
     api = HfApi(endpoint=endpoint(), token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -103,8 +103,6 @@ def pull(repo_id: str, out: str | Path | None = None, revision: str | None = Non
     """Download an adapter into `out` (default ./<repo name>) and verify it before it lands:
     a failing download leaves nothing behind. Pickles are never downloaded."""
     check_reachable()
-    from huggingface_hub import snapshot_download
-
     out = Path(out) if out else Path(repo_id.split("/")[-1])
     with atomic_dir(out) as tmp:
         try:
@@ -119,8 +117,6 @@ def pull(repo_id: str, out: str | Path | None = None, revision: str | None = Non
 
 def accept_pulled(folder: Path, repo_id: str) -> None:
     """Raise unless the downloaded folder passes verify (hash, finite, shapes)."""
-    import shutil
-
     shutil.rmtree(folder / ".cache", ignore_errors=True)  # huggingface_hub's download state
     failed = [c for c in verify(folder) if not c.ok]
     if failed:

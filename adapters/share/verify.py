@@ -9,27 +9,32 @@ pickle with `torch.load(weights_only=True)` only, so no code in it can run.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ..adapter import (
     CONFIG_FILE,
-    FORMAT,
     MANIFEST_FILE,
     WEIGHTS_FILE,
+    Manifest,
     check_base,
-    package_versions,
+    load_adapter,
+    new_manifest,
     read_manifest,
+    write_manifest,
 )
 from ..adapter.archive import resolve_adapter
-from ..adapter.card import write_card
+from ..config import ModelConfig
 from ..errors import AdapterFileError
-from ..io import atomic_dir, atomic_write_json, sha256_file
+from ..io import atomic_dir, sha256_file
+from ..model import base_fingerprint, load_base
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # peft's key layout: <module path>.lora_A.weight, .lora_embedding_B, .lora_magnitude_vector
@@ -86,32 +91,38 @@ def _config(folder: Path, checks: list[Check]) -> dict | None:
     return None
 
 
-def _manifest_hash(folder: Path, checks: list[Check]) -> dict | None:
+def _manifest_hash(folder: Path, checks: list[Check]) -> Manifest | None:
+    """The manifest check (present, valid, every field of the right type), then the weights'
+    sha256 against it."""
     weights = folder / WEIGHTS_FILE
     try:
         manifest = read_manifest(folder)
     except AdapterFileError as e:
-        checks.append(Check("sha256", False, str(e)))
+        checks.append(Check("manifest", False, str(e)))
         return None
-    if not weights.is_file():
-        checks.append(Check("sha256", False, f"{weights}: missing"))
-    elif manifest is None:
+    if manifest is None:
         checks.append(Check("sha256", False, f"{folder / MANIFEST_FILE}: missing, so the "
                             "weights cannot be checked (`adapters convert` adds one)"))
+        return None
+    checks.append(Check("manifest", True, f"{MANIFEST_FILE}: {manifest.format}, base "
+                        f"{manifest.base.name}"))
+    if not weights.is_file():
+        checks.append(Check("sha256", False, f"{weights}: missing"))
+    elif manifest.weights is None:
+        checks.append(Check("sha256", False, f"{folder / MANIFEST_FILE}: states no sha256 of "
+                            "the weights, so they cannot be checked (`adapters convert` "
+                            "remakes it)"))
     else:
-        expected = (manifest.get("weights") or {}).get("sha256")
-        actual = sha256_file(weights)
+        expected, actual = manifest.weights.sha256, sha256_file(weights)
         ok = actual == expected
         checks.append(Check("sha256", ok, f"{WEIGHTS_FILE}: " + (
             f"sha256 {actual[:16]}... as in the manifest" if ok else
-            f"sha256 {actual[:16]}... but the manifest says {str(expected)[:16]}... "
+            f"sha256 {actual[:16]}... but the manifest says {expected[:16]}... "
             "(corrupted, truncated or altered)")))
     return manifest
 
 
 def _tensors(weights: Path, config: dict | None) -> list[Check]:
-    from safetensors import safe_open
-
     try:
         with safe_open(weights, "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -170,14 +181,8 @@ def shape_problems(shapes: dict[str, tuple], config: dict) -> list[str]:
     return problems
 
 
-def _against_base(folder: Path, manifest: dict | None, base: str, quantization: str,
+def _against_base(folder: Path, manifest: Manifest | None, base: str, quantization: str,
                   device: str | None) -> list[Check]:
-    import torch
-
-    from ..adapter import load_adapter
-    from ..config import ModelConfig
-    from ..model import load_base
-
     model, tok = load_base(ModelConfig(name=base, quantization=quantization), device)
     try:
         warnings = check_base(manifest, model, tok, folder)
@@ -200,13 +205,25 @@ def _against_base(folder: Path, manifest: dict | None, base: str, quantization: 
 def convert(old: str | Path, out: str | Path | None = None, base: str | None = None) -> Path:
     """A safetensors copy of a peft adapter folder saved as adapter_model.bin (or one without
     a manifest), with a manifest and card; the old folder is left as it is."""
-    import torch
-    from safetensors.torch import save_file
-
     old = Path(old)
     out = Path(out) if out else old.with_name(old.name + "-safetensors")
     if not (old / CONFIG_FILE).is_file():
         raise AdapterFileError(f"{old / CONFIG_FILE}: missing; not a peft adapter folder")
+    source, state = _read_weights(old)
+    config = json.loads((old / CONFIG_FILE).read_text(encoding="utf-8"))
+    manifest = _converted_manifest(config, source, base)
+    with atomic_dir(out) as tmp:
+        # clone: tensors that shared storage in the pickle must be separate for safetensors
+        save_file({k: v.detach().clone().contiguous() for k, v in state.items()},
+                  tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        shutil.copy(old / CONFIG_FILE, tmp / CONFIG_FILE)
+        write_manifest(tmp, manifest.with_weights(tmp / WEIGHTS_FILE), name=out.name)
+    return out
+
+
+def _read_weights(old: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(the file read, its tensors): adapter_model.bin read as weights only, else the
+    safetensors file."""
     source = old / "adapter_model.bin"
     if source.is_file():
         try:  # weights_only: tensors and plain containers only, never code
@@ -218,44 +235,21 @@ def convert(old: str | Path, out: str | Path | None = None, base: str | None = N
         if not isinstance(state, dict) or not all(
                 isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
             raise AdapterFileError(f"{source}: expected a dict of named tensors")
-    elif (old / WEIGHTS_FILE).is_file():
-        from safetensors.torch import load_file
-
-        source, state = old / WEIGHTS_FILE, load_file(old / WEIGHTS_FILE)
-    else:
-        raise AdapterFileError(f"{old}: neither adapter_model.bin nor {WEIGHTS_FILE} found")
-    config = json.loads((old / CONFIG_FILE).read_text(encoding="utf-8"))
-    with atomic_dir(out) as tmp:
-        # clone: tensors that shared storage in the pickle must be separate for safetensors
-        save_file({k: v.detach().clone().contiguous() for k, v in state.items()},
-                  tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        shutil.copy(old / CONFIG_FILE, tmp / CONFIG_FILE)
-        manifest = _converted_manifest(config, tmp / WEIGHTS_FILE, source, base)
-        atomic_write_json(tmp / MANIFEST_FILE, manifest)
-        write_card(tmp, manifest, name=out.name)
-    return out
+        return source, state
+    if (old / WEIGHTS_FILE).is_file():
+        return old / WEIGHTS_FILE, load_file(old / WEIGHTS_FILE)
+    raise AdapterFileError(f"{old}: neither adapter_model.bin nor {WEIGHTS_FILE} found")
 
 
-def _converted_manifest(config: dict, weights: Path, source: Path, base: str | None
-                        ) -> dict[str, Any]:
-    name = base or config.get("base_model_name_or_path")
+def _converted_manifest(config: dict, source: Path, base: str | None) -> Manifest:
+    """The manifest of a converted adapter: LoRA settings from peft's config, the base's
+    fingerprint when `base` is given (loaded once for it)."""
     fingerprint = None
     if base:
-        from ..config import ModelConfig
-        from ..model import base_fingerprint, load_base
-
         model, tok = load_base(ModelConfig(name=base), "cpu")
         fingerprint = base_fingerprint(model, tok)
-    return {
-        "format": FORMAT,
-        "base": {"name": name, "fingerprint": fingerprint},
-        "quantization": None,
-        "lora": {"r": config.get("r"), "alpha": config.get("lora_alpha"),
-                 "dropout": config.get("lora_dropout"), "targets": config.get("target_modules"),
-                 "use_rslora": config.get("use_rslora"), "use_dora": config.get("use_dora")},
-        "versions": package_versions(),
-        "converted_from": {"file": source.name, "sha256": sha256_file(source)},
-        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(weights),
-                    "bytes": weights.stat().st_size},
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    lora = {"r": config.get("r"), "alpha": config.get("lora_alpha"),
+            "dropout": config.get("lora_dropout"), "targets": config.get("target_modules"),
+            "use_rslora": config.get("use_rslora"), "use_dora": config.get("use_dora")}
+    return new_manifest(base or config.get("base_model_name_or_path"), fingerprint, lora=lora,
+                        converted_from={"file": source.name, "sha256": sha256_file(source)})

@@ -1,4 +1,5 @@
-"""Adapter folders: plain peft loads them; our loader checks base, files and integrity."""
+"""Adapter folders: plain peft loads them; our loader checks base, files and integrity;
+the typed manifest names the file and field at fault and keeps keys it does not know."""
 
 import json
 
@@ -7,11 +8,15 @@ import torch
 from conftest import make_llama, trained_adapter
 
 from adapters.adapter import (
+    Manifest,
+    check_files,
     inspect_adapter,
     load_adapter,
+    read_manifest,
 )
-from adapters.config import ModelConfig
+from adapters.config import BASE_NAME, ModelConfig
 from adapters.errors import AdapterFileError
+from adapters.eval.record import record_eval
 from adapters.model import load_base
 
 
@@ -103,3 +108,65 @@ def test_inspect_reports(tiny_gpt2, tmp_path):
     assert info["peft"]["r"] == 4 and set(info["peft"]["target_modules"]) == {
         "c_attn", "c_proj", "c_fc"}
     assert info["parameters"] == 4 * (64 * 16) * 2 and info["file_bytes"] > 0
+
+
+def _edit_manifest(folder, change):
+    path = folder / "manifest.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda m: [m], r"manifest.json: must be a JSON object .* got a list"),
+    (lambda m: {**m, "base": "x"}, r"manifest.json: field 'base' must be an object .*got a "
+                                   r"string \"x\""),
+    (lambda m: {**m, "weights": "x"}, r"manifest.json: field 'weights' must be an object "
+                                      r"\(file, sha256, bytes\), got a string"),
+    (lambda m: {k: v for k, v in m.items() if k != "base"}, r"field 'base' .* it is missing"),
+    (lambda m: {**m, "lora": {**m["lora"], "r": "4"}}, r"field 'lora.r' must be an integer"),
+])
+def test_invalid_manifest_is_one_clear_error(tiny_gpt2, tmp_path, change, message):
+    trained_adapter(tiny_gpt2, tmp_path / "a")
+    _edit_manifest(tmp_path / "a", change)
+    with pytest.raises(AdapterFileError, match=message) as e:
+        check_files(tmp_path / "a")
+    assert str(tmp_path / "a" / "manifest.json") in str(e.value) and "\n" not in str(e.value)
+    base, tok = load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))
+    with pytest.raises(AdapterFileError, match=message):
+        load_adapter(base, tmp_path / "a", tokenizer=tok)
+    assert inspect_adapter(tmp_path / "a")["integrity"].startswith("FAILED")
+
+
+def test_unknown_keys_load_and_survive_a_rewrite(tiny_gpt2, tmp_path):
+    """A manifest from a newer adapterkit: extra keys at the top and inside sections."""
+    trained_adapter(tiny_gpt2, tmp_path / "a")
+    _edit_manifest(tmp_path / "a", lambda m: {
+        **m, "future_section": {"x": [1, 2]},
+        "base": {**m["base"], "revision": "abc"},
+        "weights": {**m["weights"], "dtype": "fp32"}})
+    base, tok = load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))
+    assert load_adapter(base, tmp_path / "a", tokenizer=tok)
+    man = read_manifest(tmp_path / "a")
+    assert man.extra == {"future_section": {"x": [1, 2]}} and man.base.extra == {"revision": "abc"}
+    rows = [{"model": "a", "dataset": "d", "loss": 1.5, "tokens": 10},
+            {"model": BASE_NAME, "dataset": "d", "loss": 2.0, "tokens": 10}]
+    record_eval(tmp_path / "a", "a", rows)  # rewrites manifest.json through Manifest
+    again = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert again["future_section"] == {"x": [1, 2]} and again["base"]["revision"] == "abc"
+    assert again["weights"]["dtype"] == "fp32"
+    assert again["eval"][0]["adapter"] == {"loss": 1.5, "tokens": 10}
+    assert again["eval"][0]["base"] == {"loss": 2.0, "tokens": 10}
+    assert check_files(tmp_path / "a").eval[0].dataset == "d"  # hash untouched: still intact
+    assert "| d | adapter | 1.5 | 10 |" in (tmp_path / "a" / "README.md").read_text()
+
+
+def test_manifest_round_trips_and_keeps_the_old_keys(tiny_gpt2, tmp_path):
+    trained_adapter(tiny_gpt2, tmp_path / "a")
+    raw = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert list(raw) == ["format", "base", "quantization", "lora", "versions", "weights",
+                         "created"]
+    assert Manifest.from_dict(raw).to_dict() == raw
+    # An older, hand-written manifest: sparse lora, no weights section: loads, hash unchecked.
+    _edit_manifest(tmp_path / "a", lambda m: {"format": m["format"], "base": m["base"],
+                                              "lora": {"r": 4, "alpha": 8}})
+    man = check_files(tmp_path / "a")
+    assert man.weights is None and man.lora.r == 4 and man.lora.targets is None
