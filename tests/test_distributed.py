@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from adapters.config import dump_recipe
 from adapters.errors import TrainingError
-from adapters.train import train
+from adapters.training import train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="this torch build has no torch.distributed")

@@ -1,21 +1,24 @@
 """Training that survives: exact resume, kill -9 mid-write, SIGINT, NaN guard, refusals."""
 
 import json
-import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from conftest import qa_csv, recipe
 from safetensors.torch import load_file
 
-import adapters.train.trainer as train_mod
+import adapters.training.runtime as rt
+import adapters.training.trainer as train_mod
 from adapters.errors import TrainingError
-from adapters.train import train
-from adapters.train.checkpoint import list_checkpoints, load_state
+from adapters.training import train
+from adapters.training.checkpoint import STATE_FILE, list_checkpoints, load_state
 
 
 def losses(out):
@@ -58,6 +61,19 @@ def test_changed_recipe_is_refused_with_a_diff(tiny_gpt2, tmp_path):
     assert len(losses(out)) == 6
 
 
+def test_checkpoint_without_schedule_state_is_refused(tiny_gpt2, tmp_path):
+    """Checkpoints of versions that did not save the LR schedule's state_dict are refused."""
+    cfg = recipe(tiny_gpt2, tmp_path, "train.steps=4")
+    train(cfg, stop_after=2)
+    state_file = list_checkpoints(tmp_path / "out" / "checkpoints")[-1] / STATE_FILE
+    state = json.loads(state_file.read_text())
+    assert state["scheduler"]["last_epoch"] == 2  # what a resume loads back
+    del state["scheduler"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(TrainingError, match="learning-rate schedule's state"):
+        train(cfg, resume="latest")
+
+
 def test_fresh_start_over_an_old_run_is_refused(tiny_gpt2, tmp_path):
     cfg = recipe(tiny_gpt2, tmp_path, "train.steps=2")
     train(cfg)
@@ -94,14 +110,30 @@ def test_nan_steps_are_skipped_counted_then_stop(tiny_gpt2, tmp_path, monkeypatc
                for t in load_file(ckpts[-1] / "adapter_model.safetensors").values())
 
 
+def test_ranks_probing_one_fresh_output_folder_at_once_never_fail(tmp_path):
+    """Under torchrun every rank checks the same new folder at the same moment; a probe file
+    shared by name let one rank's unlink race another's write ("not writable" on rank 1)."""
+    out = tmp_path / "fresh" / "out"
+    n = 8
+    start = threading.Barrier(n, timeout=60)
+
+    def rank(_):
+        start.wait()  # all probes start together
+        for _ in range(200):
+            rt.check_output_dir(out)
+
+    with ThreadPoolExecutor(n) as pool:
+        for f in [pool.submit(rank, i) for i in range(n)]:
+            f.result(timeout=120)
+    assert list(out.iterdir()) == []  # no probe left behind
+
+
 def test_unwritable_output_and_full_disk(tiny_gpt2, tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     cfg = recipe(tiny_gpt2, tmp_path, "train.steps=2", f"output.dir={blocker / 'out'}")
     with pytest.raises(TrainingError, match="output folder is not writable"):
         train(cfg)
-    import adapters.train.runtime as rt
-
     monkeypatch.setattr(rt.shutil, "disk_usage", lambda p: type("U", (), {"free": 1024})())
     with pytest.raises(TrainingError, match="only 0 MiB free"):
         train(recipe(tiny_gpt2, tmp_path, "train.steps=2"))
@@ -118,39 +150,76 @@ def _recipe_file(model, tmp_path, steps, save_every=1):
     return r
 
 
-def _start(recipe_path, *extra):
-    return subprocess.Popen([sys.executable, "-m", "adapters", "train", str(recipe_path), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+# The real CLI in a child process, with one hook: at a chosen point the child prints "parked"
+# and blocks reading stdin, so the test acts (kill -9, SIGINT) at exactly that point, with no
+# timing window. `after-step N`: after optimiser step N; `checkpoint-write N`: inside the N-th
+# checkpoint's temporary folder, adapter and optimiser written, state.json not yet.
+_PARKED = """
+import sys
+import adapters.training.checkpoint as ckpt
+import adapters.training.trainer as trainer
+from adapters.cli import main
+
+where, n = sys.argv[1], int(sys.argv[2])
+calls = [0]
+
+def park():
+    print("parked", flush=True)
+    sys.stdin.readline()
+
+def rng_state(real=ckpt.rng_state):
+    calls[0] += 1
+    if calls[0] == n:
+        park()
+    return real()
+
+def step(run, real=trainer.step):
+    m = real(run)
+    if run.step == n:
+        park()
+    return m
+
+if where == "checkpoint-write":
+    ckpt.rng_state = rng_state
+else:
+    trainer.step = step
+sys.exit(main(sys.argv[3:]))
+"""
 
 
-def _wait_for(cond, proc, timeout=120):
-    t = time.time()
-    while not cond():
-        if proc.poll() is not None or time.time() - t > timeout:
+def _start_parked(where, n, recipe_path, log):
+    """The CLI training `recipe_path`, parked at (where, n); returns once it is parked."""
+    with open(log, "w") as err:  # the child keeps its own copy of the file
+        proc = subprocess.Popen([sys.executable, "-c", _PARKED, where, str(n), "train",
+                                 str(recipe_path)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [*map(lines.put, proc.stdout), lines.put("")],
+                     daemon=True).start()  # drains stdout to the end
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+        except queue.Empty:
             proc.kill()
-            raise AssertionError(f"condition not met; exit {proc.poll()}: "
-                                 f"{proc.stderr.read()[-2000:]}")
-        time.sleep(0.0005)
+            raise AssertionError(f"not parked after 240 s: {log.read_text()[-2000:]}") from None
+        if line.strip() == "parked":
+            return proc
+        if line == "":
+            proc.wait(timeout=60)
+            raise AssertionError(f"exit {proc.returncode} before parking: "
+                                 f"{log.read_text()[-2000:]}")
 
 
 def test_kill_9_during_checkpoint_write_leaves_previous_loadable(tiny_gpt2, tmp_path):
-    r = _recipe_file(tiny_gpt2, tmp_path, steps=2000)
+    r = _recipe_file(tiny_gpt2, tmp_path, steps=10)
     root = tmp_path / "out" / "checkpoints"
-    proc = _start(r)
-
-    def writing():  # a checkpoint folder is being written, and an older one is complete
-        try:
-            names = os.listdir(root)
-        except FileNotFoundError:
-            return False
-        return any(n.startswith(".tmp-step-") for n in names) and any(
-            n.startswith("step-") for n in names)
-
-    _wait_for(writing, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert any(p.name.startswith(".tmp-") for p in root.iterdir())  # killed mid-write
+    proc = _start_parked("checkpoint-write", 2, r, tmp_path / "stderr.txt")
+    proc.kill()  # SIGKILL in the middle of writing step-000002
+    proc.wait(timeout=60)
+    assert [p.name for p in root.iterdir() if p.name.startswith(".tmp-step-000002-")]
     last = list_checkpoints(root)[-1]
+    assert last.name == "step-000001"
     state = load_state(last)
     assert load_file(last / "adapter_model.safetensors")
     torch.load(last / "optimizer.pt", weights_only=True)
@@ -164,17 +233,14 @@ def test_kill_9_during_checkpoint_write_leaves_previous_loadable(tiny_gpt2, tmp_
 
 def test_sigint_checkpoints_then_resume_finishes(tiny_gpt2, tmp_path):
     r = _recipe_file(tiny_gpt2, tmp_path, steps=400, save_every=1000)
-    metrics = tmp_path / "out" / "metrics.jsonl"
-    proc = _start(r)
-    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGINT
-    assert "--resume" in err
-    done = load_state(list_checkpoints(tmp_path / "out" / "checkpoints")[-1])["step"]
-    assert 3 <= done < 400
+    log = tmp_path / "stderr.txt"
+    proc = _start_parked("after-step", 3, r, log)
+    proc.send_signal(signal.SIGINT)  # caught while parked: the run stops after this step
+    proc.stdin.close()  # let it go on
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT, log.read_text()[-2000:]
+    assert "--resume" in log.read_text()
+    assert load_state(list_checkpoints(tmp_path / "out" / "checkpoints")[-1])["step"] == 3
     res = subprocess.run([sys.executable, "-m", "adapters", "train", str(r), "--resume",
-                          f"train.steps={done + 3}"], capture_output=True, text=True,
-                         timeout=300)
+                          "train.steps=6"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert len(losses(tmp_path / "out")) == done + 3
+    assert len(losses(tmp_path / "out")) == 6

@@ -9,14 +9,16 @@ import torch
 from conftest import qa_csv, recipe
 from safetensors.torch import load_file
 
-from adapters.train.trainer import setup, train, train_step
+from adapters.training.runtime import StopSignals
+from adapters.training.trainer import Outcome, fit, setup, step, train
 
 
 def test_steps_change_every_trainable_and_no_frozen_parameter(tiny_model, tmp_path):
     run = setup(recipe(tiny_model, tmp_path, "train.steps=3"))
     before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
-    for step in range(3):
-        train_step(run, step)
+    for _ in range(3):
+        step(run)
+    assert run.step == 3  # step() alone advances the counter
     for n, p in run.model.named_parameters():
         if p.requires_grad:
             assert not torch.equal(p, before[n]), f"{n} did not change"
@@ -43,7 +45,7 @@ def test_grad_accum_equals_bigger_batch(tiny_gpt2, tmp_path):
     b = setup(recipe(tiny_gpt2, tmp_path, "train.steps=1", "train.batch_size=2",
                      "train.grad_accum=2", "data.packing=false"))
     b.batcher.batch = lambda epoch, i: _half(a, i)  # same examples, split in two
-    ma, mb = train_step(a, 0), train_step(b, 0)
+    ma, mb = step(a), step(b)
     assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5)
     for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
@@ -95,3 +97,11 @@ def test_fp16_scaler_and_8bit_adam_train(tiny_llama, tmp_path, extra):
     assert sum(losses[-3:]) < sum(losses[:3])
     state = json.loads((out / "checkpoints" / "step-000012" / "state.json").read_text())
     assert (state["scaler"] is not None) == ("model.dtype=fp16" in extra)
+
+
+def test_fit_says_whether_it_paused_or_finished(tiny_gpt2, tmp_path):
+    run = setup(recipe(tiny_gpt2, tmp_path, "train.steps=3"))
+    assert fit(run, StopSignals(), stop_after=2) is Outcome.PAUSED and run.step == 2
+    assert not (run.out / "adapter_model.safetensors").exists()
+    assert fit(run, StopSignals()) is Outcome.FINISHED and run.step == 3
+    assert (run.out / "adapter_model.safetensors").is_file()

@@ -1,4 +1,4 @@
-"""Process-level concerns of a run: seeds, signals, memory figures, output folder checks."""
+"""Process-level concerns of a run: seeds, stop signals, memory figures, output folder checks."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ import resource
 import shutil
 import signal
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import TrainingError
+from .checkpoint import list_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +66,31 @@ def check_output_dir(out: Path) -> None:
     """Fail before training when the output folder can't be written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        # A probe of its own per caller: under torchrun every rank checks the same fresh folder
+        # at once, and a shared name let one rank's unlink race another's write.
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
+        try:
+            os.write(fd, b"ok")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
     except OSError as e:
         raise TrainingError(f"{out}: output folder is not writable ({e.strerror}); choose "
                             "another output.dir") from e
+
+
+def prepare_output(out: Path, fresh: bool, main: bool) -> None:
+    """Check the folder is writable; a fresh run refuses one that holds an earlier run."""
+    check_output_dir(out)
+    if not fresh:
+        return
+    earlier = list_checkpoints(out / "checkpoints")
+    if earlier:
+        raise TrainingError(f"{out}: holds checkpoints of an earlier run (newest "
+                            f"{earlier[-1].name}); continue it with --resume, or choose "
+                            "another output.dir")
+    if main:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
 
 
 def check_disk(out: Path, need_bytes: int) -> None:
@@ -77,6 +99,14 @@ def check_disk(out: Path, need_bytes: int) -> None:
     if free < need_bytes:
         raise TrainingError(f"{out}: only {free >> 20} MiB free on this disk, checkpoints need "
                             f"about {need_bytes >> 20} MiB; free some space or move output.dir")
+
+
+class Interrupted(TrainingError):
+    """Stopped by SIGINT/SIGTERM after writing a checkpoint; resume with --resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 class StopSignals:
@@ -94,8 +124,6 @@ class StopSignals:
                     signal.Signals(signum).name)
 
     def __enter__(self):
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._old[s] = signal.signal(s, self._handle)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 
 def plot_losses(metrics: Path, out: Path) -> Path | None:
+    """loss.png from metrics.jsonl: train loss per step, eval loss where measured."""
+    # Here, not at the top: pyplot costs ~0.5 s to import and only the end of a run draws.
     import matplotlib
 
     matplotlib.use("Agg")

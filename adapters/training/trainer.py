@@ -1,0 +1,379 @@
+"""The training loop, read top to bottom: train -> setup -> fit -> step -> evaluate -> save,
+restore. Only the adapter weights learn.
+
+train(cfg) -> output folder with the final adapter (peft-loadable) at its top,
+recipe.resolved.yaml, metrics.jsonl, loss.png and checkpoints/step-NNNNNN/.
+
+Per optimiser step: `grad_accum` micro-batches, each through the decoder under autocast, the
+loss fused with the lm_head at label positions only, normalised by the step's total count of
+trainable tokens (so accumulation equals one big batch); then clip, a non-finite guard, the
+(fused) AdamW step and the schedule. `step` is the one place the step counter advances.
+
+Below this story, each module one concern: optim (optimiser, schedule), loss (the fused loss),
+progress (pre-flight, metrics lines, bar, summary), checkpoint (the files of a resumable
+state), distributed (torchrun), runtime (seeds, signals, memory, folder checks), plots.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from ..adapter import build_manifest, save_adapter
+from ..config import IGNORE_INDEX, RunConfig, dump_recipe, from_dict
+from ..data import build as build_data
+from ..data.packing import Batcher
+from ..data.sources import expand
+from ..errors import TrainingError
+from ..io import atomic_write_text, sha256_file
+from ..lora import attach_lora, set_adapter_training
+from ..model import load_base, resolve_dtype
+from . import checkpoint as ckpt
+from . import distributed
+from .distributed import Dist
+from .loss import autocast_for, batch_loss, mean_loss
+from .optim import make_optimizer, make_scheduler, total_steps
+from .plots import plot_losses
+from .progress import Progress, preflight, truncate_metrics
+from .runtime import (
+    Interrupted,
+    StopSignals,
+    check_disk,
+    check_output_dir,
+    prepare_output,
+    seed_all,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(enum.Enum):
+    """How `fit` ended (a stop signal raises `Interrupted` instead)."""
+
+    FINISHED = "finished"  # every step done; the final adapter is at the output folder's top
+    PAUSED = "paused"  # stop_after steps done; a checkpoint is written, --resume goes on
+
+
+@dataclass
+class Run:
+    """Everything one run holds; `step` (optimiser steps done) advances only in `step()`."""
+
+    cfg: RunConfig
+    model: object
+    tokenizer: object
+    batcher: Batcher
+    eval_batcher: Batcher | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    device: str
+    dtype: torch.dtype
+    out: Path
+    total_steps: int
+    data_stats: dict
+    step: int = 0
+    tokens: int = 0
+    trainable_tokens: int = 0
+    bad_in_a_row: int = 0
+    bad_total: int = 0
+    scaler: torch.amp.GradScaler | None = None  # fp16 only: bf16 and fp32 need no scaling
+    dist: Dist = field(default_factory=Dist)  # rank and world size under torchrun
+
+
+def train(cfg: RunConfig, resume: str | None = None, progress: bool = False,
+          device: str | None = None, stop_after: int | None = None) -> Path:
+    """Train an adapter as the recipe says; returns the output folder.
+
+    resume: "latest" or a checkpoint folder. stop_after: pause (checkpoint, no final adapter)
+    after this many steps of this run, e.g. to fit a time slot; --resume continues.
+    """
+    if isinstance(cfg, dict):
+        cfg = from_dict(cfg)
+    main = distributed.from_env().main
+    prepare_output(Path(cfg.output.dir), fresh=not resume, main=main)
+    if not main:  # rank 0 speaks for all; the others only warn
+        logging.getLogger("adapters").setLevel(logging.WARNING)
+    run = setup(cfg, device)
+    try:
+        if resume:
+            restore(run, resume)
+        if run.dist.main:
+            atomic_write_text(run.out / "recipe.resolved.yaml", dump_recipe(cfg))
+            info = preflight(run)
+            check_disk(run.out, info["checkpoint_bytes"] * (cfg.train.keep_checkpoints + 2))
+        with StopSignals() as signals:
+            fit(run, signals, progress and run.dist.main, stop_after)
+        distributed.finish(run.dist)
+    except BaseException:
+        distributed.abort(run.dist)
+        raise
+    return run.out
+
+
+def setup(cfg: RunConfig, device: str | None = None) -> Run:
+    """Base + LoRA, data, batches, optimiser and schedule: a run at step 0."""
+    check_output_dir(Path(cfg.output.dir))  # fail before loading anything
+    seed_all(cfg.train.seed)
+    d = distributed.init(cfg.train.dist_timeout_s)
+    device = distributed.device_for(d, device)
+    model, tok = load_base(cfg.model, device)
+    device = str(model.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    model = attach_lora(model, cfg.lora)
+    if cfg.train.gradient_checkpointing:
+        model.get_base_model().gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if dtype != torch.float32:
+        # Under autocast the matmuls run in bf16 anyway: peft's cast of every LoRA input to
+        # the fp32 adapter dtype would only add a copy per layer (~8% of a step on CPU).
+        for m in model.modules():
+            if hasattr(m, "cast_input_dtype_enabled"):
+                m.cast_input_dtype_enabled = False
+    if cfg.train.compile:
+        # Compile the decoder's forward in place: module names (and so the adapter's state
+        # dict) stay as they are. Compilation happens in the first step; fit reports it.
+        decoder = model.get_base_model().get_decoder()
+        decoder.forward = torch.compile(decoder.forward, dynamic=True)
+    set_adapter_training(model, True)
+    if d.active:
+        distributed.broadcast_params(d, [p for p in model.parameters() if p.requires_grad])
+    data = build_data(cfg.data, tok, seed=cfg.train.seed)
+    mk = lambda ds, seed, shard=(0, 1): Batcher(  # noqa: E731
+        ds, cfg.train.batch_size, cfg.data.max_seq_len, cfg.data.packing, tok.pad_token_id,
+        seed, shard)
+    batcher = mk(data.train.dataset, cfg.train.seed, (d.rank, d.world))
+    eval_batcher = mk(data.eval.dataset, 0) if data.eval else None
+    steps = total_steps(cfg, batcher.batches_per_epoch())
+    opt = make_optimizer(model, cfg.train)
+    stats = {"format": cfg.data.format, "files": data_files(cfg.data), "train": data.train.stats,
+             "eval": data.eval.stats if data.eval else None}
+    scaler = torch.amp.GradScaler(device.split(":")[0]) if dtype == torch.float16 else None
+    return Run(cfg, model, tok, batcher, eval_batcher, opt, make_scheduler(opt, cfg.train, steps),
+               device, dtype, Path(cfg.output.dir), steps, stats, scaler=scaler, dist=d)
+
+
+def fit(run: Run, signals: StopSignals, progress: bool = False,
+        stop_after: int | None = None) -> Outcome:
+    """Step to the end (FINISHED) or for `stop_after` steps of this run (PAUSED).
+
+    Evaluates and checkpoints as the recipe says. A stop signal (on any rank) writes a
+    checkpoint and raises `Interrupted`.
+    """
+    t = run.cfg.train
+    start = run.step
+    with Progress(run, progress) as report:
+        while run.step < run.total_steps:
+            m = step(run)
+            if run.step == start + 1 and t.compile:
+                log.info("first step (includes torch.compile): %.1f s", m["seconds"])
+                m["compile_seconds"] = m["seconds"]
+            if _due(t.eval_every, run.step, run.total_steps):
+                ev = evaluate(run)
+                m["eval_loss"] = ev["loss"] if ev else None
+            report.record(m)
+            if _due(t.save_every, run.step, run.total_steps):
+                save(run)
+            if stop_after is not None and start + stop_after <= run.step < run.total_steps:
+                report.close()
+                log.info("paused at step %d; checkpoint %s; continue with --resume",
+                         run.step, save(run))
+                return Outcome.PAUSED
+            if _stop_requested(run, signals):
+                report.close()
+                raise Interrupted(f"stopped at step {run.step}; checkpoint {save(run)}. Resume "
+                                  "with: adapters train RECIPE --resume",
+                                  signals.requested or signal.SIGTERM)
+        report.close()
+        report.record_eval(evaluate(run))
+    summary = report.summary()
+    save(run, final=True, training=summary)
+    if run.dist.main:
+        plot_losses(run.out / "metrics.jsonl", run.out / "loss.png")
+        report.log_done(summary)
+    return Outcome.FINISHED
+
+
+def step(run: Run) -> dict:
+    """One optimiser step at `run.step`: advances the step and token counters, returns metrics.
+
+    The gradient is that of the mean loss over every trainable token of the step (all
+    micro-batches, all ranks). A non-finite step is counted and skipped, not applied.
+    """
+    t0 = time.perf_counter()
+    micro = micro_batches(run, run.step)
+    counted = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    tokens = sum(int(b["n_tokens"]) for b in micro)
+    if run.dist.active:  # divide by the global batch's count: ranks then sum to the mean
+        counted, tokens = map(int, distributed.all_sum(run.dist, [counted, tokens], run.device))
+    loss_sum = 0.0
+    for b in micro:
+        b = {k: v.to(run.device) for k, v in b.items()}
+        with autocast_for(run.device, run.dtype):
+            s, _ = batch_loss(run.model, b)
+        part = s / max(counted, 1)
+        (run.scaler.scale(part) if run.scaler else part).backward()
+        loss_sum += float(s.detach())
+    params = [p for g in run.optimizer.param_groups for p in g["params"]]  # the adapter's
+    if run.dist.active:
+        loss_sum = distributed.sum_grads(run.dist, params, loss_sum)
+    loss = loss_sum / max(counted, 1)
+    grad_norm, finite = _update(run, params, loss)
+    lr = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    run.step += 1
+    run.tokens += tokens
+    run.trainable_tokens += counted
+    dt = time.perf_counter() - t0
+    m = {"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+         "trainable_tokens": counted, "tokens_per_s": tokens / dt, "seconds": dt,
+         "finite": finite}
+    _count_bad(run, m)
+    return m
+
+
+def evaluate(run: Run) -> dict | None:
+    """Mean loss and perplexity on the eval split; rank 0 evaluates, the others go on."""
+    if run.eval_batcher is None or not run.dist.main:
+        return None
+    return mean_loss(run.model, run.eval_batcher.iter_all(), run.device, run.dtype)
+
+
+def save(run: Run, final: bool = False, training: dict | None = None) -> Path:
+    """A checkpoint (resumable) and, when final, the adapter at the output folder's top.
+
+    Under torchrun only rank 0 writes: every rank holds the same weights and optimiser state.
+    """
+    if not run.dist.main:
+        return run.out / "checkpoints"
+    man = manifest_for(run, training)
+    state = {"step": run.step, "tokens": run.tokens, "trainable_tokens": run.trainable_tokens,
+             "bad_in_a_row": run.bad_in_a_row, "bad_total": run.bad_total,
+             "scheduler": run.scheduler.state_dict(),
+             "scaler": run.scaler.state_dict() if run.scaler else None,
+             "recipe": run.cfg.to_dict(), "world_size": run.dist.world}
+    path = ckpt.save_checkpoint(run.out / "checkpoints", run.step,
+                                lambda d: save_adapter(run.model, d, man), run.optimizer, state,
+                                run.cfg.train.keep_checkpoints)
+    if final:
+        save_adapter(run.model, run.out, man)
+    return path
+
+
+def restore(run: Run, resume: str) -> None:
+    """Continue exactly where a checkpoint left off: weights, optimiser, schedule, RNG, data."""
+    path = ckpt.find_resume(run.out, resume)
+    state = ckpt.load_state(path)
+    _check_resumable(run, path, state)
+    set_peft_model_state_dict(run.model, load_file(path / "adapter_model.safetensors"))
+    ckpt.load_optimizer(path, run.optimizer)
+    run.scheduler.load_state_dict(state["scheduler"])
+    for key in ("step", "tokens", "trainable_tokens", "bad_in_a_row", "bad_total"):
+        setattr(run, key, state[key])
+    if run.scaler and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    ckpt.set_rng_state(state["rng"])
+    if run.dist.main:
+        truncate_metrics(run.out / "metrics.jsonl", run.step)
+    log.info("resumed from %s at step %d", path, run.step)
+
+
+# ---- helpers of the story above ------------------------------------------------------------
+
+
+def micro_batches(run: Run, step: int) -> list[dict]:
+    """The `grad_accum` batches of optimiser step `step` (a function of the step: resumable)."""
+    ga, bpe = run.cfg.train.grad_accum, run.batcher.batches_per_epoch()
+    return [run.batcher.batch(*divmod(step * ga + i, bpe)) for i in range(ga)]
+
+
+def _update(run: Run, params: list[torch.Tensor], loss: float) -> tuple[float, bool]:
+    """Clip, then apply the gradients unless non-finite; returns (grad norm, finite)."""
+    if run.scaler:
+        run.scaler.unscale_(run.optimizer)
+    max_norm = run.cfg.train.max_grad_norm or float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if run.scaler:
+        # fp16: an overflowing gradient is the scaler's business (it skips and backs off);
+        # only a non-finite loss counts as a bad step.
+        finite = math.isfinite(loss)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return grad_norm, finite
+
+
+def _count_bad(run: Run, m: dict) -> None:
+    """Count a non-finite step; stop after max_bad_steps in a row (last checkpoint intact)."""
+    if m["finite"]:
+        run.bad_in_a_row = 0
+        return
+    run.bad_in_a_row += 1
+    run.bad_total += 1
+    log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped "
+                "(%d in a row, %d in total)", m["step"], m["loss"], m["grad_norm"],
+                run.bad_in_a_row, run.bad_total)
+    if run.bad_in_a_row >= run.cfg.train.max_bad_steps:
+        raise TrainingError(
+            f"step {m['step']}: {run.bad_in_a_row} non-finite steps in a row "
+            f"(train.max_bad_steps={run.cfg.train.max_bad_steps}); stopped. The last good "
+            f"checkpoint in {run.out / 'checkpoints'} is intact: lower train.lr or check the "
+            "data, then resume with --resume")
+
+
+def _due(every: int, step: int, last: int) -> bool:
+    """Every `every` steps, but not at the last step (the end of the run does its own)."""
+    return bool(every) and step % every == 0 and step != last
+
+
+def _stop_requested(run: Run, signals: StopSignals) -> bool:
+    stop = signals.requested is not None
+    if run.dist.active:  # a signal one rank caught stops all of them at this step
+        stop = distributed.any_rank(run.dist, stop, run.device)
+    return stop
+
+
+def _check_resumable(run: Run, path: Path, state: dict) -> None:
+    """Refuse a checkpoint this run cannot continue exactly, saying why and what to do."""
+    matter, harmless = ckpt.recipe_changes(state["recipe"], run.cfg)
+    if matter:
+        raise TrainingError(f"{path}: cannot resume, the recipe changed in ways that alter the "
+                            "run:\n  " + "\n  ".join(matter))
+    world = state.get("world_size", 1)
+    if world != run.dist.world:
+        raise TrainingError(
+            f"{path}: written by a run on {world} rank(s), this one has {run.dist.world}: the "
+            f"data shards and the global batch would differ. Resume with --nproc {world} "
+            f"(torchrun --nproc_per_node {world})")
+    if "scheduler" not in state:
+        raise TrainingError(
+            f"{path / ckpt.STATE_FILE}: written by an older adapters without the learning-rate "
+            "schedule's state, so it cannot be resumed exactly; start the run afresh in "
+            "another output.dir")
+    for line in harmless:
+        log.info("resume: allowed change %s", line)
+
+
+def data_files(dcfg) -> list[dict]:
+    """Each data file with its size and sha256, for the manifest and the model card."""
+    return [{"split": split, "path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            for split, spec in (("train", dcfg.train), ("eval", dcfg.eval)) if spec
+            for f in expand(spec)]
+
+
+def manifest_for(run: Run, training: dict | None = None) -> dict:
+    base = run.model.get_base_model()
+    extra = {"training": training} if training else {}
+    return build_manifest(base, run.tokenizer, run.cfg.model.name, run.cfg.model, run.cfg.lora,
+                          {"data": run.data_stats, "recipe": run.cfg.to_dict(), **extra})
