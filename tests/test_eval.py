@@ -1,15 +1,30 @@
-"""Evaluation: metric functions by hand, perplexity by direct computation, adapters help."""
+"""Evaluation: metric functions by hand, the loss equal to transformers' own, adapters help."""
 
+import csv
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import qa_csv, recipe
+from conftest import qa_csv, recipe, trained_adapter, write_jsonl
 
-from adapters.config import BASE_NAME, DataConfig, ModelConfig
-from adapters.eval import evaluate, exact_match, rouge_l, table, token_f1, write_results
+from adapters.config import BASE_NAME, IGNORE_INDEX, DataConfig, ModelConfig
+from adapters.eval import (
+    bleu,
+    choice_logprob,
+    evaluate,
+    exact_match,
+    rouge_l,
+    split_prompt,
+    table,
+    token_f1,
+    write_results,
+)
 from adapters.model import load_base
+from adapters.training import train
 
 
 def test_text_metrics_by_hand():
@@ -21,36 +36,31 @@ def test_text_metrics_by_hand():
     # LCS of [a1 b c d] and [a1 c d e] (articles dropped, a1 kept) = [a1 c d] = 3
     assert rouge_l("a1 b c d", "a1 c d e") == pytest.approx(2 * 0.75 * 0.75 / 1.5)
     assert token_f1("", "") == 1.0 and rouge_l("x", "") == 0.0
-    from adapters.eval import bleu
-
     assert bleu("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(100.0)
     assert 0 < bleu("the cat sat on a mat", "the cat sat on the mat") < 100
 
 
-def test_perplexity_matches_direct_computation(tiny_llama, tmp_path):
+@pytest.mark.parametrize("packing", [False, True])
+def test_eval_loss_equals_transformers_loss_in_fp32(tiny_model, tmp_path, packing):
     f = qa_csv(tmp_path / "qa.csv", 6)
-    rows = evaluate(str(tiny_llama), {}, {"qa": DataConfig(train=str(f), packing=False)})
-    model, tok = load_base(ModelConfig(name=str(tiny_llama), dtype="fp32"))
-    import csv
-
+    rows = evaluate(str(tiny_model), {}, {"qa": DataConfig(train=str(f), packing=packing)},
+                    accuracy=False, dtype="fp32")
+    model, tok = load_base(ModelConfig(name=str(tiny_model), dtype="fp32"))
     total, count = 0.0, 0
     with torch.no_grad():
         for r in csv.DictReader(open(f)):
             p = tok(r["input"] + "\n", add_special_tokens=False)["input_ids"]
             c = tok(r["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            ids = torch.tensor([p + c])
-            logits = model(ids.to(model.device)).logits[0, len(p) - 1:-1].float().cpu()
-            total += float(F.cross_entropy(logits, torch.tensor(c), reduction="sum"))
+            labels = [IGNORE_INDEX] * len(p) + c  # the prompt is masked: no loss on it
+            loss = model(input_ids=torch.tensor([p + c]), labels=torch.tensor([labels])).loss
+            total += float(loss) * len(c)  # HF's loss is this example's mean over len(c)
             count += len(c)
-    # bf16 autocast on this CPU (dtype auto) vs fp32 direct: close, not bitwise.
-    assert rows[0]["loss"] == pytest.approx(total / count, rel=2e-2)
-    assert rows[0]["perplexity"] == pytest.approx(math.exp(rows[0]["loss"]), rel=1e-6)
     assert rows[0]["tokens"] == count
+    assert rows[0]["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert rows[0]["perplexity"] == pytest.approx(math.exp(rows[0]["loss"]), rel=1e-6)
 
 
 def test_trained_adapter_scores_better_on_its_data(tiny_llama, tmp_path):
-    from adapters.train import train
-
     out = train(recipe(tiny_llama, tmp_path, "train.steps=25", "train.lr=2e-2", rows=4))
     data = {"qa": DataConfig(train=str(tmp_path / "qa.csv"))}
     rows = evaluate(str(tiny_llama), {"qa-adapter": out}, data, generate=4, max_new_tokens=12)
@@ -68,13 +78,6 @@ def test_trained_adapter_scores_better_on_its_data(tiny_llama, tmp_path):
 
 
 def test_cli_eval_writes_results(tiny_gpt2, tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from conftest import trained_adapter
-
     trained_adapter(tiny_gpt2, tmp_path / "a")
     f = qa_csv(tmp_path / "qa.csv", 5)
     res = subprocess.run([sys.executable, "-m", "adapters", "eval", "--adapter",
@@ -84,7 +87,7 @@ def test_cli_eval_writes_results(tiny_gpt2, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "| qa |" in res.stdout and "mine" in res.stdout
     rows = json.loads((tmp_path / "ev" / "results.json").read_text())
-    assert {r["model"] for r in rows} == {"base", "mine"}
+    assert {r["model"] for r in rows} == {BASE_NAME, "mine"}
     assert (tmp_path / "ev" / "results.csv").exists()
     res = subprocess.run([sys.executable, "-m", "adapters", "eval", "--adapter",
                           f"mine={tmp_path / 'a'}", "--data", f"qa={f}", "--generate", "2",
@@ -98,17 +101,11 @@ def test_cli_eval_writes_results(tiny_gpt2, tmp_path):
 
 
 def test_split_prompt():
-    from adapters.eval import split_prompt
-
     assert split_prompt([1, 2, 3, 4, 5], [-100, -100, 3, 4, -100]) == ([1, 2], [3, 4])
     assert split_prompt([1, 2], [-100, -100]) == ([1, 2], [])
 
 
 def test_multiple_choice_ranks_by_log_likelihood(tiny_gpt2, tmp_path):
-    from conftest import write_jsonl
-
-    from adapters.eval import choice_logprob
-
     rows = [{"input": "Pick a number", "output": "one", "choices": ["one", "two", "three"],
              "answer": 0},
             {"input": "Pick a word", "output": "cat", "choices": ["dog", "cat"], "answer": "cat"}]
@@ -124,10 +121,6 @@ def test_multiple_choice_ranks_by_log_likelihood(tiny_gpt2, tmp_path):
 
 
 def test_cli_eval_from_a_recipe(tiny_gpt2, tmp_path):
-    import os
-    import subprocess
-    import sys
-
     f = qa_csv(tmp_path / "qa.csv", 4)
     r = tmp_path / "r.yaml"
     r.write_text(f"model: {{name: {tiny_gpt2}}}\ndata: {{train: {f}, eval: {f}}}\n")

@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import trained_adapter
 
-from adapters.config import ModelConfig
+from adapters.config import BASE_NAME, ModelConfig
+from adapters.errors import AdapterFileError
 from adapters.model import load_base
 from adapters.serving.decode import Request, Sampling, decode
 from adapters.serving.registry import Registry, RegistryError
@@ -45,22 +46,42 @@ def test_mixed_batch_equals_one_adapter_at_a_time(arch, folders, tiny_gpt2, tiny
     assert reg.generate([p for p, _ in pairs], [n for _, n in pairs], max_new_tokens=10) == mixed
 
 
-def test_decode_matches_hf_generate_greedy(tiny_llama, folders):
-    reg = registry(tiny_llama, folders["llama"][:1])
-    enc = reg.tok(PROMPTS[1], return_tensors="pt")
-    reg.model.set_adapter("a0")
-    ref = reg.model.generate(**enc, max_new_tokens=12, do_sample=False,
-                             pad_token_id=reg.tok.eos_token_id)[0, enc["input_ids"].shape[1]:]
-    out = decode(reg.model, reg.tok, [Request(enc["input_ids"][0].tolist(), "a0",
-                                              Sampling(max_new_tokens=12))])[0]
-    assert out.token_ids == ref.tolist()[:len(out.token_ids)]
-    assert out.finish_reason == ("length" if len(out.token_ids) == 12 else "stop")
+def _hf_greedy(model, tok, ids: list[int], n: int) -> list[int]:
+    """transformers' own greedy decoding, cut before the first EOS (decode never emits it)."""
+    out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                         dtype=torch.long), max_new_tokens=n, do_sample=False,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    new = out[0, len(ids):].tolist()
+    return new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+
+
+@pytest.mark.parametrize("adapter", [None, "a0"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_decode_matches_hf_generate_greedy(arch, adapter, tiny_gpt2, tiny_llama, folders):
+    reg = registry({"gpt2": tiny_gpt2, "llama": tiny_llama}[arch], folders[arch][:2])
+    ids = reg.encode(PROMPTS[0])
+    n = 16
+    if adapter is None:
+        with reg.model.disable_adapter():
+            ref = _hf_greedy(reg.model, reg.tok, ids, n)
+    else:
+        reg.model.set_adapter(adapter)
+        ref = _hf_greedy(reg.model, reg.tok, ids, n)
+    assert ref, "the reference stops at once: pick a prompt the random model continues"
+    via_registry = reg.run([Request(ids, adapter, Sampling(max_new_tokens=n))])[0]  # batched LoRA
+    via_peft = decode(reg.model, reg.tok, [Request(ids, adapter, Sampling(max_new_tokens=n))],
+                      peft=True)[0]  # peft's adapter_names
+    for out in (via_registry, via_peft):
+        assert out.token_ids == ref
+        assert out.finish_reason == ("length" if len(ref) == n else "stop")
+        assert out.text == reg.tok.decode(ref, skip_special_tokens=True)
 
 
 def test_sampling_is_seeded_per_request_and_batch_independent(tiny_gpt2, folders):
     reg = registry(tiny_gpt2, folders["gpt2"][:2])
     kw = dict(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=7)
     one = reg.generate(PROMPTS[:1], "a1", **kw)
+    assert one[0]
     assert reg.generate(PROMPTS[:1], "a1", **kw) == one
     # The same request inside a batch with others samples the same tokens (its own generator).
     assert reg.generate(PROMPTS[:3], ["a0", "a1", None], **kw)[1] == reg.generate(
@@ -71,6 +92,7 @@ def test_sampling_is_seeded_per_request_and_batch_independent(tiny_gpt2, folders
 def test_top_p_keeps_only_the_nucleus(tiny_gpt2, folders):
     reg = registry(tiny_gpt2, folders["gpt2"][:1])
     greedy = reg.generate(PROMPTS, "a0", max_new_tokens=8)
+    assert all(greedy)
     # A nucleus this small holds only the most likely token: sampling becomes greedy.
     assert reg.generate(PROMPTS, "a0", max_new_tokens=8, temperature=1.0, top_p=1e-6) == greedy
 
@@ -78,6 +100,7 @@ def test_top_p_keeps_only_the_nucleus(tiny_gpt2, folders):
 def test_stop_strings_cut_the_text_and_streaming_never_shows_them(tiny_gpt2, folders):
     reg = registry(tiny_gpt2, folders["gpt2"][:1])
     full = reg.generate(PROMPTS[:1], "a0", max_new_tokens=20)[0]
+    assert len(full) > 8
     stop = full[5:8]
     pieces: list[str] = []
     req = Request(reg.encode(PROMPTS[0]), "a0", Sampling(max_new_tokens=20, stop=(stop,)),
@@ -117,12 +140,12 @@ def test_eviction_is_least_recently_used_and_spares_adapters_in_use(tiny_gpt2, f
 
 def test_names_are_checked_and_a_wrong_base_is_refused(tiny_gpt2, tiny_llama, folders):
     reg = registry(tiny_gpt2, [])
-    for bad in ["", "a/b", "../x", "x" * 65, "base"]:
+    for bad in ["", "a/b", "../x", "x" * 65, BASE_NAME]:
         with pytest.raises(RegistryError, match="adapter name"):
             reg.load(bad, folders["gpt2"][0])
-    with pytest.raises(Exception, match="another base"):
+    with pytest.raises(AdapterFileError, match="another base"):
         reg.load("llama", folders["llama"][0])
-    assert reg.generate(PROMPTS[:1], None, max_new_tokens=3)  # the base still answers
+    assert reg.generate(PROMPTS[:1], None, max_new_tokens=3)[0]  # the base still answers
 
 
 def test_mixed_batch_on_a_4bit_base(tiny_llama, folders):
@@ -130,4 +153,5 @@ def test_mixed_batch_on_a_4bit_base(tiny_llama, folders):
     reg = registry(tiny_llama, folders["llama"][:3], quantization="4bit")
     names = ["a0", "a1", None, "a2"]
     alone = [reg.generate([p], n, max_new_tokens=6)[0] for p, n in zip(PROMPTS, names)]
+    assert all(alone)
     assert reg.generate(PROMPTS, names, max_new_tokens=6) == alone

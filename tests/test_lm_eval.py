@@ -11,7 +11,16 @@ from adapters.config import ModelConfig
 from adapters.eval import choice_logprob
 from adapters.model import load_base
 
-lm_eval = pytest.importorskip("lm_eval", reason="install the eval extra: pip install .[eval]")
+INSTALL_HINT = "lm-eval is not installed: pip install '.[eval]'"
+try:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+except ImportError:
+    if os.environ.get("CI"):  # in CI the interop check must run, never skip quietly
+        pytest.fail(f"{INSTALL_HINT} (CI is set: this test may not be skipped)",
+                    pytrace=False)
+    pytest.skip(INSTALL_HINT, allow_module_level=True)
 
 ROWS = [{"input": "Pick a number", "choices": ["one", "two", "three"], "answer": 0},
         {"input": "Pick a word", "choices": ["dog", "cat"], "answer": 1}]
@@ -20,10 +29,6 @@ ROWS = [{"input": "Pick a number", "choices": ["one", "two", "three"], "answer":
 def test_lm_eval_loads_the_adapter_folder_and_agrees(tiny_gpt2, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     trained_adapter(tiny_gpt2, tmp_path / "a")
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
@@ -41,9 +46,14 @@ def test_lm_eval_loads_the_adapter_folder_and_agrees(tiny_gpt2, tmp_path, monkey
     theirs = {s["doc"]["input"]: [r[0][0] for r in s["resps"]]
               for s in res["samples"]["adapters_local_mc"]}
     base, tok = load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))
+    # lm-eval moves the context's trailing "\n" into the continuation.
+    plain = {r["input"]: [choice_logprob(base, tok, r["input"], "\n" + c) for c in r["choices"]]
+             for r in ROWS}
     model = load_adapter(base, tmp_path / "a", tokenizer=tok).eval()
+    right = 0
     for row in ROWS:
-        # lm-eval moves the context's trailing "\n" into the continuation.
         ours = [choice_logprob(model, tok, row["input"], "\n" + c) for c in row["choices"]]
         assert ours == pytest.approx(theirs[row["input"]], abs=1e-4)
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
+        assert ours != pytest.approx(plain[row["input"]], abs=1e-4)  # the adapter was applied
+        right += max(range(len(ours)), key=ours.__getitem__) == row["answer"]
+    assert res["results"]["adapters_local_mc"]["acc,none"] == pytest.approx(right / len(ROWS))

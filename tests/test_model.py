@@ -1,20 +1,21 @@
 """Base loading: fp32, 8-bit and 4-bit on CPU with real bitsandbytes; the embedded default."""
 
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_gpt2, make_llama
 
 from adapters.config import ModelConfig
 from adapters.errors import ModelError
 from adapters.model import load_base, resolve_model_path
+from adapters.serving.registry import Registry
 
 
 @pytest.fixture(scope="module")
 def small_init_model(request, tmp_path_factory, tiny_tok):
     """Models with GPT-2's usual init (0.02): quantization error is then what users see."""
-    from conftest import make_gpt2, make_llama
-
     return {"gpt2": make_gpt2(tmp_path_factory.mktemp("g"), tiny_tok, initializer_range=0.02),
             "llama": make_llama(tmp_path_factory.mktemp("l"), tiny_tok, initializer_range=0.02)}
 
@@ -63,14 +64,11 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 
 @pytest.mark.default_model
 def test_default_model_resolves_from_the_wheel_and_answers():
-    import time
-
-    from adapters.serving.generate import chat_answers
-
     path = resolve_model_path("default")  # converts on first use, then cached
     t = time.perf_counter()
     model, tok = load_base(ModelConfig(name="default", dtype="fp32"))
     assert time.perf_counter() - t < 10  # from the safetensors cache, not the GGUF
     assert path.endswith("smollm2-135m-instruct") and (Path(path) / "model.safetensors").is_file()
-    answer = chat_answers(model, tok, ["What is the capital of France?"], max_new_tokens=12)[0]
+    question = "What is the capital of France?"
+    answer = Registry(model, tok).generate([question], chat=True, max_new_tokens=12)[0]
     assert "Paris" in answer

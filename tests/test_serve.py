@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 from conftest import trained_adapter
 
-from adapters.config import ModelConfig
+from adapters.config import BASE_NAME, ModelConfig
 from adapters.model import load_base
 from adapters.serving.registry import Registry
 from adapters.serving.server import Limits, create_app
@@ -35,6 +35,35 @@ def http(method: str, url: str, body: dict | None = None) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
+def sse(url: str, body: dict) -> list[str]:
+    """The `data:` fields of a server-sent event stream, in order."""
+    code, text = http("POST", url, body)
+    assert code == 200, text
+    return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+
+
+def wait_until(condition, timeout: float = 60.0) -> None:
+    """Poll `condition` until it holds; fail after a generous `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"still not true after {timeout} s"
+        time.sleep(0.05)
+
+
+def hold(engine) -> threading.Event:
+    """Keep the engine's worker busy until the returned event is set: requests sent meanwhile
+    queue up (deterministically, whatever the machine's speed)."""
+    started, release = threading.Event(), threading.Event()
+
+    def block():
+        started.set()
+        release.wait(120)
+
+    engine.call(block)
+    assert started.wait(60), "the engine's worker never picked up the blocking call"
+    return release
+
+
 class Running:
     """A real uvicorn server in a thread, on a free loopback port."""
 
@@ -43,10 +72,7 @@ class Running:
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        for _ in range(500):
-            if self.server.started:
-                break
-            time.sleep(0.01)
+        wait_until(lambda: self.server.started)
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
 
@@ -83,11 +109,11 @@ def server(tiny_gpt2, root):
 
 def test_models_completion_chat_and_streaming(server):
     c = server.client()
-    assert [m.id for m in c.models.list()] == ["base", "a0", "a1", "a2", "a3"]
+    assert [m.id for m in c.models.list()] == [BASE_NAME, "a0", "a1", "a2", "a3"]
     r = c.completions.create(model="a1", prompt=PROMPTS[1], max_tokens=8, temperature=0)
     assert r.object == "text_completion" and r.choices[0].finish_reason in ("stop", "length")
     assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
-    base = c.completions.create(model="base", prompt=PROMPTS[1], max_tokens=8, temperature=0)
+    base = c.completions.create(model=BASE_NAME, prompt=PROMPTS[1], max_tokens=8, temperature=0)
     assert base.choices[0].text != r.choices[0].text  # the adapter changes the answer
     pieces = [ch.choices[0].text for ch in c.completions.create(
         model="a1", prompt=PROMPTS[1], max_tokens=8, temperature=0, stream=True)]
@@ -114,12 +140,18 @@ def test_concurrent_requests_over_four_adapters_get_their_own_tokens(server):
 
     alone = [ask(j) for j in jobs]
     assert len(set(alone[:4])) == 4  # the four adapters answer the same prompt differently
-    batches_before = len(server.server.config.app.state.engine.batches)
-    with ThreadPoolExecutor(16) as pool:
-        together = list(pool.map(ask, jobs))
+    engine = server.server.config.app.state.engine
+    before = len(engine.batches)
+    release = hold(engine)
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        try:
+            futures = [pool.submit(ask, j) for j in jobs]
+            wait_until(lambda: engine.waiting() == len(jobs))  # all queued behind the hold
+        finally:
+            release.set()
+        together = [f.result() for f in futures]
     assert together == alone
-    sizes = server.server.config.app.state.engine.batches[batches_before:]
-    assert max(sizes) > 1 and len(sizes) < 16  # requests did share batches
+    assert engine.batches[before:] == [len(jobs)]  # one mixed batch over the four adapters
 
 
 def test_unknown_model_and_over_limit_requests(server):
@@ -168,10 +200,9 @@ def test_hot_load_is_confined_to_the_adapter_root(server, root, tmp_path):
 def test_full_queue_answers_429_at_once(tiny_gpt2, root):
     s = start(tiny_gpt2, root, names=("a0",), max_batch=1, max_queue=1)
     try:
-        c = s.client()
-        long = c.completions.create(model="a0", prompt="x", max_tokens=200, temperature=0,
-                                    stream=True, extra_body={"ignore_eos": True})
-        next(iter(long))  # the worker is now busy with this one
+        c, engine = s.client(), s.server.config.app.state.engine
+        body = {"model": "a0", "prompt": "x", "max_tokens": 48, "temperature": 0,
+                "ignore_eos": True}
 
         def ask(_):
             try:
@@ -180,12 +211,25 @@ def test_full_queue_answers_429_at_once(tiny_gpt2, root):
             except openai.RateLimitError:
                 return 429
 
-        start_t = time.perf_counter()
-        with ThreadPoolExecutor(4) as pool:
-            codes = list(pool.map(ask, range(4)))
-        assert 429 in codes and 200 in codes  # one waited in the queue, the rest were refused
-        assert sum(len(ch.choices[0].text) for ch in long) >= 0
-        assert time.perf_counter() - start_t < 60
+        release = hold(engine)
+        with ThreadPoolExecutor(1) as reader:
+            try:  # a streamed request takes the one queue slot ...
+                stream = reader.submit(sse, s.url + "/v1/completions", {**body, "stream": True})
+                wait_until(lambda: engine.waiting() == 1)
+                with ThreadPoolExecutor(4) as pool:  # ... so, with the worker still held,
+                    codes = list(pool.map(ask, range(4)))  # these are refused, not kept waiting
+            finally:
+                release.set()
+            events = stream.result()
+        assert codes == [429] * 4
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+        alone = c.completions.create(extra_body={"ignore_eos": True},
+                                     **{k: v for k, v in body.items() if k != "ignore_eos"})
+        assert "".join(ch["text"] for ch in chunks) == alone.choices[0].text
+        assert len(chunks) > 2 and alone.usage.completion_tokens == 48
+        assert chunks[-1]["finish_reason"] == alone.choices[0].finish_reason == "length"
+        assert ask(0) == 200  # the queue drained: requests are accepted again
     finally:
         s.close()
 
@@ -196,7 +240,7 @@ def test_api_key_is_checked_on_every_route(tiny_gpt2, root):
         with pytest.raises(openai.AuthenticationError):
             s.client("wrong").models.list()
         assert http("DELETE", s.url + "/v1/adapters/a0")[0] == 401
-        assert [m.id for m in s.client("sekret").models.list()] == ["base", "a0"]
+        assert [m.id for m in s.client("sekret").models.list()] == [BASE_NAME, "a0"]
         with pytest.raises(openai.BadRequestError, match="1 to 16"):
             s.client("sekret").completions.create(model="a0", prompt="x", max_tokens=17)
     finally:
@@ -211,7 +255,7 @@ def test_the_serve_and_generate_commands(tiny_gpt2, root, tmp_path):
                           "--json"], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     answers = json.loads(out.stdout)
-    assert [a["model"] for a in answers] == ["base", "a0", "a1"]
+    assert [a["model"] for a in answers] == [BASE_NAME, "a0", "a1"]
     proc = subprocess.Popen([sys.executable, "-m", "adapters", "serve", "--adapter",
                              f"a0={root / 'a0'}", "--port", "0"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)

@@ -9,13 +9,26 @@ model card and pack each into a verified zip (`shared/`), and write `report.md`.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import shutil
 import time
 from pathlib import Path
 
-from ..config import load_recipe
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from ..adapter.archive import pack
+from ..config import BASE_NAME, load_recipe
+from ..eval import evaluate, table, write_results
+from ..eval.record import record_eval
+from ..merge import merge_adapter
+from ..model import load_base
+from ..serving.registry import Registry
+from ..share.verify import verify
+from ..training import train
 from .datasets import build_pydoc_qa, build_stdlib_code
 
 log = logging.getLogger(__name__)
@@ -36,12 +49,6 @@ def tiny_model(folder: Path) -> str:
     """A tiny random Llama with a BPE tokenizer trained here on stdlib text (CI, offline)."""
     if (folder / "config.json").exists():
         return str(folder)
-    import inspect
-
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -77,8 +84,6 @@ def _configs(out: Path, data: dict, tiny: bool, steps: int | None) -> dict:
 
 
 def _train_all(cfgs: dict, fresh: bool, progress: bool) -> dict[str, Path]:
-    from ..train.trainer import train
-
     outs = {}
     for name, cfg in cfgs.items():
         out = Path(cfg.output.dir)
@@ -94,32 +99,26 @@ def _train_all(cfgs: dict, fresh: bool, progress: bool) -> dict[str, Path]:
 
 
 def _samples(cfg, adapters: dict[str, Path], max_new_tokens: int) -> list[dict]:
-    from ..adapter import load_adapter
-    from ..model import load_base
-    from ..serving.generate import generate_texts
-
+    """Greedy answers to PROMPTS from the base, each adapter, and all in one mixed batch."""
     model, tok = load_base(cfg.model)
-    pm = None
+    reg = Registry(model, tok, capacity=max(1, len(adapters)))
     for name, folder in adapters.items():
-        pm = load_adapter(pm or model, folder, tokenizer=tok, adapter_name=name)
+        reg.load(name, folder)
     prompts = [p for p, _ in PROMPTS]
-    answers = {"base": generate_texts(pm, tok, prompts, max_new_tokens,
-                                      adapter_names=["__base__"] * len(prompts))}
+
+    def answer(names):  # one name per prompt; None is the plain base
+        return [t.strip() for t in reg.generate(prompts, names, max_new_tokens=max_new_tokens)]
+
+    answers = {BASE_NAME: answer(None)}
     for name in adapters:
-        answers[name] = generate_texts(pm, tok, prompts, max_new_tokens,
-                                       adapter_names=[name] * len(prompts))
-    answers["mixed batch"] = generate_texts(pm, tok, prompts, max_new_tokens,
-                                            adapter_names=[a for _, a in PROMPTS])
+        answers[name] = answer(name)
+    answers["mixed batch"] = answer([a for _, a in PROMPTS])
     return [{"prompt": p, "fits": a, **{k: v[i] for k, v in answers.items()}}
             for i, (p, a) in enumerate(PROMPTS)]
 
 
 def _share(out: Path, adapters: dict[str, Path], rows: list[dict]) -> list[str]:
     """Eval results into each adapter's card, then each packed into one verified file."""
-    from ..adapter.archive import pack
-    from ..eval import record_eval
-    from ..share.verify import verify
-
     lines = []
     for name, folder in adapters.items():
         record_eval(folder, name, rows)
@@ -134,8 +133,6 @@ def _share(out: Path, adapters: dict[str, Path], rows: list[dict]) -> list[str]:
 
 def _report(out: Path, rows: list[dict], samples: list[dict], merge_info: dict,
             cfgs: dict, seconds: float, shared: list[str]) -> Path:
-    from ..eval import table
-
     lines = ["# adapters demo: two domain adapters on one base", "",
              f"Base: `{next(iter(cfgs.values())).model.name}` "
              f"({next(iter(cfgs.values())).model.quantization} during training). "
@@ -170,9 +167,6 @@ def run_demo(out: str | Path = "runs/demo", tiny: bool = False, fresh: bool = Fa
              steps: int | None = None, eval_rows: int | None = None,
              progress: bool = True) -> Path:
     """Run the whole demo; returns the path of report.md."""
-    from ..eval import evaluate, write_results
-    from ..merge import merge_adapter
-
     t0 = time.perf_counter()
     out = Path(out)
     data = {"pydoc-qa": build_pydoc_qa(out / "data" / "pydoc-qa",

@@ -52,6 +52,10 @@ class Engine:
         """Run fn() on the model's thread between batches (adapter load/unload)."""
         return self._put(_Job(call=fn))
 
+    def waiting(self) -> int:
+        """Jobs queued and not yet taken by the worker."""
+        return self._q.qsize()
+
     def close(self) -> None:
         self._q.put(None)
         self._thread.join(timeout=30)

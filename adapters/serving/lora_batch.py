@@ -14,11 +14,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+from peft.tuners.lora import LoraLayer
 
 
 def lora_layers(model):
-    from peft.tuners.lora import LoraLayer
-
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 

@@ -15,9 +15,11 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from ..config import BASE_NAME
+from ..adapter import load_adapter
+from ..config import BASE_NAME, ModelConfig
 from ..data.template import render_chat
 from ..errors import AdaptersError
+from ..model import load_base
 from . import lora_batch
 from .decode import PEFT_NO_ADAPTER, Output, Request, Sampling, decode
 
@@ -46,9 +48,6 @@ class Registry:
     @classmethod
     def from_spec(cls, base: str, quantization: str = "none", device: str | None = None,
                   **kw) -> Registry:
-        from ..config import ModelConfig
-        from ..model import load_base
-
         model, tok = load_base(ModelConfig(name=base, quantization=quantization), device)
         return cls(model, tok, base_name=kw.pop("base_name", BASE_NAME), **kw)
 
@@ -64,8 +63,6 @@ class Registry:
         if not NAME_RE.fullmatch(name or "") or name in (self.base_name, PEFT_NO_ADAPTER):
             raise RegistryError(f"adapter name {name!r}: expected 1-64 characters of "
                                 f"A-Z a-z 0-9 . _ - and not {self.base_name!r}")
-        from ..adapter import load_adapter
-
         evicted = []
         with self._lock:
             if name in self._lru:

@@ -14,6 +14,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+# fastapi and uvicorn are the `serve` extra: only this module needs them, and the CLI imports
+# it on `adapters serve` alone (with an install hint when they are missing).
+import uvicorn
 from fastapi import Depends, FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
@@ -191,7 +194,7 @@ def create_app(registry: Registry, adapter_root: str | Path | None = None,
                max_batch: int = 16, max_queue: int = 64):
     """The FastAPI app; its engine starts now and stops with the app."""
     engine = Engine(registry, max_batch=max_batch, max_queue=max_queue)
-    svc = Service(registry, engine, limits or Limits(context=_context_len(registry.model)),
+    svc = Service(registry, engine, limits or Limits(context=context_len(registry.model)),
                   Path(adapter_root) if adapter_root else None)
 
     def check_key(request: HttpRequest) -> None:
@@ -298,7 +301,8 @@ def _adapter_routes(app: FastAPI, svc: Service) -> None:
         return {"id": name, "object": "model", "deleted": True}
 
 
-def _context_len(model) -> int | None:
+def context_len(model) -> int | None:
+    """The model's context length from its config, or None when it does not say."""
     cfg = getattr(model, "config", None)
     for key in ("max_position_embeddings", "n_positions"):
         value: Any = getattr(cfg, key, None)
@@ -308,6 +312,4 @@ def _context_len(model) -> int | None:
 
 
 def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    import uvicorn
-
     uvicorn.run(app, host=host, port=port, log_level=log_level)
