@@ -112,6 +112,27 @@ class RunConfig:
 
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+
+
+def _field(section: type, key: str) -> dataclasses.Field:
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if key not in fields:
+        raise KeyError(f"{section.__name__} has no field {key!r}")
+    return fields[key]
+
+
+def field_choices(section: type, key: str) -> tuple[str, ...]:
+    """The values a schema field allows, e.g. `field_choices(DataConfig, "format")`.
+
+    The CLI reads its flag choices here, so a flag and its recipe key never disagree.
+    """
+    return tuple(_field(section, key).metadata.get("choices", ()))
+
+
+def field_default(section: type, key: str) -> Any:
+    """A schema field's default, e.g. `field_default(DataConfig, "max_seq_len")`."""
+    f = _field(section, key)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 _SECTION_TYPES = typing.get_type_hints(RunConfig)
 
 # Positive integers: a zero or negative value here is always a mistake.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA checks, as one script for a lent GPU machine (see README "GPU check").
+# The CUDA checks, as one script for a lent GPU machine (its results: README "Training").
 # Expects wheels in .whl/ (bitsandbytes, peft, datasets, dill, multiprocess, transformers)
 # and .gpu/smollm2/ holding SmolLM2-135M's config and tokenizer (no weights: the machine
 # has no hub access, so the benchmarks run a random model of that exact shape).

@@ -4,7 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from adapters.config import RunConfig, load_recipe
+from adapters.config import (
+    QUANTIZATIONS,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    field_choices,
+    field_default,
+    load_recipe,
+)
 from adapters.errors import ConfigError
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
@@ -70,3 +78,16 @@ def test_bad_override_syntax():
         load_recipe(None, ["steps=10"])
     with pytest.raises(ConfigError, match="train.step"):
         load_recipe(None, ["train.step=10"])
+
+
+def test_field_choices_and_defaults_read_the_schema():
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(DataConfig)}
+    assert field_choices(DataConfig, "format") == fields["format"].metadata["choices"]
+    assert field_choices(ModelConfig, "quantization") == QUANTIZATIONS
+    assert field_choices(DataConfig, "max_seq_len") == ()  # a field without choices
+    assert field_default(DataConfig, "max_seq_len") == DataConfig().max_seq_len
+    assert field_default(RunConfig, "data") == DataConfig()  # default_factory
+    with pytest.raises(KeyError, match="DataConfig has no field 'fromat'"):
+        field_choices(DataConfig, "fromat")

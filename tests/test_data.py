@@ -1,7 +1,9 @@
 """Data pipeline: exact ids/labels, masking, packing isolation, errors, cache, preview."""
 
 import csv
+import re
 
+import datasets
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,11 +12,11 @@ from conftest import write_jsonl
 from adapters.config import DataConfig, ModelConfig
 from adapters.data import build
 from adapters.data.packing import Batcher, collate_packed, pack_bins
+from adapters.data.sources import expand, read_rows
 from adapters.errors import DataError
 from adapters.model import load_base
 
 EOS = "<|endoftext|>"
-
 
 
 def _csv(path, rows, header=("input", "output")):
@@ -209,10 +211,52 @@ def test_empty_dataset_and_all_dropped(tiny_tok, tmp_path):
         _build(tiny_tok, train=str(g), max_seq_len=16, overlong="drop")
 
 
-def test_hub_name_offline_fails_fast(tiny_tok, monkeypatch):
+@pytest.mark.parametrize("hub_id", ["someuser/somedataset", "someuser/some.dataset-v1.1"])
+@pytest.mark.parametrize("env", [("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "true")])
+def test_hub_id_offline_names_the_id_at_once(hub_id, env, tiny_tok, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv(*env)
+    monkeypatch.chdir(tmp_path)  # no local someuser/ folder
+
+    def boom(*a, **k):
+        raise AssertionError("the hub was contacted while offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", boom)
+    msg = rf"data.train: {re.escape(hub_id)}: not a local file .* the hub is offline"
+    with pytest.raises(DataError, match=msg):
+        _build(tiny_tok, train=hub_id)
+    with pytest.raises(DataError, match=re.escape(hub_id) + ".*offline"):
+        read_rows(hub_id)
+    local = _csv(tmp_path / "qa.csv", [("q", "a")])
+    with pytest.raises(DataError, match="data.eval: .*offline"):  # in a list or as eval too
+        _build(tiny_tok, train=[str(local)], eval=hub_id)
+
+
+def test_a_missing_file_with_a_data_extension_is_not_a_hub_id(tiny_tok, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DataError, match="hub"):
-        _build(tiny_tok, train="someone/some-dataset")
+    with pytest.raises(DataError, match="data/qa.csv: data file not found"):
+        _build(tiny_tok, train="data/qa.csv")
+
+
+def test_hub_id_online_loads_through_datasets(tiny_tok, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        return datasets.Dataset.from_dict({"input": ["What is 1+1?", "What is 2+2?"],
+                                           "output": ["2", "4"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    local = _csv(tmp_path / "qa.csv", [("q", "a")])
+    bundle = _build(tiny_tok, train=["someuser/somedataset", str(local)])
+    assert calls == [("someuser/somedataset", "train")]
+    assert bundle.train.stats["rows"] == 3 and bundle.train.stats["examples"] == 3
+    assert tiny_tok.decode(bundle.train.dataset[0]["input_ids"]) == f"What is 1+1?\n2{EOS}"
+    # A hub id names no local file: the manifest's file list (expand) skips it, not fails.
+    assert expand(["someuser/somedataset", str(local)]) == [local]
 
 
 # ---- packing ----

@@ -10,52 +10,58 @@ import sys
 import textwrap
 
 from ..config import BASE_NAME
+from ..errors import AdaptersError
+from ..serving.registry import Registry
+from .common import (
+    add_adapter_flags,
+    add_base_flags,
+    base_of,
+    device,
+    existing_dir,
+    non_negative_float,
+    port,
+    positive_int,
+    unique,
+    unit_interval,
+)
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", help="base model: hub id, folder or `default` "
-                                  "(default: the first adapter's manifest base)")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                   help="an adapter folder (or .zip from `adapters pack`); repeat for more")
-    p.add_argument("--quantization", choices=["none", "8bit", "4bit"], default="none")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    add_base_flags(p)
+    add_adapter_flags(p)
+    p.add_argument("--device", type=device,
+                   help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="load adapters trained on other weights of the same architecture")
 
 
-def _registry(args, capacity: int | None = None):
-    from ..errors import ConfigError
-    from ..merge import read_base_name
-    from ..serving.registry import Registry
-    from . import _pair
-
-    adapters = [_pair(a, "--adapter") for a in args.adapter]
-    base = args.base or (read_base_name(adapters[0][1]) if adapters else None)
-    if not base:
-        raise ConfigError("--base is needed (or an --adapter whose manifest names its base)")
+def _registry(args: argparse.Namespace, capacity: int | None = None) -> Registry:
+    adapters = unique(args.adapter, "--adapter")
+    base = base_of(args, adapters)
     reg = Registry.from_spec(base, quantization=args.quantization, device=args.device,
                              capacity=capacity or max(8, len(adapters)),
                              allow_base_mismatch=args.allow_base_mismatch)
-    for name, path in adapters:
+    for name, path in adapters.items():
         reg.load(name, path)
     return reg
 
 
 def _add_generate(p: argparse.ArgumentParser) -> None:
-    _add_common(p)
+    _add_model_flags(p)
     p.add_argument("--prompt", action="append", required=True, help="repeat for several")
     p.add_argument("--chat", action="store_true", help="render the prompt as a user message "
                                                        "with the model's chat template")
     p.add_argument("--with-base", action="store_true", help="also answer with the plain base")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0,
+                   help="0 = greedy (default)")
+    p.add_argument("--top-p", type=unit_interval, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string; repeat for more")
     p.add_argument("--json", action="store_true", help="print JSON instead of columns")
 
 
-def cmd_generate(args) -> int:
+def cmd_generate(args: argparse.Namespace) -> int:
     reg = _registry(args)
     models = ([None] if args.with_base or not reg.names() else []) + reg.names()
     # Every (prompt, model) pair in one mixed batch: one forward per new token for all.
@@ -91,36 +97,34 @@ def side_by_side(labels: list[str], texts: list[str], width: int | None = None) 
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
-    _add_common(p)
-    p.add_argument("--adapter-root", metavar="DIR",
+    _add_model_flags(p)
+    p.add_argument("--adapter-root", metavar="DIR", type=existing_dir,
                    help="allow POST /v1/adapters to load folders inside DIR (only there)")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000, help="default 8000; 0: any free port")
     p.add_argument("--api-key", default=os.environ.get("ADAPTERS_API_KEY") or None,
                    help="require `Authorization: Bearer KEY` (default: $ADAPTERS_API_KEY)")
     p.add_argument("--base-name", default=BASE_NAME, help="the `model` id of the plain base")
-    p.add_argument("--capacity", type=int, default=16,
+    p.add_argument("--capacity", type=positive_int, default=16,
                    help="adapters kept in memory; the least recently used is evicted")
-    p.add_argument("--max-batch", type=int, default=16, help="rows per batch")
-    p.add_argument("--max-queue", type=int, default=64,
+    p.add_argument("--max-batch", type=positive_int, default=16, help="rows per batch")
+    p.add_argument("--max-queue", type=positive_int, default=64,
                    help="waiting requests before new ones get HTTP 429")
-    p.add_argument("--max-tokens-limit", type=int, default=512,
+    p.add_argument("--max-tokens-limit", type=positive_int, default=512,
                    help="the largest max_tokens a request may ask for")
-    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted")
+    p.add_argument("--max-prompt-tokens", type=positive_int, help="longest prompt accepted")
 
 
-def cmd_serve(args) -> int:
-    try:
-        from ..serving.server import Limits, create_app, serve
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:  # here, not at the top: fastapi/uvicorn are the optional `serve` extra
+        from ..serving.server import Limits, context_len, create_app, serve
     except ImportError as e:
-        print(f"error: adapters serve needs the serve extra: pip install 'adapterkit[serve]' "
-              f"({e})", file=sys.stderr)
-        return 1
-    from ..serving.server import _context_len
+        raise AdaptersError(f"adapters serve needs the serve extra: pip install "
+                            f"'adapterkit[serve]' ({e})") from None
 
     reg = _registry(args, capacity=args.capacity)
     reg.base_name = args.base_name
-    limits = Limits(args.max_tokens_limit, args.max_prompt_tokens, _context_len(reg.model))
+    limits = Limits(args.max_tokens_limit, args.max_prompt_tokens, context_len(reg.model))
     app = create_app(reg, adapter_root=args.adapter_root, api_key=args.api_key, limits=limits,
                      max_batch=args.max_batch, max_queue=args.max_queue)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

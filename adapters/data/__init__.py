@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from ..config import IGNORE_INDEX, DataConfig
 from ..errors import DataError
 from .formats import SkipRow, check_columns, row_segments
-from .sources import Row, read_rows
+from .sources import Row, check_sources, read_rows
 from .tokenize import tokenize_segments
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,23 @@ def _split(rows: list[Row], cfg: DataConfig, tokenizer, name: str, cache: bool) 
     return Split(ds, stats)
 
 
+def check_data(cfg: DataConfig) -> None:
+    """Fail now, reading no rows, when `data.train` or `data.eval` names nothing readable
+    (a missing file, an empty folder, a hub id while offline): run it before a model loads."""
+    for name in ("train", "eval"):
+        spec = getattr(cfg, name)
+        if spec is not None:
+            try:
+                check_sources(spec)
+            except DataError as e:
+                raise DataError(f"data.{name}: {e}") from None
+
+
 def build(cfg: DataConfig, tokenizer, seed: int = 0, cache: bool = True) -> DataBundle:
     """Load, validate and tokenise the train (and eval) data a recipe's `data` section names."""
     if cfg.train is None:
         raise DataError("data.train: no training data given (a file, folder, glob or list)")
+    check_data(cfg)  # a missing eval file fails before the train files are read
     rows, _ = read_rows(cfg.train, cfg.text_unit)
     eval_rows: list[Row] = []
     if cfg.eval is not None:

@@ -2,8 +2,9 @@
 
 Packing puts several examples in one row of at most `max_len` tokens. Position ids restart
 at 0 for each example and a boolean block-diagonal causal mask `(B, 1, T, T)` keeps examples
-from attending to each other: with SDPA this gives each example exactly its solo logits
-(restarting position ids alone does not; see DESIGN.md).
+from attending to each other: with SDPA this gives each example exactly its solo logits.
+Restarting position ids alone does not: without the mask, under SDPA or eager attention, a
+packed example's logits differ from its solo ones (tests/test_data.py checks the isolation).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..config import IGNORE_INDEX, RunConfig
 from ..model import load_tokenizer, resolve_model_path
-from . import build
+from . import build, check_data
 from .packing import pack_bins
 
 _ON, _OFF = "\x1b[1;32m", "\x1b[0m"
@@ -48,6 +48,8 @@ def summary(stats: dict, lengths: list[int], max_len: int, packing: bool) -> dic
 
 
 def preview(cfg: RunConfig, n: int = 3, color: bool = False) -> str:
+    """The first `n` training examples with their loss tokens marked, then a summary."""
+    check_data(cfg.data)  # before the tokenizer: a data mistake costs no model conversion
     tok = load_tokenizer(resolve_model_path(cfg.model.name))
     data = build(cfg.data, tok, seed=cfg.train.seed)
     ds = data.train.dataset

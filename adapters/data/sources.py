@@ -11,13 +11,20 @@ import csv
 import glob
 import io
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
+import pyarrow.parquet as pq
+
 from ..errors import DataError
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name
+_TRUE = {"1", "ON", "YES", "TRUE"}  # how huggingface_hub reads its boolean variables
 
 
 @dataclass
@@ -26,31 +33,75 @@ class Row:
     where: str  # "file.csv:12" (line) or "file.parquet row 3"
 
 
-def expand(spec: str | list[str]) -> list[Path]:
-    """Files named by a path, folder (its data files, sorted) or glob; several with a list."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    files: list[Path] = []
-    for s in specs:
-        p = Path(s).expanduser()
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.suffix in EXTENSIONS and q.is_file())
-            if not found:
-                raise DataError(f"{p}: folder has no data files ({', '.join(EXTENSIONS)})")
-            files += found
-        elif any(c in s for c in "*?["):
-            found = sorted(Path(q) for q in glob.glob(str(p), recursive=True))
-            if not found:
-                raise DataError(f"{s}: the pattern matches no file")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"{p}: data file not found")
+def is_hub_id(spec: str) -> bool:
+    """`owner/name` that is no local path and has no data-file extension: a hub dataset id.
+
+    `data/qa.csv` that does not exist stays a missing file (its extension says so).
+    """
+    return (isinstance(spec, str) and _HUB_ID.fullmatch(spec) is not None
+            and not Path(spec).expanduser().exists()
+            and Path(spec).suffix not in EXTENSIONS)
+
+
+def hub_offline() -> bool:
+    """True when the environment forbids the hub (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
+    return any(os.environ.get(v, "").strip().upper() in _TRUE
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _specs(spec: str | list[str]) -> list[str]:
+    return [spec] if isinstance(spec, str) else list(spec)
+
+
+def _local_files(s: str) -> list[Path]:
+    """The files one local spec (a path, folder or glob) names; a DataError if none."""
+    p = Path(s).expanduser()
+    if p.is_dir():
+        files = sorted(q for q in p.rglob("*") if q.suffix in EXTENSIONS and q.is_file())
+        if not files:
+            raise DataError(f"{p}: folder has no data files ({', '.join(EXTENSIONS)})")
+    elif any(c in s for c in "*?["):
+        files = sorted(Path(q) for q in glob.glob(str(p), recursive=True))
+        if not files:
+            raise DataError(f"{s}: the pattern matches no file")
+    elif p.is_file():
+        files = [p]
+    else:
+        raise DataError(f"{p}: data file not found")
     for f in files:
         if f.suffix not in EXTENSIONS:
             raise DataError(f"{f}: unknown extension {f.suffix!r}; expected one of "
                             f"{', '.join(EXTENSIONS)}")
     return files
+
+
+def expand(spec: str | list[str]) -> list[Path]:
+    """Local files named by a path, folder (its data files, sorted) or glob; several with a list.
+
+    A hub dataset id names no local file and adds none (`read_rows` loads it from the hub).
+    """
+    return [f for s in _specs(spec) if not is_hub_id(s) for f in _local_files(s)]
+
+
+def _offline_error(name: str) -> DataError:
+    return DataError(
+        f"{name}: not a local file or folder, so it is read as a hub dataset id, but the hub "
+        "is offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set). Unset it, or download "
+        f"the dataset where there is a network (datasets.load_dataset({name!r}).to_json(...)) "
+        "and use the local file instead")
+
+
+def check_sources(spec: str | list[str]) -> None:
+    """Fail now, without reading rows, when a data spec names nothing that can be read:
+    a missing file, an empty folder or glob, a bad extension, or a hub id while offline.
+
+    Callers run it before loading a model, so such a mistake costs no model load.
+    """
+    for s in _specs(spec):
+        if not is_hub_id(s):
+            _local_files(s)
+        elif hub_offline():
+            raise _offline_error(s)
 
 
 def _decode(path: Path) -> str:
@@ -119,8 +170,6 @@ def _read_csv(path: Path, delimiter: str) -> list[Row]:
 
 
 def _read_parquet(path: Path) -> list[Row]:
-    import pyarrow.parquet as pq
-
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several unrelated types for a bad file
@@ -148,34 +197,30 @@ def read_file(path: Path, text_unit: str = "line") -> list[Row]:
     return _read_txt(path, text_unit)
 
 
-def _looks_like_hub_id(spec: str) -> bool:
-    return (isinstance(spec, str) and spec.count("/") == 1 and not Path(spec).exists()
-            and not spec.startswith((".", "/", "~")) and Path(spec).suffix == "")
-
-
 def read_hub(name: str, split: str = "train") -> list[Row]:
     """A dataset from the hub; offline this fails at once with a clear error, never hangs."""
-    import os
-
-    import datasets
-
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        raise DataError(f"{name}: hub datasets need a network; HF_HUB_OFFLINE is set. "
-                        "Download it elsewhere and point data.train at the local files")
+    if hub_offline():
+        raise _offline_error(name)
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # network and hub errors come in many types
         raise DataError(f"{name}: not a local file and could not be loaded from the hub "
                         f"({type(e).__name__}: {str(e)[:200]})") from e
-    return [Row(r, f"{name} row {i}") for i, r in enumerate(ds)]
+    return [Row(dict(r), f"{name} row {i}") for i, r in enumerate(ds)]
 
 
 def read_rows(spec: str | list[str], text_unit: str = "line") -> tuple[list[Row], list[Path]]:
-    """All rows of a data spec, in file order, and the files they came from."""
-    if isinstance(spec, str) and _looks_like_hub_id(spec):
-        return read_hub(spec), []
-    files = expand(spec)
+    """All rows of a data spec, in order, and the local files they came from.
+
+    Each entry is a local path, folder or glob, or an `owner/name` hub dataset id.
+    """
     rows: list[Row] = []
-    for f in files:
-        rows += read_file(f, text_unit)
+    files: list[Path] = []
+    for s in _specs(spec):
+        if is_hub_id(s):
+            rows += read_hub(s)
+            continue
+        for f in _local_files(s):
+            rows += read_file(f, text_unit)
+            files.append(f)
     return rows, files

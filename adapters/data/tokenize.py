@@ -11,6 +11,8 @@ import hashlib
 import json
 from pathlib import Path
 
+import datasets
+
 from ..config import IGNORE_INDEX
 from ..model import adapters_home
 
@@ -88,8 +90,6 @@ def _encode_batch(batch: dict, tokenizer, max_len: int, mode: str, chunk: bool) 
 def tokenize_segments(segments: list[list[tuple[str, bool]]], tokenizer, max_len: int,
                       mode: str, chunk: bool, cache: bool = True, progress: bool = False):
     """A datasets.Dataset with columns input_ids, labels, row (source index), truncated."""
-    import datasets
-
     key = hashlib.sha256(json.dumps([segments, tokenizer_key(tokenizer), max_len, mode, chunk],
                                     ensure_ascii=False).encode()).hexdigest()[:24]
     cache_dir = adapters_home() / "datasets"
