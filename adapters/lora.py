@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 
 import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model, prepare_model_for_kbit_training
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .config import LoraConfig
 from .errors import ModelError
@@ -24,8 +27,6 @@ PRESETS: dict[str, list[str]] = {
 
 
 def _is_linear(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
     # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear.
     return isinstance(module, (nn.Linear, Conv1D))
 
@@ -59,9 +60,6 @@ def resolve_targets(model: nn.Module, targets: str | list[str]) -> str | list[st
 
 def attach_lora(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default"):
     """Wrap `model` in a peft LoRA model; only the LoRA weights require grad."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
     targets = resolve_targets(model, cfg.targets)
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(
         model, "is_loaded_in_8bit", False)

@@ -14,9 +14,12 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.utils import logging as hf_logging
 
 from .config import ModelConfig
 from .errors import ModelError
+from .io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +55,6 @@ def default_model_dir(progress: bool = True) -> Path:
     target = adapters_home() / "models" / _DEFAULT_FOLDER
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from .io import atomic_dir
 
     gguf = _gguf_path()
     if not progress:
@@ -115,8 +114,6 @@ def default_device() -> str:
 
 
 def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -131,8 +128,6 @@ def load_tokenizer(path: str):
 
 
 def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
-    from transformers import BitsAndBytesConfig
-
     if cfg.quantization == "4bit":
         return BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
@@ -149,7 +144,6 @@ def load_base(cfg: ModelConfig, device: str | None = None):
     Quantized bases keep norms and embeddings in the compute dtype; all linear layers but the
     lm_head are stored in 4 or 8 bits by bitsandbytes.
     """
-    from transformers import AutoModelForCausalLM
 
     device = device or default_device()
     path = resolve_model_path(cfg.name)

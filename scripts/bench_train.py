@@ -84,7 +84,7 @@ def worker_ours(args: dict) -> dict:
     from adapters.config import from_dict
     from adapters.data import build
     from adapters.model import load_tokenizer
-    from adapters.train import train
+    from adapters.training import train
 
     work = Path(args["work"])
     cfg = recipe(args, args["case"], work)
