@@ -2,7 +2,9 @@
 
 import pytest
 import torch
-from conftest import trained_adapter
+from conftest import make_gpt2, trained_adapter
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 
 from adapters.config import BASE_NAME, ModelConfig
 from adapters.errors import AdapterFileError
@@ -24,9 +26,9 @@ def folders(tmp_path_factory, tiny_gpt2, tiny_llama):
     return out
 
 
-def registry(path, folders, **kw) -> Registry:
+def registry(path, folders, fast=True, **kw) -> Registry:
     model, tok = load_base(ModelConfig(name=str(path), dtype="fp32", **kw))
-    reg = Registry(model, tok, capacity=8)
+    reg = Registry(model, tok, capacity=8, fast=fast)
     for i, f in enumerate(folders):
         reg.load(f"a{i}", f)
     return reg
@@ -34,7 +36,8 @@ def registry(path, folders, **kw) -> Registry:
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_mixed_batch_equals_one_adapter_at_a_time(arch, folders, tiny_gpt2, tiny_llama):
-    reg = registry({"gpt2": tiny_gpt2, "llama": tiny_llama}[arch], folders[arch])
+    path = {"gpt2": tiny_gpt2, "llama": tiny_llama}[arch]
+    reg = registry(path, folders[arch])
     names = [None, "a0", "a1", "a2", "a3"]
     alone = {n: reg.generate(PROMPTS, n, max_new_tokens=10) for n in names}
     assert len({tuple(v) for v in alone.values()}) == len(names)  # each adapter answers its own
@@ -42,8 +45,11 @@ def test_mixed_batch_equals_one_adapter_at_a_time(arch, folders, tiny_gpt2, tiny
     pairs = [(p, n) for n in names for p in PROMPTS][::-1]
     mixed = reg.generate([p for p, _ in pairs], [n for _, n in pairs], max_new_tokens=10)
     assert mixed == [alone[n][PROMPTS.index(p)] for p, n in pairs]
-    reg.fast = False  # peft's own mixed-batch path gives the same answers as our batched LoRA
-    assert reg.generate([p for p, _ in pairs], [n for _, n in pairs], max_new_tokens=10) == mixed
+    assert not any(isinstance(m, LoraLayer) for m in reg.model.modules())  # no peft layers
+    # peft's own mixed-batch path gives the same answers as our batched LoRA
+    peft_reg = registry(path, folders[arch], fast=False)
+    assert peft_reg.generate([p for p, _ in pairs], [n for _, n in pairs],
+                             max_new_tokens=10) == mixed
 
 
 def _hf_greedy(model, tok, ids: list[int], n: int) -> list[int]:
@@ -58,19 +64,19 @@ def _hf_greedy(model, tok, ids: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("adapter", [None, "a0"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_decode_matches_hf_generate_greedy(arch, adapter, tiny_gpt2, tiny_llama, folders):
-    reg = registry({"gpt2": tiny_gpt2, "llama": tiny_llama}[arch], folders[arch][:2])
+    path = {"gpt2": tiny_gpt2, "llama": tiny_llama}[arch]
+    reg = registry(path, folders[arch][:2])
     ids = reg.encode(PROMPTS[0])
     n = 16
-    if adapter is None:
-        with reg.model.disable_adapter():
-            ref = _hf_greedy(reg.model, reg.tok, ids, n)
-    else:
-        reg.model.set_adapter(adapter)
-        ref = _hf_greedy(reg.model, reg.tok, ids, n)
+    model, tok = load_base(ModelConfig(name=str(path), dtype="fp32"))
+    if adapter is not None:  # the reference: the adapter through plain peft
+        model = PeftModel.from_pretrained(model, str(folders[arch][0]))
+    ref = _hf_greedy(model, tok, ids, n)
     assert ref, "the reference stops at once: pick a prompt the random model continues"
     via_registry = reg.run([Request(ids, adapter, Sampling(max_new_tokens=n))])[0]  # batched LoRA
-    via_peft = decode(reg.model, reg.tok, [Request(ids, adapter, Sampling(max_new_tokens=n))],
-                      peft=True)[0]  # peft's adapter_names
+    via_peft = decode(model, tok, [Request(ids, adapter and "default",
+                                           Sampling(max_new_tokens=n))],
+                      peft=adapter is not None)[0]  # peft's adapter_names
     for out in (via_registry, via_peft):
         assert out.token_ids == ref
         assert out.finish_reason == ("length" if len(ref) == n else "stop")
@@ -126,21 +132,21 @@ def test_eviction_is_least_recently_used_and_spares_adapters_in_use(tiny_gpt2, f
     reg.generate(PROMPTS[:1], "a", max_new_tokens=2)  # "a" is now the most recent
     assert reg.load("c", f[2]) == ["b"]
     assert reg.names() == ["a", "c"]
-    reg._touch(["a"])  # a request is using "a" (as the server does while decoding)
+    reg.acquire(["a"])  # a request is using "a" (as the server does while decoding)
     reg.generate(PROMPTS[:1], "c", max_new_tokens=2)  # so "a" is older, but busy
     assert reg.load("d", f[3]) == ["c"]
     with pytest.raises(RegistryError, match="in use"):
         reg.unload("a")
-    reg._release(["a"])
+    reg.release(["a"])
     reg.unload("a")
-    assert reg.names() == ["d"] and "a" not in reg.model.peft_config
+    assert reg.names() == ["d"] and reg.peft_name("d") is None  # batched: no peft layers
     with pytest.raises(RegistryError, match="no adapter named"):
         reg.generate(PROMPTS[:1], "a")
 
 
 def test_names_are_checked_and_a_wrong_base_is_refused(tiny_gpt2, tiny_llama, folders):
     reg = registry(tiny_gpt2, [])
-    for bad in ["", "a/b", "../x", "x" * 65, BASE_NAME]:
+    for bad in ["", "a/b", "../x", "x" * 65, BASE_NAME, ".", "..", "-x", "a\x00"]:
         with pytest.raises(RegistryError, match="adapter name"):
             reg.load(bad, folders["gpt2"][0])
     with pytest.raises(AdapterFileError, match="another base"):
@@ -155,3 +161,64 @@ def test_mixed_batch_on_a_4bit_base(tiny_llama, folders):
     alone = [reg.generate([p], n, max_new_tokens=6)[0] for p, n in zip(PROMPTS, names)]
     assert all(alone)
     assert reg.generate(PROMPTS, names, max_new_tokens=6) == alone
+
+
+def test_a_load_that_fails_half_way_leaves_the_model_as_it_was(tiny_gpt2, tiny_tok, tmp_path,
+                                                                 folders):
+    # An adapter for a narrower GPT-2 and no manifest to refuse it early: peft wraps the layers
+    # in place, then fails on the first tensor of the wrong shape.
+    other = make_gpt2(tmp_path / "other", tiny_tok, n_embd=32)
+    trained_adapter(other, tmp_path / "wrong")
+    (tmp_path / "wrong" / "manifest.json").unlink()
+    model, tok = load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))
+    reg = Registry(model, tok, capacity=1)
+    before = reg.generate(PROMPTS, None, max_new_tokens=6)
+    with pytest.raises(AdapterFileError, match="does not fit"):
+        reg.load("w", tmp_path / "wrong")  # the first load: the plain base was wrapped
+    assert not any(isinstance(m, LoraLayer) for m in reg.model.modules())
+    assert reg.generate(PROMPTS, None, max_new_tokens=6) == before
+    reg.load("v1.2", folders["gpt2"][0])  # a dotted name (peft refuses "." in its own)
+    ours = reg.generate(PROMPTS, "v1.2", max_new_tokens=6)
+    assert ours != before
+    for bad in (tmp_path / "wrong", tmp_path / "missing"):  # replacing, at full capacity
+        with pytest.raises(AdapterFileError):
+            reg.load("v1.2", bad)
+        with pytest.raises(AdapterFileError):
+            reg.load("other", bad)
+        assert reg.names() == ["v1.2"]
+        assert not any(isinstance(m, LoraLayer) for m in reg.model.modules())
+        assert reg.generate(PROMPTS, "v1.2", max_new_tokens=6) == ours
+    assert reg.load("v1.2", folders["gpt2"][1]) == []  # a good reload swaps it
+    assert reg.generate(PROMPTS, "v1.2", max_new_tokens=6) != ours
+
+
+def test_a_row_that_fails_ends_alone_and_the_batch_goes_on(tiny_gpt2, folders):
+    reg = registry(tiny_gpt2, folders["gpt2"][:2])
+    names = ["a0", "a1", None, "a0"]
+    alone = [reg.generate([p], n, max_new_tokens=8)[0] for p, n in zip(PROMPTS, names)]
+    done: list[int] = []
+
+    def gone(text):  # what call_soon_threadsafe does once the server's event loop is closed
+        raise RuntimeError("Event loop is closed")
+
+    bad = Request(reg.encode(PROMPTS[0]), "a1", Sampling(8, temperature=0.7, seed=3), on_text=gone,
+                  on_done=lambda out: done.append(len(out.token_ids)))
+    reqs = [Request(reg.encode(p), n, Sampling(8)) for p, n in zip(PROMPTS, names)]
+    outs = reg.run(reqs[:2] + [bad] + reqs[2:])
+    assert [o.text for i, o in enumerate(outs) if i != 2] == alone
+    assert outs[2].finish_reason == "error" and "Event loop is closed" in outs[2].error
+    assert done == [len(outs[2].token_ids)] and done[0] >= 1  # told once, when it failed
+    # a temperature too small to divide by is greedy; a seed past 64 bits wraps
+    tiny = reg.generate(PROMPTS, names, max_new_tokens=8, temperature=1e-40, seed=2**64 + 5)
+    assert tiny == alone
+
+
+def test_stop_strings_are_found_across_token_boundaries(tiny_gpt2, folders):
+    reg = registry(tiny_gpt2, folders["gpt2"][:1])
+    full = reg.generate(PROMPTS[1:2], "a0", max_new_tokens=24)[0]
+    assert len(full) > 20
+    for k in range(0, 16, 3):  # stops of 5 characters starting anywhere in the answer
+        stop = full[k:k + 5]
+        decoy = "\x00never" * 40
+        out = reg.generate(PROMPTS[1:2], "a0", max_new_tokens=24, stop=[decoy, stop])[0]
+        assert out == full[:full.index(stop)], (k, stop)

@@ -177,7 +177,7 @@ def test_hot_load_is_confined_to_the_adapter_root(server, root, tmp_path):
         return http("POST", server.url + "/v1/adapters", body)
 
     outside = tmp_path / "outside"
-    trained_adapter(server.server.config.app.state.engine.reg.model.get_base_model()
+    trained_adapter(server.server.config.app.state.engine.reg.base()
                      .name_or_path, outside, seed=9)
     (root / "link-out").symlink_to(outside, target_is_directory=True)
     for path in ["../outside", str(outside), "link-out", "a0/../../outside"]:

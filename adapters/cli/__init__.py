@@ -22,11 +22,13 @@ from .merging import COMMANDS as MERGE_COMMANDS
 from .share import COMMANDS as SHARE_COMMANDS
 from .tools import COMMANDS as TOOL_COMMANDS
 from .training import COMMANDS as TRAIN_COMMANDS
+from .ui import COMMANDS as UI_COMMANDS
 
 # name -> (help, add-arguments, run), in the order `adapters --help` lists them
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     **TRAIN_COMMANDS, **EVAL_COMMANDS, **MERGE_COMMANDS, **INFER_COMMANDS, **SHARE_COMMANDS,
     **TOOL_COMMANDS,
+    **UI_COMMANDS,
 }
 
 

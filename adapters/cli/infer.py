@@ -108,6 +108,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--capacity", type=positive_int, default=16,
                    help="adapters kept in memory; the least recently used is evicted")
     p.add_argument("--max-batch", type=positive_int, default=16, help="rows per batch")
+    p.add_argument("--max-kv-tokens", type=positive_int, default=65536,
+                   help="KV cache budget (rows x longest prompt + max_tokens); beyond it "
+                        "requests wait")
     p.add_argument("--max-queue", type=positive_int, default=64,
                    help="waiting requests before new ones get HTTP 429")
     p.add_argument("--max-tokens-limit", type=positive_int, default=512,
@@ -126,7 +129,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     reg.base_name = args.base_name
     limits = Limits(args.max_tokens_limit, args.max_prompt_tokens, context_len(reg.model))
     app = create_app(reg, adapter_root=args.adapter_root, api_key=args.api_key, limits=limits,
-                     max_batch=args.max_batch, max_queue=args.max_queue)
+                     max_batch=args.max_batch, max_queue=args.max_queue,
+                     max_kv_tokens=args.max_kv_tokens)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this "
               "port can use the model", file=sys.stderr)

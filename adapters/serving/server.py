@@ -1,13 +1,14 @@
 """OpenAI-compatible HTTP server over one base and its adapters (`pip install adapterkit[serve]`).
 
 `model` in a request is the base's name or an adapter's; requests for different adapters
-run together in one batch (engine.py). Errors use OpenAI's shape: {"error": {"message", ...}}.
+run together in one batch (engine.py). What a request may ask for, the error shape and the
+stream's events are protocol.py; here are the routes, the adapter root and hot loads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import os
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -17,84 +18,55 @@ from typing import Any
 # fastapi and uvicorn are the `serve` extra: only this module needs them, and the CLI imports
 # it on `adapters serve` alone (with an install hint when they are missing).
 import uvicorn
-from fastapi import Depends, FastAPI
-from fastapi import Request as HttpRequest
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..adapter import CARD_FILE, CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
 from ..errors import AdaptersError
 from .decode import Output, Request, Sampling
 from .engine import Engine, QueueFull
-from .registry import Registry
+from .protocol import (
+    ApiError,
+    ChatBody,
+    CompletionBody,
+    Guard,
+    Limits,
+    LoadAdapterBody,
+    error_body,
+    short,
+    sse_events,
+    usage,
+)
+from .registry import Registry, RegistryError
+from .ui import install as install_ui
 
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+# Files that peft or our checks read from an adapter folder: each must resolve inside the root.
+READ_FILES = (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE, CARD_FILE, "adapter_model.bin")
 
 
 def inside_root(root: Path, path: str) -> Path:
-    """The real path of `path` (relative to root, or absolute) if it lies inside root."""
-    real_root = root.resolve()
-    target = (real_root / path).resolve()  # follows every link, collapses ".."
-    if not target.is_relative_to(real_root):
-        raise ApiError(403, f"path {path!r} is outside the adapter root", param="path")
+    """The real path of `path` (relative to root, or absolute) if it lies inside root.
+
+    Every file of the adapter that will be read (READ_FILES) must resolve inside root too, so a
+    link inside the root cannot point the load at a file outside it. A path the OS refuses (a
+    NUL byte, a name or path too long) is a 400.
+    """
+    try:
+        real_root = root.resolve()
+        target = (real_root / path).resolve()  # follows every link, collapses ".."
+        if not target.is_relative_to(real_root):
+            raise ApiError(403, f"path {short(path)} is outside the adapter root", param="path")
+        files = [target / f for f in READ_FILES if target.is_dir() and os.path.lexists(target / f)]
+        for f in files:
+            if not f.resolve().is_relative_to(real_root):
+                raise ApiError(403, f"path {short(path)}: {f.name} links to a file outside the "
+                                    "adapter root", param="path")
+    except (OSError, ValueError) as e:  # ENAMETOOLONG, "embedded null byte", ...
+        why = getattr(e, "strerror", None) or str(e)
+        raise ApiError(400, f"path {short(path)} cannot be used: {why}", param="path") from None
     return target
-
-
-class Limits:
-    def __init__(self, max_new_tokens: int = 512, max_prompt_tokens: int | None = None,
-                 context: int | None = None):
-        self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
-        self.context = context
-
-    def check(self, prompt_tokens: int, max_tokens: int) -> None:
-        if max_tokens < 1 or max_tokens > self.max_new_tokens:
-            raise ApiError(400, f"max_tokens is {max_tokens}; this server allows 1 to "
-                                f"{self.max_new_tokens}", param="max_tokens")
-        if self.max_prompt_tokens and prompt_tokens > self.max_prompt_tokens:
-            raise ApiError(400, f"the prompt is {prompt_tokens} tokens; this server's limit is "
-                                f"{self.max_prompt_tokens}", param="prompt")
-        if self.context and prompt_tokens + max_tokens > self.context:
-            raise ApiError(400, f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) "
-                                f"exceeds the model's context of {self.context} tokens",
-                           param="max_tokens")
-
-
-class _Common(BaseModel):
-    model_config = {"extra": "allow"}  # unknown OpenAI fields are accepted and ignored
-    model: str
-    max_tokens: int | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    ignore_eos: bool = False  # as in vLLM: always generate max_tokens (benchmarks)
-
-
-class CompletionBody(_Common):
-    prompt: str | list[str]
-
-
-class Message(BaseModel):
-    model_config = {"extra": "allow"}
-    role: str
-    content: str
-
-
-class ChatBody(_Common):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-
-
-class LoadAdapterBody(BaseModel):
-    name: str
-    path: str
 
 
 class Service:
@@ -103,26 +75,46 @@ class Service:
     def __init__(self, registry: Registry, engine: Engine, limits: Limits, root: Path | None):
         self.registry, self.engine, self.limits, self.root = registry, engine, limits, root
         self.created = int(time.time())
+        # No token decodes to more characters than the longest entry of the vocabulary, so a
+        # prompt far longer than that x the token limit is refused before it is tokenized
+        # (tokenizing 2 MB holds the event loop for seconds). x4: normalizers may fold text.
+        cap = min(x for x in (limits.max_prompt_tokens, limits.context, 2**62) if x)
+        vocab = registry.tok.get_vocab() if hasattr(registry.tok, "get_vocab") else {}
+        self.max_prompt_chars = 4 * cap * max(map(len, vocab), default=2**62)
 
     def model_ids(self) -> list[str]:
         return [self.registry.base_name, *self.registry.names()]
 
     def prepare(self, body, prompts: list, chat: bool) -> list[Request]:
-        """One decode request per prompt and per `n`, after the model and limit checks."""
+        """One decode request per prompt and per `n`, after every check (nothing runs yet)."""
         if body.model not in self.model_ids():
-            raise ApiError(404, f"model {body.model!r} does not exist; available: "
+            raise ApiError(404, f"model {short(body.model)} does not exist; available: "
                                 f"{self.model_ids()}", kind="not_found_error", param="model")
-        max_tokens = (getattr(body, "max_completion_tokens", None) or body.max_tokens
-                      or (self.limits.max_new_tokens if chat else 16))
-        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        if len(prompts) * body.n > self.engine.max_batch:
+            raise ApiError(400, f"{len(prompts)} prompt(s) x n={body.n} is more than this "
+                                f"server's batch of {self.engine.max_batch}", param="n")
+        stop = self.limits.stops(body.stop)
+        max_tokens = next((x for x in (getattr(body, "max_completion_tokens", None),
+                                       body.max_tokens) if x is not None),
+                          self.limits.max_new_tokens if chat else 16)
+        temperature = 1.0 if body.temperature is None else body.temperature
+        top_p = 1.0 if body.top_p is None else body.top_p
         reqs = []
         for p in prompts:
+            chars = len(p) if isinstance(p, str) else sum(len(m["content"]) for m in p)
+            if chars > self.max_prompt_chars:
+                raise ApiError(400, f"the prompt is {chars} characters, more than the token "
+                                    "limit allows whatever the text", param="prompt")
             ids = self.registry.encode(p, chat=chat)
             self.limits.check(len(ids), max_tokens)
             for k in range(body.n):
-                seed = None if body.seed is None else body.seed + k
+                seed = None if body.seed is None else (body.seed + k) % 2**64
                 reqs.append(Request(ids, body.model, Sampling(
-                    max_tokens, body.temperature, body.top_p, seed, stop, body.ignore_eos)))
+                    max_tokens, temperature, top_p, seed, stop, body.ignore_eos)))
+        if not self.engine.fits_alone(reqs):
+            raise ApiError(400, f"{len(reqs)} x (prompt + max_tokens) is more KV cache than this "
+                                f"server's budget of {self.engine.max_kv_tokens} tokens "
+                                "(--max-kv-tokens)", param="max_tokens")
         return reqs
 
     def submit(self, reqs: list[Request]):
@@ -132,7 +124,11 @@ class Service:
             raise ApiError(429, str(e), kind="rate_limit_error") from None
 
     async def run(self, reqs: list[Request]) -> list[Output]:
-        return await self.wait(self.submit(reqs))
+        outs = await self.wait(self.submit(reqs))
+        for i, o in enumerate(outs):
+            if o.error:
+                raise ApiError(500, f"choice {i}: {o.error}", kind="server_error")
+        return outs
 
     @staticmethod
     async def wait(fut) -> list[Output]:
@@ -140,87 +136,61 @@ class Service:
             return await asyncio.wrap_future(fut)
         except KeyError as e:  # the adapter was unloaded while the request waited
             raise ApiError(404, str(e.args[0]), kind="not_found_error") from None
+        except Exception as e:  # the batch failed as a whole (logged by the engine)
+            raise ApiError(500, f"generation failed: {type(e).__name__}: {str(e)[:200]}",
+                           kind="server_error") from None
 
     def stream(self, reqs: list[Request], head: dict, chat: bool) -> StreamingResponse:
-        """Server-sent events: a chunk per piece of text, then finish reasons, then [DONE]."""
-        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
+        """Server-sent events: a chunk per piece of text, each row's finish (or error) as soon
+        as it ends, then [DONE]."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def put(item):
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
         for i, r in enumerate(reqs):
-            r.on_text = lambda text, i=i: loop.call_soon_threadsafe(pieces.put_nowait, (i, text))
+            r.on_text = lambda text, i=i: put((i, text, None))
+            r.on_done = lambda out, i=i: put((i, None, out))
         fut = self.submit(reqs)  # a full queue is a 429 before any event is sent
-        return StreamingResponse(_events(self.wait(fut), pieces, len(reqs), head, chat),
-                                 media_type="text/event-stream")
 
+        async def send():
+            try:
+                async for event in sse_events(self.wait(fut), events, len(reqs), head, chat):
+                    yield event
+            finally:  # done, or the client went away: its rows leave the batch (and free it)
+                for r in reqs:
+                    r.cancelled = True
 
-def _usage(outs: list[Output]) -> dict[str, int]:
-    p = sum(o.prompt_tokens for o in outs)
-    c = sum(len(o.token_ids) for o in outs)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
-def _chunk(head: dict, chat: bool, i: int, text: str | None, finish: str | None) -> str:
-    if chat:
-        delta = {"role": "assistant", "content": ""} if text is None else {}
-        choice = {"index": i, "delta": {**delta, **({"content": text} if text else {})},
-                  "finish_reason": finish}
-    else:
-        choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
-    return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-
-
-async def _events(outcome, pieces: asyncio.Queue, n: int, head: dict, chat: bool):
-    task = asyncio.ensure_future(outcome)
-    if chat:  # the role first, as OpenAI's stream does
-        for i in range(n):
-            yield _chunk(head, chat, i, None, None)
-    while not (task.done() and pieces.empty()):
-        getter = asyncio.ensure_future(pieces.get())
-        await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-        if getter.done():
-            yield _chunk(head, chat, *getter.result(), None)
-        else:
-            getter.cancel()
-    try:
-        outs = task.result()
-    except ApiError as e:
-        yield f"data: {json.dumps({'error': {'message': e.message, 'code': e.status}})}\n\n"
-        return
-    for i, o in enumerate(outs):
-        yield _chunk(head, chat, i, "", o.finish_reason)
-    yield "data: [DONE]\n\n"
+        return StreamingResponse(send(), media_type="text/event-stream")
 
 
 def create_app(registry: Registry, adapter_root: str | Path | None = None,
                api_key: str | None = None, limits: Limits | None = None,
-               max_batch: int = 16, max_queue: int = 64):
+               max_batch: int = 16, max_queue: int = 64, max_kv_tokens: int | None = None,
+               continuous: bool = True):
     """The FastAPI app; its engine starts now and stops with the app."""
-    engine = Engine(registry, max_batch=max_batch, max_queue=max_queue)
-    svc = Service(registry, engine, limits or Limits(context=context_len(registry.model)),
-                  Path(adapter_root) if adapter_root else None)
-
-    def check_key(request: HttpRequest) -> None:
-        if api_key is None:
-            return
-        got = request.headers.get("authorization", "")
-        if not secrets.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
-            raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                           kind="authentication_error")
+    engine = Engine(registry, max_batch=max_batch, max_queue=max_queue,
+                    max_kv_tokens=max_kv_tokens, continuous=continuous)
+    limits = limits or Limits(context=context_len(registry.model))
+    svc = Service(registry, engine, limits, Path(adapter_root) if adapter_root else None)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
         engine.close()
 
-    app = FastAPI(title="adapters", lifespan=lifespan, dependencies=[Depends(check_key)])
+    app = FastAPI(title="adapters", lifespan=lifespan)
+    app.add_middleware(Guard, api_key=api_key, max_body=limits.max_body_bytes)
     app.state.engine = engine
     _error_handlers(app)
     _inference_routes(app, svc)
     _adapter_routes(app, svc)
+    install_ui(app, svc.root, registry)  # the web page at /, runs from --adapter-root
     return app
 
 
 def _error_response(e: ApiError) -> JSONResponse:
-    return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param,
-                                   "code": e.status}}, status_code=e.status)
+    return JSONResponse(error_body(e), status_code=e.status)
 
 
 def _error_handlers(app: FastAPI) -> None:
@@ -231,12 +201,27 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def bad_request(_, e: RequestValidationError):
         first = e.errors()[0]
+        if first.get("type") == "json_invalid":
+            why = (first.get("ctx") or {}).get("error", "")
+            return _error_response(ApiError(400, f"the request body is not valid JSON ({why} "
+                                                 f"at character {first['loc'][-1]})",
+                                            param="body"))
         where = ".".join(str(x) for x in first["loc"] if x != "body")
         if not where:  # the body itself: not JSON, or curl -d without a JSON content type
             return _error_response(ApiError(
                 400, "the request body must be a JSON object sent with "
                      "'Content-Type: application/json'", param="body"))
         return _error_response(ApiError(400, f"{where}: {first['msg']}", param=where))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):  # 404 route, 405, unparsable body
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error_response(ApiError(e.status_code, str(e.detail), kind=kind))
+
+    @app.exception_handler(Exception)
+    async def server_error(_, e: Exception):  # a bug: logged with its traceback by Starlette
+        return _error_response(ApiError(500, f"internal error ({type(e).__name__})",
+                                        kind="server_error"))
 
 
 def _inference_routes(app: FastAPI, svc: Service) -> None:
@@ -259,7 +244,7 @@ def _inference_routes(app: FastAPI, svc: Service) -> None:
         outs = await svc.run(reqs)
         return {**head, "choices": [{"index": i, "text": o.text, "logprobs": None,
                                      "finish_reason": o.finish_reason}
-                                    for i, o in enumerate(outs)], "usage": _usage(outs)}
+                                    for i, o in enumerate(outs)], "usage": usage(outs)}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody):
@@ -271,7 +256,7 @@ def _inference_routes(app: FastAPI, svc: Service) -> None:
         outs = await svc.run(reqs)
         return {**head, "choices": [{"index": i, "finish_reason": o.finish_reason,
                                      "message": {"role": "assistant", "content": o.text}}
-                                    for i, o in enumerate(outs)], "usage": _usage(outs)}
+                                    for i, o in enumerate(outs)], "usage": usage(outs)}
 
 
 def _adapter_routes(app: FastAPI, svc: Service) -> None:
@@ -280,20 +265,29 @@ def _adapter_routes(app: FastAPI, svc: Service) -> None:
         if svc.root is None:
             raise ApiError(403, "loading adapters at run time is off; start the server with "
                                 "--adapter-root DIR", kind="permission_error")
+        try:
+            svc.registry.check_name(body.name)
+        except RegistryError as e:
+            raise ApiError(400, str(e), param="name") from None
         folder = inside_root(svc.root, body.path)
         try:
             evicted = await asyncio.wrap_future(svc.engine.call(
                 lambda: svc.registry.load(body.name, folder)))
         except QueueFull as e:
             raise ApiError(429, str(e), kind="rate_limit_error") from None
+        except RegistryError as e:  # every slot busy: nothing was loaded or evicted
+            raise ApiError(409, str(e), param="name") from None
         except AdaptersError as e:
             raise ApiError(400, str(e), param="path") from None
+        except OSError as e:
+            raise ApiError(400, f"path {short(body.path)} cannot be read: {e.strerror}",
+                           param="path") from None
         return {"id": body.name, "object": "model", "root": str(folder), "evicted": evicted}
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str):
         if name not in svc.registry.names():
-            raise ApiError(404, f"no adapter named {name!r}", kind="not_found_error")
+            raise ApiError(404, f"no adapter named {short(name)}", kind="not_found_error")
         try:
             await asyncio.wrap_future(svc.engine.call(lambda: svc.registry.unload(name)))
         except AdaptersError as e:

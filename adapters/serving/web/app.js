@@ -1,0 +1,586 @@
+// The adapters web page: a playground over the server's models (/v1) and the training runs
+// under its folder (/ui/api). Plain JS, no library, nothing loaded from elsewhere.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  key: sessionStorage.getItem("adapters-api-key") || "",
+  info: null,
+  models: [],          // ids from /v1/models, the base first
+  checked: null,       // Set of model ids picked (null: not yet chosen: all adapters)
+  chats: {},           // model id -> [{role, content}] in chat mode
+  run: null,           // the run shown in Runs
+  rows: [], offset: 0, fileId: null, pollTimer: null,
+};
+
+// ---- talking to the server -------------------------------------------------------------
+
+function headers(extra) {
+  const h = Object.assign({}, extra || {});
+  if (state.key) h.Authorization = "Bearer " + state.key;
+  return h;
+}
+
+async function api(path, opts) {
+  opts = opts || {};
+  const r = await fetch(path, Object.assign({}, opts, { headers: headers(opts.headers) }));
+  const body = await r.json().catch(() => ({}));
+  if (r.status === 401) askKey();
+  if (!r.ok) throw new Error((body.error && body.error.message) || r.statusText);
+  return body;
+}
+
+function say(text) { $("status").textContent = text; }
+
+function askKey() {
+  const form = $("key-form");
+  if (form.hidden) {
+    form.hidden = false;
+    $("api-key").focus();
+    say("This server needs an API key.");
+  }
+}
+
+$("key-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  state.key = $("api-key").value;
+  sessionStorage.setItem("adapters-api-key", state.key);
+  $("key-form").hidden = true;
+  start();
+});
+
+// ---- tabs (WAI-ARIA tabs: arrows, Home and End move between them) ---------------------
+
+function tabs() { return Array.from(document.querySelectorAll('[role="tab"]')).filter((t) => !t.hidden); }
+
+function showTab(tab, focus) {
+  for (const t of tabs()) {
+    const on = t === tab;
+    t.setAttribute("aria-selected", String(on));
+    t.tabIndex = on ? 0 : -1;
+    $(t.getAttribute("aria-controls")).hidden = !on;
+  }
+  if (focus) tab.focus();
+  if (tab.id === "tab-runs") refreshRuns();
+}
+
+for (const t of document.querySelectorAll('[role="tab"]')) {
+  t.addEventListener("click", () => showTab(t, false));
+  t.addEventListener("keydown", (ev) => {
+    const all = tabs(), i = all.indexOf(t);
+    const to = { ArrowRight: i + 1, ArrowLeft: i - 1, Home: 0, End: all.length - 1 }[ev.key];
+    if (to === undefined) return;
+    ev.preventDefault();
+    showTab(all[(to + all.length) % all.length], true);
+  });
+}
+
+// ---- playground: models ------------------------------------------------------------------
+
+async function refreshModels() {
+  const body = await api("/v1/models");
+  state.models = body.data.map((m) => m.id);
+  const base = state.info.base;
+  if (state.checked === null) state.checked = new Set(state.models.filter((m) => m !== base));
+  const list = $("model-list");
+  list.textContent = "";
+  state.models.forEach((id, i) => {
+    const li = document.createElement("li");
+    const box = Object.assign(document.createElement("input"),
+                              { type: "checkbox", id: "model-" + i, value: id,
+                                checked: state.checked.has(id) });
+    box.addEventListener("change", () => {
+      if (box.checked) state.checked.add(id); else state.checked.delete(id);
+    });
+    const label = Object.assign(document.createElement("label"), { htmlFor: box.id });
+    label.textContent = id === base ? id + " (no adapter)" : id;
+    li.append(box, label);
+    if (id !== base) {
+      li.append(button("Card", "Model card of " + id, () => showCard(id)),
+                button("Unload", "Unload " + id, () => unload(id)));
+    }
+    list.append(li);
+  });
+}
+
+function button(text, label, onClick) {
+  const b = Object.assign(document.createElement("button"), { type: "button", textContent: text });
+  b.setAttribute("aria-label", label);
+  b.className = "small";
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+async function showCard(id) {
+  try {
+    const body = await api("/ui/api/card?model=" + encodeURIComponent(id));
+    $("card-title").textContent = "Model card: " + id;
+    $("card-text").textContent = body.card || "(this adapter has no README.md)";
+    $("card-dialog").showModal();
+  } catch (e) { say(e.message); }
+}
+
+async function unload(id) {
+  try {
+    await api("/v1/adapters/" + encodeURIComponent(id), { method: "DELETE" });
+    state.checked.delete(id);
+    say("Unloaded " + id + ".");
+    await refreshModels();
+  } catch (e) { say("Unload failed: " + e.message); }
+}
+
+async function refreshLoadable() {
+  const select = $("load-path");
+  if (!state.info.runs) {
+    $("load-off").hidden = false;
+    for (const el of $("load-form").elements) el.disabled = true;
+    return;
+  }
+  const body = await api("/ui/api/runs");
+  const keep = select.value;
+  select.textContent = "";
+  for (const r of body.runs.filter((r) => r.adapter)) {
+    select.append(new Option(r.path, r.path, false, r.path === keep));
+  }
+  suggestName();
+}
+
+function suggestName() {
+  const path = $("load-path").value || "";
+  const last = path.split("/").filter(Boolean).pop() || "";
+  $("load-name").value = last.replace(/[^A-Za-z0-9._-]/g, "-").slice(0, 64);
+}
+
+$("load-path").addEventListener("change", suggestName);
+$("load-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const name = $("load-name").value, path = $("load-path").value;
+  say("Loading " + name + "...");
+  try {
+    await api("/v1/adapters", { method: "POST", headers: { "Content-Type": "application/json" },
+                                body: JSON.stringify({ name, path }) });
+    state.checked.add(name);
+    say("Loaded " + name + ".");
+    await refreshModels();
+  } catch (e) { say("Load failed: " + e.message); }
+});
+
+// ---- playground: asking and streaming ---------------------------------------------------
+
+function sampling() {
+  const s = { max_tokens: Number($("max-tokens").value), temperature: Number($("temperature").value),
+              top_p: Number($("top-p").value), stream: true };
+  if ($("seed").value !== "") s.seed = Number($("seed").value);
+  if ($("stop").value !== "") s.stop = $("stop").value;
+  return s;
+}
+
+function column(id) {
+  const col = document.createElement("article");
+  col.className = "answer";
+  col.dataset.model = id;
+  col.setAttribute("aria-busy", "true");
+  const h = document.createElement("h3");
+  h.textContent = id;
+  const out = document.createElement("pre");
+  out.className = "text";
+  const foot = document.createElement("p");
+  foot.className = "finish";
+  foot.setAttribute("role", "status");
+  col.append(h, out, foot);
+  return col;
+}
+
+function transcript(col, id, prompt, chat) {
+  const out = col.querySelector(".text");
+  if (!chat) return out;
+  for (const turn of state.chats[id] || []) {
+    const p = document.createElement("p");
+    p.className = "turn " + turn.role;
+    p.textContent = (turn.role === "user" ? "You: " : id + ": ") + turn.content;
+    col.insertBefore(p, out);
+  }
+  const p = document.createElement("p");
+  p.className = "turn user";
+  p.textContent = "You: " + prompt;
+  col.insertBefore(p, out);
+  return out;
+}
+
+async function stream(id, prompt, chat, col) {
+  const out = transcript(col, id, prompt, chat);
+  const history = state.chats[id] || [];
+  const body = Object.assign({ model: id }, sampling(),
+    chat ? { messages: history.concat([{ role: "user", content: prompt }]) } : { prompt });
+  let text = "", finish = "";
+  try {
+    const r = await fetch(chat ? "/v1/chat/completions" : "/v1/completions",
+                          { method: "POST", headers: headers({ "Content-Type": "application/json" }),
+                            body: JSON.stringify(body) });
+    if (!r.ok) {
+      const err = await r.json().catch(() => ({}));
+      if (r.status === 401) askKey();
+      throw new Error((err.error && err.error.message) || r.statusText);
+    }
+    const reader = r.body.getReader(), decoder = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buf.indexOf("\n\n")) >= 0) {
+        const event = buf.slice(0, cut);
+        buf = buf.slice(cut + 2);
+        for (const line of event.split("\n")) {
+          if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+          const msg = JSON.parse(line.slice(6));
+          if (msg.error) throw new Error(msg.error.message);
+          const c = msg.choices[0];
+          text += chat ? (c.delta.content || "") : (c.text || "");
+          if (c.finish_reason) finish = c.finish_reason;
+          out.textContent = text;
+        }
+      }
+    }
+    col.dataset.state = "done";
+    col.querySelector(".finish").textContent = "finished: " + (finish || "?");
+    if (chat) state.chats[id] = history.concat([{ role: "user", content: prompt },
+                                                { role: "assistant", content: text }]);
+  } catch (e) {
+    col.dataset.state = "error";
+    col.querySelector(".finish").textContent = "error: " + e.message;
+  } finally {
+    col.setAttribute("aria-busy", "false");
+  }
+}
+
+async function ask(ev) {
+  ev.preventDefault();
+  const picked = state.models.filter((m) => state.checked.has(m));
+  const prompt = $("prompt").value;
+  if (!picked.length) { say("Pick at least one model."); return; }
+  const chat = $("mode-chat").checked;
+  const answers = $("answers");
+  answers.textContent = "";
+  const cols = picked.map((id) => { const c = column(id); answers.append(c); return c; });
+  $("send").disabled = true;
+  say("Asking " + picked.join(", ") + "...");
+  await Promise.all(picked.map((id, i) => stream(id, prompt, chat, cols[i])));
+  $("send").disabled = false;
+  say("Answers done.");
+}
+
+$("ask").addEventListener("submit", ask);
+$("prompt").addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) $("ask").requestSubmit();
+});
+$("clear").addEventListener("click", () => { state.chats = {}; $("answers").textContent = ""; });
+
+// ---- runs ------------------------------------------------------------------------------
+
+async function refreshRuns() {
+  if (!state.info || !state.info.runs) return;
+  try {
+    const body = await api("/ui/api/runs");
+    const list = $("run-list");
+    const sig = JSON.stringify(body.runs.map((r) => [r.path, r.metrics, r.results, r.adapter]));
+    if (sig === state.runsSig) return;  // unchanged: keep the buttons (and the focus) as they are
+    state.runsSig = sig;
+    list.textContent = "";
+    for (const r of body.runs) {
+      const li = document.createElement("li");
+      const b = Object.assign(document.createElement("button"), { type: "button", className: "run" });
+      const kinds = ["metrics", "results", "adapter"].filter((k) => r[k]).join(", ");
+      b.textContent = r.path;
+      b.title = kinds;
+      b.dataset.path = r.path;
+      b.setAttribute("aria-label", r.path + " (" + kinds + ")");
+      if (r.path === state.run) b.setAttribute("aria-current", "true");
+      b.addEventListener("click", () => openRun(r));
+      li.append(b);
+      list.append(li);
+    }
+  } catch (e) { say(e.message); }
+}
+
+async function openRun(r) {
+  clearTimeout(state.pollTimer);
+  Object.assign(state, { run: r.path, rows: [], offset: 0, fileId: null });
+  for (const b of document.querySelectorAll("button.run")) {
+    if (b.dataset.path === r.path) b.setAttribute("aria-current", "true");
+    else b.removeAttribute("aria-current");
+  }
+  $("run-title").textContent = r.path;
+  for (const id of ["loss-figure", "latest-box", "summary-box", "results-box", "recipe-box", "run-card-box"]) {
+    $(id).hidden = true;
+  }
+  await Promise.all([loadSummary(r.path), r.results ? loadResults(r.path) : null]);
+  if (r.metrics) pollMetrics(r.path);
+}
+
+async function pollMetrics(path) {
+  if (state.run !== path) return;
+  try {
+    let more = true;
+    while (more && state.run === path) {
+      const q = "/ui/api/metrics?run=" + encodeURIComponent(path) + "&offset=" + state.offset +
+                (state.fileId ? "&file_id=" + encodeURIComponent(state.fileId) : "");
+      const body = await api(q);
+      if (state.run !== path) return;
+      if (body.reset) state.rows = [];
+      state.rows = state.rows.concat(body.rows);
+      state.offset = body.offset;
+      state.fileId = body.file_id;
+      more = body.more;
+      if (body.rows.length || body.reset) drawLoss();
+    }
+  } catch (e) { say(e.message); }
+  if (!$("runs").hidden && state.run === path) {
+    state.pollTimer = setTimeout(() => pollMetrics(path), 1000);
+  }
+}
+
+function series(key) {
+  const by = new Map();
+  for (const r of state.rows) {
+    if (typeof r[key] === "number" && isFinite(r[key])) by.set(r.step, r[key]);
+  }
+  return Array.from(by.entries()).sort((a, b) => a[0] - b[0]);
+}
+
+function drawLoss() {
+  const loss = series("loss"), evals = series("eval_loss");
+  const fig = $("loss-figure");
+  fig.hidden = false;
+  fig.dataset.points = String(loss.length);
+  fig.dataset.evalPoints = String(evals.length);
+  const last = loss.length ? loss[loss.length - 1] : null;
+  const lastEval = evals.length ? evals[evals.length - 1] : null;
+  const caption = (last ? "step " + last[0] + ": loss " + last[1].toFixed(4) : "no step yet") +
+                  (lastEval ? "; eval loss " + lastEval[1].toFixed(4) + " at step " + lastEval[0] : "") +
+                  " (" + loss.length + " points)";
+  $("loss-caption").textContent = caption;
+  $("loss-chart").setAttribute("aria-label", "Training loss and eval loss by step; " + caption);
+  lineChart($("loss-chart"), [{ name: "train loss", color: "#1f5fbf", points: loss },
+                              { name: "eval loss", color: "#c2410c", points: evals, dots: true }]);
+  const row = state.rows.filter((r) => typeof r.loss === "number").pop();
+  if (row) {
+    pairs($("latest"), [["step", row.step], ["loss", fmt(row.loss)], ["learning rate", fmt(row.lr)],
+                        ["grad norm", fmt(row.grad_norm)], ["tokens/s", fmt(row.tokens_per_s)],
+                        ["peak memory", gb(row.peak_memory_bytes)]]);
+    $("latest-box").hidden = false;
+  }
+}
+
+function fmt(v) {
+  if (typeof v !== "number") return v === null || v === undefined ? "-" : String(v);
+  if (v !== 0 && (Math.abs(v) < 1e-3 || Math.abs(v) >= 1e5)) return v.toExponential(3);
+  return String(Math.round(v * 1e4) / 1e4);
+}
+
+function gb(v) { return typeof v === "number" ? (v / 1e9).toFixed(2) + " GB" : "-"; }
+
+function pairs(dl, items) {
+  dl.textContent = "";
+  for (const [k, v] of items) {
+    const dt = document.createElement("dt"), dd = document.createElement("dd");
+    dt.textContent = k;
+    dd.textContent = v;
+    dl.append(dt, dd);
+  }
+}
+
+async function loadSummary(path) {
+  try {
+    const s = await api("/ui/api/summary?run=" + encodeURIComponent(path));
+    if (state.run !== path) return;
+    if (s.training) {
+      const t = s.training;
+      pairs($("summary"), [["steps", t.steps], ["tokens", t.tokens], ["tokens/s", fmt(t.tokens_per_s)],
+                           ["final train loss", fmt(t.final_train_loss)],
+                           ["final eval loss", fmt(t.final_eval_loss)], ["seconds", t.seconds],
+                           ["peak memory", gb(t.peak_memory_bytes)], ["dtype", t.dtype],
+                           ["global batch", t.global_batch]]);
+      $("summary-box").hidden = false;
+    }
+    if (s.recipe) { $("recipe").textContent = s.recipe; $("recipe-box").hidden = false; }
+    if (s.card) { $("run-card").textContent = s.card; $("run-card-box").hidden = false; }
+  } catch (e) { say(e.message); }
+}
+
+const NOT_METRICS = new Set(["model", "dataset", "samples"]);
+
+async function loadResults(path) {
+  try {
+    const body = await api("/ui/api/results?run=" + encodeURIComponent(path));
+    if (state.run !== path) return;
+    const rows = body.rows;
+    const metrics = Array.from(new Set(rows.flatMap((r) => Object.keys(r).filter(
+      (k) => !NOT_METRICS.has(k) && typeof r[k] === "number"))));
+    const models = Array.from(new Set(rows.map((r) => r.model)));
+    const dsets = Array.from(new Set(rows.map((r) => r.dataset)));
+    const box = $("results-tables");
+    box.textContent = "";
+    for (const m of metrics) box.append(resultTable(rows, m, models, dsets));
+    const metric = metrics.includes("loss") ? "loss" : metrics[0];
+    if (metric) {
+      barChart($("results-chart"), rows, metric, models, dsets);
+      $("results-caption").textContent = metric + " by dataset and model";
+      $("results-chart").setAttribute("aria-label", metric + " by dataset and model (the tables above hold the numbers)");
+    }
+    $("results-box").hidden = false;
+  } catch (e) { say(e.message); }
+}
+
+function resultTable(rows, metric, models, dsets) {
+  const t = document.createElement("table");
+  const cap = t.createCaption();
+  cap.textContent = metric;
+  const head = t.createTHead().insertRow();
+  for (const h of ["dataset"].concat(models)) {
+    const th = document.createElement("th");
+    th.scope = "col";
+    th.textContent = h;
+    head.append(th);
+  }
+  const body = t.createTBody();
+  for (const d of dsets) {
+    const tr = body.insertRow();
+    const th = document.createElement("th");
+    th.scope = "row";
+    th.textContent = d;
+    tr.append(th);
+    const base = rows.find((r) => r.dataset === d && r.model === state.info.results_base);
+    for (const m of models) {
+      const r = rows.find((x) => x.dataset === d && x.model === m);
+      const v = r ? r[metric] : undefined;
+      let text = typeof v === "number" ? fmt(v) : "-";
+      if (base && m !== base.model && typeof v === "number" && base[metric]) {
+        text += " (" + (v / base[metric] - 1 >= 0 ? "+" : "") + (100 * (v / base[metric] - 1)).toFixed(1) + "%)";
+      }
+      tr.insertCell().textContent = text;
+    }
+  }
+  return t;
+}
+
+// ---- charts (canvas, no library) -------------------------------------------------------
+
+function setupCanvas(canvas) {
+  const ratio = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth || canvas.width, h = canvas.clientHeight || canvas.height;
+  canvas.width = Math.round(w * ratio);
+  canvas.height = Math.round(h * ratio);
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, w, h);
+  ctx.font = "12px system-ui, sans-serif";
+  return { ctx, w, h };
+}
+
+function ticks(lo, hi, n) {
+  const step = Math.pow(10, Math.floor(Math.log10((hi - lo) / n || 1)));
+  const nice = [1, 2, 5, 10].map((m) => m * step).find((s) => (hi - lo) / s <= n) || step * 10;
+  const out = [];
+  for (let v = Math.ceil(lo / nice) * nice; v <= hi + 1e-12; v += nice) out.push(v);
+  return out;
+}
+
+function lineChart(canvas, lines) {
+  const { ctx, w, h } = setupCanvas(canvas);
+  const pad = { l: 56, r: 16, t: 28, b: 34 };
+  const all = lines.flatMap((s) => s.points);
+  if (!all.length) return;
+  let [x0, x1] = [Math.min(...all.map((p) => p[0])), Math.max(...all.map((p) => p[0]))];
+  let [y0, y1] = [Math.min(...all.map((p) => p[1])), Math.max(...all.map((p) => p[1]))];
+  if (x0 === x1) { x0 -= 1; x1 += 1; }
+  if (y0 === y1) { y0 -= 0.5; y1 += 0.5; }
+  const padY = (y1 - y0) * 0.05;
+  y0 -= padY; y1 += padY;
+  const X = (v) => pad.l + (v - x0) / (x1 - x0) * (w - pad.l - pad.r);
+  const Y = (v) => h - pad.b - (v - y0) / (y1 - y0) * (h - pad.t - pad.b);
+  ctx.strokeStyle = "#d0d4da";
+  ctx.fillStyle = "#333";
+  ctx.textAlign = "right";
+  for (const v of ticks(y0, y1, 5)) {
+    ctx.beginPath(); ctx.moveTo(pad.l, Y(v)); ctx.lineTo(w - pad.r, Y(v)); ctx.stroke();
+    ctx.fillText(fmt(v), pad.l - 6, Y(v) + 4);
+  }
+  ctx.textAlign = "center";
+  for (const v of ticks(x0, x1, 8).filter((v) => Number.isInteger(v))) ctx.fillText(String(v), X(v), h - pad.b + 16);
+  ctx.fillText("step", (pad.l + w - pad.r) / 2, h - 4);
+  let lx = pad.l;
+  for (const s of lines) {
+    ctx.strokeStyle = ctx.fillStyle = s.color;
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    s.points.forEach((p, i) => (i ? ctx.lineTo(X(p[0]), Y(p[1])) : ctx.moveTo(X(p[0]), Y(p[1]))));
+    ctx.stroke();
+    if (s.dots || s.points.length === 1) {
+      for (const p of s.points) { ctx.beginPath(); ctx.arc(X(p[0]), Y(p[1]), 3.5, 0, 7); ctx.fill(); }
+    }
+    ctx.fillRect(lx, 10, 14, 4);
+    ctx.textAlign = "left";
+    ctx.fillText(s.name, lx + 18, 16);
+    lx += ctx.measureText(s.name).width + 40;
+  }
+  ctx.lineWidth = 1;
+}
+
+const PALETTE = ["#1f5fbf", "#c2410c", "#15803d", "#7e22ce", "#b45309", "#0e7490", "#be123c"];
+
+function barChart(canvas, rows, metric, models, dsets) {
+  const { ctx, w, h } = setupCanvas(canvas);
+  const pad = { l: 56, r: 16, t: 28, b: 34 };
+  const vals = rows.map((r) => r[metric]).filter((v) => typeof v === "number");
+  if (!vals.length) return;
+  const y1 = Math.max(...vals, 0) * 1.05 || 1, y0 = Math.min(0, ...vals);
+  const Y = (v) => h - pad.b - (v - y0) / (y1 - y0) * (h - pad.t - pad.b);
+  ctx.strokeStyle = "#d0d4da";
+  ctx.fillStyle = "#333";
+  ctx.textAlign = "right";
+  for (const v of ticks(y0, y1, 5)) {
+    ctx.beginPath(); ctx.moveTo(pad.l, Y(v)); ctx.lineTo(w - pad.r, Y(v)); ctx.stroke();
+    ctx.fillText(fmt(v), pad.l - 6, Y(v) + 4);
+  }
+  const group = (w - pad.l - pad.r) / dsets.length, bar = group * 0.8 / models.length;
+  dsets.forEach((d, i) => {
+    ctx.fillStyle = "#333";
+    ctx.textAlign = "center";
+    ctx.fillText(d, pad.l + group * (i + 0.5), h - pad.b + 16);
+    models.forEach((m, j) => {
+      const r = rows.find((x) => x.dataset === d && x.model === m);
+      if (!r || typeof r[metric] !== "number") return;
+      ctx.fillStyle = PALETTE[j % PALETTE.length];
+      const x = pad.l + group * i + group * 0.1 + bar * j;
+      ctx.fillRect(x, Y(Math.max(r[metric], 0)), bar - 2, Math.abs(Y(r[metric]) - Y(0)));
+    });
+  });
+  let lx = pad.l;
+  models.forEach((m, j) => {
+    ctx.fillStyle = PALETTE[j % PALETTE.length];
+    ctx.fillRect(lx, 8, 12, 10);
+    ctx.textAlign = "left";
+    ctx.fillText(m, lx + 16, 17);
+    lx += ctx.measureText(m).width + 36;
+  });
+}
+
+// ---- start -----------------------------------------------------------------------------
+
+async function start() {
+  try {
+    state.info = await api("/ui/api/info");
+    $("tab-play").hidden = !state.info.playground;
+    $("tab-runs").hidden = !state.info.runs;
+    if (!state.info.playground) showTab($("tab-runs"), false);
+    if (state.info.playground) await Promise.all([refreshModels(), refreshLoadable()]);
+    if (state.info.runs) await refreshRuns();
+    document.body.dataset.ready = "true";
+    say("");
+  } catch (e) { say(e.message); }
+}
+
+setInterval(() => { if (!$("runs").hidden) refreshRuns(); }, 5000);
+start();

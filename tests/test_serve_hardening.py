@@ -1,0 +1,392 @@
+"""Issue 22, the server: no bad input breaks it, fails someone else's request, escapes the
+adapter root, hangs, or ends in a traceback. A real uvicorn on loopback, the official client
+where it is the server, real adapter files (links, NaN weights, a base of another shape)."""
+
+import json
+import shutil
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import openai
+import pytest
+import torch
+from conftest import make_gpt2, trained_adapter
+from safetensors.torch import load_file, save_file
+from test_serve import Running, hold, http, sse, wait_until
+
+from adapters.config import BASE_NAME, ModelConfig
+from adapters.model import load_base
+from adapters.serving.registry import Registry
+from adapters.serving.server import Limits, create_app
+
+PROMPTS = ["import os\n", "def f(x):", "class A:", "# comment"]
+
+
+def nan_adapter(base, out):
+    """An adapter whose B matrices are NaN (a diverged run): it passes the file checks."""
+    trained_adapter(base, out, seed=5)
+    weights = out / "adapter_model.safetensors"
+    tensors = {k: torch.full_like(v, float("nan")) if "lora_B" in k else v
+               for k, v in load_file(weights).items()}
+    save_file(tensors, weights)
+    (out / "manifest.json").unlink()  # its sha256 no longer matches: a foreign adapter
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, tiny_gpt2, tiny_tok):
+    root = tmp_path_factory.mktemp("adapter-root")
+    for i in range(4):
+        trained_adapter(tiny_gpt2, root / f"a{i}", seed=i + 1)
+    nan_adapter(tiny_gpt2, root / "nan")
+    # An adapter for a base of another width, without the manifest that would refuse it
+    # early: peft wraps the layers, then fails on the first tensor of the wrong shape.
+    other = make_gpt2(tmp_path_factory.mktemp("other-base"), tiny_tok, n_embd=32)
+    trained_adapter(other, root / "wrong-shape", seed=3)
+    (root / "wrong-shape" / "manifest.json").unlink()
+    return root
+
+
+def start(tiny_gpt2, root, names=("a0", "a1", "a2", "a3"), capacity=8, **kw) -> Running:
+    model, tok = load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))
+    reg = Registry(model, tok, capacity=capacity)
+    for n in names:
+        reg.load(n, root / n)
+    return Running(create_app(reg, adapter_root=root, **kw))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gpt2, root):
+    s = start(tiny_gpt2, root)
+    yield s
+    s.close()
+
+
+def post(url: str, body: str | bytes, headers: dict | None = None) -> tuple[int, dict]:
+    """POST a raw body (not necessarily JSON) with the standard library; (status, JSON reply)."""
+    import urllib.error
+    import urllib.request
+    data = body.encode() if isinstance(body, str) else body
+    req = urllib.request.Request(url, data=data, method="POST", headers={
+        "Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def openai_error(reply: dict) -> dict:
+    """The `error` of an OpenAI-shaped error reply, after checking the shape."""
+    err = reply["error"]
+    assert set(err) == {"message", "type", "param", "code"}, reply
+    assert isinstance(err["message"], str) and "\n" not in err["message"]
+    return err
+
+
+def greedy(c, model, prompt, **kw) -> str:
+    r = c.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0, **kw)
+    return r.choices[0].text
+
+
+# -- 1. one request never fails another ---------------------------------------------------------
+
+@pytest.mark.parametrize("field", [
+    '"temperature": NaN', '"temperature": Infinity', '"temperature": 1e400',
+    '"top_p": NaN', '"top_p": 0', '"top_p": -1e-300', f'"seed": {2**64}', f'"seed": {-2**63 - 1}',
+    '"max_tokens": 0', '"max_tokens": 1e300', f'"max_tokens": {10**40}', '"n": 0',
+])
+def test_bad_sampling_fields_are_400s_at_the_door(server, field):
+    code, reply = post(server.url + "/v1/completions",
+                       '{"model": "a0", "prompt": "x", ' + field + "}")
+    assert code == 400, (field, reply)
+    assert openai_error(reply)["param"] in field
+
+
+def test_a_bad_request_never_fails_the_batch_it_shares(server):
+    c = server.client()
+    jobs = [(f"a{i % 4}", PROMPTS[i // 2 % 4]) for i in range(8)]
+    alone = [greedy(c, m, p) for m, p in jobs]
+    engine = server.server.config.app.state.engine
+    before = len(engine.batches)
+    release = hold(engine)
+    with ThreadPoolExecutor(12) as pool:
+        try:
+            plain = [pool.submit(greedy, c, m, p) for m, p in jobs]
+            # A temperature too small to divide by is greedy; a top_p that is 0 in fp32 keeps
+            # the likeliest token; the largest seed and its n=2 successor (2**64 wraps to 0).
+            tiny_t = pool.submit(c.completions.create, model="a0", prompt=PROMPTS[0],
+                                 max_tokens=8, temperature=1e-40)
+            tiny_p = pool.submit(c.completions.create, model="a1", prompt=PROMPTS[0],
+                                 max_tokens=8, temperature=1.0, top_p=1e-300)
+            seeds = pool.submit(c.completions.create, model="a2", prompt=PROMPTS[1],
+                                max_tokens=8, temperature=0.8, seed=2**64 - 1, n=2)
+            stream = pool.submit(sse, server.url + "/v1/completions", {
+                "model": "a0", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 1e-40,
+                "stream": True})
+            wait_until(lambda: engine.waiting() == len(jobs) + 4)
+            # Refused at the door while the worker is held: they never reach the batch.
+            with pytest.raises(openai.BadRequestError, match="seed"):
+                c.completions.create(model="a0", prompt="x", max_tokens=2, seed=2**64)
+        finally:
+            release.set()
+        assert [f.result() for f in plain] == alone
+        events = stream.result()
+    assert engine.batches[before:] == [len(jobs) + 5]  # all of them in one batch
+    assert tiny_t.result().choices[0].text == greedy(c, "a0", PROMPTS[0])
+    assert tiny_p.result().choices[0].text == greedy(c, "a1", PROMPTS[0])
+    assert len(seeds.result().choices) == 2
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == \
+        greedy(c, "a0", PROMPTS[0])
+
+
+def test_a_row_that_fails_while_decoding_ends_alone(server):
+    """NaN weights pass every check at the door: the row fails inside the shared batch."""
+    c = server.client()
+    assert http("POST", server.url + "/v1/adapters", {"name": "nan", "path": "nan"})[0] == 200
+    try:
+        alone = [greedy(c, f"a{i}", PROMPTS[i]) for i in range(4)]
+        engine = server.server.config.app.state.engine
+        before = len(engine.batches)
+        release = hold(engine)
+        with ThreadPoolExecutor(8) as pool:
+            try:
+                plain = [pool.submit(greedy, c, f"a{i}", PROMPTS[i]) for i in range(4)]
+                whole = pool.submit(greedy, c, "nan", PROMPTS[0])
+                raw = pool.submit(sse, server.url + "/v1/completions", {
+                    "model": "nan", "prompt": PROMPTS[1], "max_tokens": 8, "stream": True})
+                streamed = pool.submit(lambda: list(c.chat.completions.create(
+                    model="nan", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                    temperature=0.7, stream=True)))
+                mixed = pool.submit(lambda: list(c.completions.create(
+                    model="a3", prompt=PROMPTS[3], max_tokens=8, temperature=0, stream=True)))
+                wait_until(lambda: engine.waiting() == 8)
+            finally:
+                release.set()
+            assert [f.result() for f in plain] == alone
+            with pytest.raises(openai.InternalServerError, match="non-finite"):
+                whole.result()
+            with pytest.raises(openai.APIError, match="non-finite"):
+                streamed.result()
+            events = raw.result()
+            assert "".join(ch.choices[0].text for ch in mixed.result()) == alone[3]
+        assert engine.batches[before:] == [8]
+        # the failed stream: an OpenAI error event, then [DONE] (a clean end, not a cut)
+        assert events[-1] == "[DONE]"
+        err = openai_error(json.loads(events[-2]))
+        assert err["code"] == 500 and "non-finite" in err["message"]
+        assert greedy(c, "a0", PROMPTS[0]) == alone[0]  # the server goes on as before
+    finally:
+        http("DELETE", server.url + "/v1/adapters/nan")
+
+
+# -- 2. a failed load changes nothing -----------------------------------------------------------
+
+def test_failed_loads_change_nothing(tiny_gpt2, root, server):
+    s = start(tiny_gpt2, root, names=("a0", "a1"), capacity=2)
+    try:
+        c = s.client()
+        before = {m: greedy(c, m, PROMPTS[0]) for m in ("a0", "a1")}
+
+        def load(name, path):
+            return http("POST", s.url + "/v1/adapters", {"name": name, "path": path})
+
+        def unchanged():
+            assert [m.id for m in c.models.list()] == [BASE_NAME, "a0", "a1"]
+            assert {m: greedy(c, m, PROMPTS[0]) for m in ("a0", "a1")} == before
+
+        for name, path in [("x", "missing"), ("a0", "."), ("a1", "missing"),
+                           ("x", "wrong-shape"), ("a1", "wrong-shape"), (".", "a2"),
+                           ("..", "a2"), ("-x", "a2"), ("a/b", "a2")]:
+            code, text = load(name, path)  # full capacity: nothing may be evicted for these
+            assert code == 400, (name, path, text)
+            openai_error(json.loads(text))
+            unchanged()
+        # A dotted name works (peft refuses "." in its own names: ours are mapped).
+        code, text = load("v1.2", "a2")
+        assert code == 200 and json.loads(text)["evicted"] == ["a0"], text
+        assert greedy(c, "v1.2", PROMPTS[0]) == greedy(server.client(), "a2", PROMPTS[0])
+        assert http("DELETE", s.url + "/v1/adapters/v1.2")[0] == 200
+        code, text = load("a0", "a0")  # later loads still work
+        assert code == 200 and json.loads(text)["evicted"] == []
+        assert greedy(c, "a0", PROMPTS[0]) == before["a0"]
+    finally:
+        s.close()
+
+
+# -- 3. the root is a real boundary; 4. paths the OS rejects are 400s --------------------------
+
+def test_every_file_read_must_resolve_inside_the_root(server, root, tmp_path):
+    outside = tmp_path / "outside"
+    trained_adapter(server.server.config.app.state.engine.reg.base().name_or_path, outside,
+                    seed=9)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "manifest.json"):
+        inner = root / f"link-{name.split('.')[0]}"
+        shutil.copytree(outside, inner)
+        (inner / name).unlink()
+        (inner / name).symlink_to(outside / name)  # otherwise a valid adapter
+        code, text = http("POST", server.url + "/v1/adapters",
+                          {"name": "evil", "path": inner.name})
+        assert code == 403 and "outside the adapter root" in text, (name, text)
+        assert openai_error(json.loads(text))["param"] == "path"
+    assert "evil" not in [m.id for m in server.client().models.list()]
+    # a link that stays inside the root is fine
+    inner = root / "link-inside"
+    inner.mkdir()
+    for f in (root / "a3").iterdir():
+        (inner / f.name).symlink_to(f)
+    code, text = http("POST", server.url + "/v1/adapters", {"name": "inside", "path": inner.name})
+    assert code == 200, text
+    assert http("DELETE", server.url + "/v1/adapters/inside")[0] == 200
+
+
+@pytest.mark.parametrize("body", [
+    {"name": "x", "path": "a\x00b"}, {"name": "x", "path": "x" * 5000},
+    {"name": "x", "path": "y" * 300}, {"name": "x", "path": "a0/" + "z" * 300 + "/w"},
+    {"name": "n" * 300, "path": "a0"}, {"name": "x\x00", "path": "a0"}, {"name": "x", "path": ""},
+])
+def test_paths_and_names_the_os_rejects_are_400s(server, body):
+    code, text = http("POST", server.url + "/v1/adapters", body)
+    assert code == 400, text
+    err = openai_error(json.loads(text))
+    assert err["param"] in ("path", "name") and len(err["message"]) < 400
+
+
+# -- 5. everything behind --api-key ------------------------------------------------------------
+
+def test_api_key_covers_the_docs_and_comes_before_the_body(tiny_gpt2, root):
+    s = start(tiny_gpt2, root, names=("a0",), api_key="sekret")
+    try:
+        for path in ("/docs", "/redoc", "/openapi.json", "/v1/models", "/nowhere"):
+            code, text = http("GET", s.url + path)
+            assert code == 401 and openai_error(json.loads(text))["type"] == \
+                "authentication_error", path
+        code, reply = post(s.url + "/v1/completions", "{not json", {})
+        assert code == 401, reply  # the key first: the body is never parsed
+        with socket.create_connection(_addr(s.url), timeout=60) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: 1073741824\r\n\r\n")  # and no body at all
+            assert _response(sock)[0] == 401
+        req = urllib_get(s.url + "/openapi.json", "sekret")
+        assert "/v1/completions" in json.loads(req)["paths"]
+        assert [m.id for m in s.client("sekret").models.list()] == [BASE_NAME, "a0"]
+    finally:
+        s.close()
+
+
+def urllib_get(url: str, key: str) -> str:
+    import urllib.request
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return r.read().decode()
+
+
+# -- 6. bounded work per request ---------------------------------------------------------------
+
+def test_stop_strings_n_and_prompts_are_bounded(server):
+    c = server.client()
+    for stop, match in [(["ab"] * 10_000, "at most 16"), (["x" * 257], "at most 256")]:
+        t0 = time.perf_counter()
+        with pytest.raises(openai.BadRequestError, match=match):
+            c.completions.create(model="a0", prompt="x", max_tokens=4, stop=stop)
+        assert time.perf_counter() - t0 < 10
+    ok = c.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                              stop=[f"{i:03d}" + "q" * 252 for i in range(16)])
+    assert ok.choices[0].text == greedy(c, "a0", PROMPTS[0])  # no stop matched: same answer
+    with pytest.raises(openai.BadRequestError, match="batch of 16"):
+        c.completions.create(model="a0", prompt=["x"] * 9, n=2, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="batch of 16"):
+        c.completions.create(model="a0", prompt="x", n=17, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        c.completions.create(model="a0", prompt="x", max_tokens=0)
+    # a 1 MB prompt for a 256-token context is refused before it is tokenized
+    with pytest.raises(openai.BadRequestError, match="1000000 characters"):
+        c.completions.create(model="a0", prompt="y" * 1_000_000, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="context of 256 tokens"):
+        c.completions.create(model="a0", prompt="y " * 300, max_tokens=2)  # near: tokenized
+
+
+def test_batches_never_pass_max_batch(server):
+    c = server.client()
+    engine = server.server.config.app.state.engine
+    before = len(engine.batches)
+    release = hold(engine)
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            futures = [pool.submit(c.completions.create, model="a0", prompt=["x"] * 10,
+                                   max_tokens=2) for _ in range(2)]
+            wait_until(lambda: engine.waiting() == 2)
+        finally:
+            release.set()
+        assert all(len(f.result().choices) == 10 for f in futures)
+    assert engine.batches[before:] == [10, 10]  # not one batch of 20 past --max-batch 16
+
+
+def _addr(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname, parts.port
+
+
+def _response(sock: socket.socket) -> tuple[int, dict]:
+    """Read one HTTP/1.1 response (with a Content-Length) from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection without answering"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    length = next(int(x.split(":")[1]) for x in lines if x.lower().startswith("content-length"))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(lines[0].split()[1]), json.loads(body)
+
+
+def test_large_bodies_are_refused_without_blocking_the_server(tiny_gpt2, root):
+    s = start(tiny_gpt2, root, names=("a0",), limits=Limits(64, context=256,
+                                                             max_body_bytes=64 << 10))
+    try:
+        addr = _addr(s.url)
+        with socket.create_connection(addr, timeout=60) as sock:  # says 1 GiB, sends nothing
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 1073741824\r\n\r\n")
+            code, reply = _response(sock)
+        assert code == 413 and "65536 bytes" in openai_error(reply)["message"]
+        with socket.create_connection(addr, timeout=60) as sock:  # chunked: no length given
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+            piece = b"x" * 16384
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            # half-way through an upload, the event loop still serves everyone else
+            assert [m.id for m in s.client().models.list()] == [BASE_NAME, "a0"]
+            for _ in range(4):  # now past 64 KiB: refused while the client is still sending
+                sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            code, reply = _response(sock)
+        assert code == 413 and openai_error(reply)["param"] == "body"
+        big = s.client().completions.create  # the official client gets a clear status error
+        with pytest.raises(openai.APIStatusError) as e:
+            big(model="a0", prompt="y" * (100 << 10), max_tokens=2)
+        assert e.value.status_code == 413
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("body", [
+    "{not json", "[" * 100_000 + "]" * 100_000, '["a list"]', b"\xff\xfe{}", "",
+    '{"model": "a0", "prompt": {"nested": 1}}', '{"model": "a0", "prompt": []}',
+    '{"model": "a0", "prompt": "x", "stop": [1, 2]}', '{"model": "' + "m" * 100_000 + '", '
+    '"prompt": "x"}',
+])
+def test_unparsable_bodies_get_the_openai_error_shape(server, body):
+    code, reply = post(server.url + "/v1/completions", body)
+    assert code in (400, 404), reply
+    assert len(openai_error(reply)["message"]) < 400  # never the whole body echoed back
+
+
+def test_unknown_routes_and_methods_use_the_same_shape(server):
+    code, text = http("GET", server.url + "/v1/nowhere")
+    assert code == 404 and openai_error(json.loads(text))["type"] == "not_found_error"
+    code, text = http("GET", server.url + "/v1/completions")
+    assert code == 405 and openai_error(json.loads(text))
