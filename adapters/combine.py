@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peft import PeftModel
-
-from .adapter import Manifest, check_files, new_manifest, save_adapter
+from .adapter import Manifest, check_files, load_adapter, new_manifest, save_adapter
 from .adapter.archive import resolve_adapter
 from .config import ModelConfig
 from .errors import AdaptersError
@@ -47,9 +45,9 @@ def combine(folders: list[str | Path], weights: list[float], out: str | Path,
     first = _manifests(folders)[0]
     model, _ = load_base(ModelConfig(name=first.base.name, dtype="fp32"), device="cpu")
     names = [f"a{i}" for i in range(len(folders))]
-    pm = PeftModel.from_pretrained(model, str(folders[0]), adapter_name=names[0])
+    pm = load_adapter(model, folders[0], adapter_name=names[0])
     for name, f in zip(names[1:], folders[1:]):
-        pm.load_adapter(str(f), adapter_name=name)
+        load_adapter(pm, f, adapter_name=name)
     kw = {"density": density} if method.startswith(("ties", "dare")) else {}
     if method == "svd":
         kw["svd_rank"] = max(pm.peft_config[n].r for n in names)

@@ -24,14 +24,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from .adapter import CONFIG_FILE, WEIGHTS_FILE, Manifest, check_base, check_files, read_base_name
+from .adapter import (
+    WEIGHTS_FILE,
+    Manifest,
+    check_base,
+    check_files,
+    load_adapter,
+    read_base_name,
+)
 from .adapter.archive import resolve_adapter
+from .adapter.peftconfig import read_config
 from .config import ModelConfig
 from .errors import AdaptersError
 from .io import atomic_dir
@@ -157,14 +164,14 @@ def compare_models(ref, merged, batches: list[torch.Tensor]) -> Verification:
 
 
 def _verify(src: _Source, merged, data: list[str] | None, max_kl: float,
-            allow_base_mismatch: bool) -> Verification:
-    """Compare `merged` with base-as-trained + adapter; MergeError (nothing written) when the
+            allow_base_mismatch: bool, reference: ModelConfig) -> Verification:
+    """Compare `merged` with `reference` base + adapter; MergeError (nothing written) when the
     mean KL exceeds `max_kl` or any logit is not finite. The base's fingerprint is checked on
     the reference too, so a streamed merge gets the same check as an in-memory one."""
-    ref_base, tok = load_base(src.as_trained(), device="cpu")
+    ref_base, tok = load_base(reference, device="cpu")
     check_base(src.manifest, ref_base, tok, src.folder, allow_base_mismatch)
     exact_4bit_on_cpu(ref_base)
-    ref = PeftModel.from_pretrained(ref_base, str(src.folder)).eval()
+    ref = load_adapter(ref_base, src.folder).eval()
     result = compare_models(ref, merged.eval(), _texts(tok, data))
     log.info("verification: %s", result.as_dict())
     # `not <=` and the self-comparison also catch NaN, which every comparison calls False.
@@ -194,8 +201,9 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
         log.info("merging into the dequantized %s weights (%d layers)",
                  src.manifest.quantization.quantization,
                  _dequantize_into(model, src.as_trained()))
-    merged = PeftModel.from_pretrained(model, str(src.folder)).merge_and_unload()
-    result = _verify(src, merged, data, max_kl, allow_base_mismatch) if verify else None
+    merged = load_adapter(model, src.folder).merge_and_unload()
+    result = (_verify(src, merged, data, max_kl, allow_base_mismatch, src.as_trained())
+              if verify else None)
     merged = merged.to(resolve_dtype(dtype))
     _write_model(merged, tok, src.spec, Path(out))
     return Path(out), result
@@ -213,7 +221,7 @@ def _write_model(model, tok, spec: str, out: Path) -> None:
 
 def _lora_deltas(adapter: Path) -> tuple[dict[str, tuple], float, bool]:
     """{base weight name: (A, B)}, scaling, fan_in_fan_out from a peft LoRA folder."""
-    cfg = json.loads((adapter / CONFIG_FILE).read_text(encoding="utf-8"))
+    cfg = read_config(adapter)
     if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise AdaptersError(f"{adapter}: DoRA and per-module ranks need the in-memory merge "
                             "(leave out --stream)")
@@ -294,7 +302,10 @@ def merge_streaming_verified(adapter: str | Path, out: str | Path, base: str | N
         result = None
         if verify:
             merged = AutoModelForCausalLM.from_pretrained(tmp / "m", dtype=torch.float32)
-            result = _verify(src, merged, data, max_kl, allow_base_mismatch)
+            # The streamed merge writes the original weights + delta: its reference is the
+            # full-precision base + adapter (the arithmetic is what is checked here).
+            result = _verify(src, merged, data, max_kl, allow_base_mismatch,
+                             ModelConfig(name=src.spec, dtype="fp32"))
             del merged
         for p in (tmp / "m").iterdir():
             p.rename(tmp / p.name)

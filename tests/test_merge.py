@@ -85,6 +85,17 @@ def test_4bit_trained_adapter_against_dequantized_and_original(arch, tiny_gpt2, 
     assert not (tmp_path / "strict").exists()
 
 
+
+def test_streamed_merge_of_a_4bit_adapter_checks_its_own_arithmetic(tiny_llama, tmp_path, ids):
+    """Streaming writes the original weights + delta: it is checked against the full-precision
+    base + adapter (the in-memory merge's "original" option differs from training by nf4)."""
+    trained_adapter(tiny_llama, tmp_path / "a", quantization="4bit")
+    out, v = merge_streaming_verified(tmp_path / "a", tmp_path / "s")  # default max_kl 0.05
+    assert v.mean_kl < 1e-6
+    _, got = _merged_logits(out, ids)
+    torch.testing.assert_close(got, _reference_logits(tiny_llama, tmp_path / "a", ids),
+                               atol=1e-4, rtol=0)
+
 @pytest.mark.parametrize("path", MERGES)
 def test_corrupted_adapter_fails_verification_and_writes_nothing(path, tiny_llama, tmp_path):
     trained_adapter(tiny_llama, tmp_path / "a")

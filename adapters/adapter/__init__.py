@@ -10,7 +10,6 @@ The format itself (file names, the typed Manifest, the completeness check) is fi
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -38,6 +37,7 @@ from .files import (
     package_versions,
     read_manifest,
 )
+from .peftconfig import for_peft, read_config
 
 __all__ = ["CARD_FILE", "CONFIG_FILE", "FORMAT", "MANIFEST_FILE", "WEIGHTS_FILE", "Manifest",
            "build_manifest", "check_base", "check_files", "inspect_adapter", "load_adapter",
@@ -70,7 +70,7 @@ def write_manifest(folder: str | Path, manifest: Manifest, name: str | None = No
 
 
 def save_adapter(model, folder: str | Path, manifest: Manifest | dict[str, Any],
-                 adapter_name: str = "default") -> Path:
+                 adapter_name: str = "default", name: str | None = None) -> Path:
     """Write the adapter files into `folder`, each by an atomic rename, the manifest last.
 
     The manifest carries the sha256 of the weights, so a crash between two renames is caught
@@ -85,12 +85,12 @@ def save_adapter(model, folder: str | Path, manifest: Manifest | dict[str, Any],
         model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[adapter_name])
         src = tmp / adapter_name if adapter_name != "default" else tmp
         manifest = manifest.with_weights(src / WEIGHTS_FILE)
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            with open(src / name, "rb") as f:
+        for file in (WEIGHTS_FILE, CONFIG_FILE):
+            with open(src / file, "rb") as f:
                 os.fsync(f.fileno())
-            os.replace(src / name, folder / name)
+            os.replace(src / file, folder / file)
         fsync_dir(folder)
-        write_manifest(folder, manifest)
+        write_manifest(folder, manifest, name)  # name: what the card calls it
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -126,14 +126,22 @@ def load_adapter(model, folder: str | Path, tokenizer=None, adapter_name: str = 
     manifest = check_files(folder)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     check_base(manifest, base, tokenizer, folder, allow_base_mismatch)
+    config = for_peft(folder, base)  # None unless a pattern had to be resolved into names
+    added = False
     try:
         if isinstance(model, PeftModel):
+            if config is not None and adapter_name not in model.peft_config:
+                config.inference_mode = not is_trainable
+                model.add_adapter(adapter_name, config)  # peft then skips reading the file
+                added = True
             model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
             return model
         return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name,
-                                         is_trainable=is_trainable)
+                                         is_trainable=is_trainable, config=config)
     except (RuntimeError, ValueError, KeyError) as e:
-        raise AdapterFileError(f"{folder}: does not fit this base model: {e}") from e
+        if added:
+            model.delete_adapter(adapter_name)
+        raise AdapterFileError(f"{folder}: does not fit this base model: {str(e)[:300]}") from e
 
 
 def read_base_name(adapter: str | Path) -> str | None:
@@ -159,12 +167,13 @@ def inspect_adapter(folder: str | Path) -> dict[str, Any]:
             manifest = read_manifest(folder)
         except AdapterFileError:
             pass
-    cfg_path = folder / CONFIG_FILE
-    if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    try:
+        cfg = read_config(folder)
         info["peft"] = {k: cfg.get(k) for k in ("peft_type", "r", "lora_alpha", "lora_dropout",
                                                 "target_modules", "use_rslora", "use_dora",
                                                 "base_model_name_or_path")}
+    except AdapterFileError as e:
+        info["peft"] = f"FAILED: {e}"
     weights = folder / WEIGHTS_FILE
     if weights.is_file():
         info["file_bytes"] = weights.stat().st_size

@@ -4,24 +4,29 @@ Unpacking treats the archive as hostile: every entry must be a plain file whose 
 inside the target folder (no absolute paths, no `..`, no links), only the adapter's own files
 are extracted (never a pickle), and the total size may not exceed what the archive's manifest
 says the weights weigh, plus a small allowance for the JSON and the card. Sizes are counted
-while copying, so a zip that lies about its sizes is cut off too. An archive unpacks once into
-a cache folder named by its sha256 and is then checked like any folder.
+while copying against a running budget, so a zip that lies about its sizes is cut off too.
+Files land in a temporary folder that becomes the cache folder (named by the archive's sha256)
+only once the weights' sha256 and the whole folder (`check_files`) are verified; on any failure
+it is removed, so a refused archive leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import os
+import re
 import stat
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from ..errors import AdapterFileError
 from ..io import atomic_dir, fsync_dir, sha256_file
 from ..model import adapters_home
 from .files import CARD_FILE, CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, Manifest, check_files
+from .schema import loads
 
 log = logging.getLogger(__name__)
 MEMBERS = (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE, CARD_FILE)
@@ -79,13 +84,32 @@ def unpack(archive: str | Path, target: str | Path | None = None) -> Path:
         return target  # unpacked before; check_files on load still checks the hash
     try:
         with zipfile.ZipFile(archive) as z:
-            members = _checked_members(archive, z)
-            with atomic_dir(target) as tmp:
-                for info, name in members:
-                    _extract(archive, z, info, tmp / name)
-    except zipfile.BadZipFile as e:
-        raise AdapterFileError(f"{archive}: not a readable zip archive ({e})") from e
+            members, manifest = _checked_members(archive, z)
+            _extract_checked(archive, z, members, manifest, target)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise AdapterFileError(f"{archive}: not a readable zip archive ({e}); refused, "
+                               "nothing unpacked") from e
     return target
+
+
+def _extract_checked(archive: Path, z: zipfile.ZipFile, members, manifest: Manifest,
+                     target: Path) -> None:
+    """Extract into a temporary folder (atomic_dir) that becomes `target` only once every file
+    is checked; any failure (budget, CRC, hash, config, header) removes it."""
+    try:
+        with atomic_dir(target) as tmp:
+            budget = [manifest.weights.bytes + SMALL_FILES_LIMIT]
+            for info, name in members:
+                limit = manifest.weights.bytes if name == WEIGHTS_FILE else info.file_size
+                digest = _extract(z, info, tmp / name, limit, budget)
+                if name == WEIGHTS_FILE and digest != manifest.weights.sha256:
+                    raise AdapterFileError(f"{WEIGHTS_FILE} does not have the sha256 its "
+                                           f"{MANIFEST_FILE} states (tampered or corrupted)")
+            check_files(tmp)
+    except AdapterFileError as e:
+        # the reason without the temporary folder's path
+        reason = re.sub(r"\S*\.tmp-[^/\s]+/", "", str(e))
+        raise AdapterFileError(f"{archive}: refused, nothing unpacked: {reason}") from e
 
 
 def _member_name(archive: Path, info: zipfile.ZipInfo) -> str:
@@ -102,7 +126,8 @@ def _member_name(archive: Path, info: zipfile.ZipInfo) -> str:
     return parts[-1] if parts else ""
 
 
-def _checked_members(archive: Path, z: zipfile.ZipFile) -> list[tuple[zipfile.ZipInfo, str]]:
+def _checked_members(archive: Path, z: zipfile.ZipFile
+                     ) -> tuple[list[tuple[zipfile.ZipInfo, str]], Manifest]:
     members, skipped = [], []
     for info in z.infolist():
         name = _member_name(archive, info)
@@ -122,29 +147,33 @@ def _checked_members(archive: Path, z: zipfile.ZipFile) -> list[tuple[zipfile.Zi
                                "`adapters pack`, so its size and hash cannot be checked")
     if by_name[MANIFEST_FILE].file_size > SMALL_FILES_LIMIT:
         raise AdapterFileError(f"{archive}: {MANIFEST_FILE} is implausibly large")
-    try:
-        data = json.loads(z.read(by_name[MANIFEST_FILE]))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{archive}: {MANIFEST_FILE} is not valid JSON ({e})") from e
-    manifest = Manifest.from_dict(data, f"{archive}: {MANIFEST_FILE}")
+    source = f"{archive}: {MANIFEST_FILE}"
+    manifest = Manifest.from_dict(loads(z.read(by_name[MANIFEST_FILE]), source), source)
     if manifest.weights is None:
         raise AdapterFileError(f"{archive}: {MANIFEST_FILE} does not state the weights' size")
     expected = manifest.weights.bytes
     total = sum(info.file_size for info, _ in members)
-    if total > expected + SMALL_FILES_LIMIT:
+    weights = by_name.get(WEIGHTS_FILE)
+    if total > expected + SMALL_FILES_LIMIT or (weights and weights.file_size != expected):
         raise AdapterFileError(
             f"{archive}: unpacks to {total} bytes but its manifest says the weights are "
             f"{expected} bytes; refused (a zip bomb or a tampered archive)")
-    return members
+    return members, manifest
 
 
-def _extract(archive: Path, z: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> None:
-    """Copy one entry, never more bytes than its header declares."""
-    written = 0
+def _extract(z: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, limit: int,
+             budget: list[int]) -> str:
+    """Copy one entry, never more than `limit` or its header's size, nor more than is left
+    of the running `budget` (decremented); return the sha256 of what was written."""
+    written, digest = 0, hashlib.sha256()
+    limit = min(limit, info.file_size)
     with z.open(info) as src, open(dest, "wb") as out:
-        while block := src.read(_CHUNK):
+        while block := src.read(min(_CHUNK, limit - written + 1)):
             written += len(block)
-            if written > info.file_size:
-                raise AdapterFileError(f"{archive}: entry {info.filename!r} is larger than "
-                                       "its header says; refused")
+            budget[0] -= len(block)
+            if written > limit or budget[0] < 0:
+                raise AdapterFileError(f"entry {info.filename!r} holds more bytes than its "
+                                       "header or the manifest allows")
+            digest.update(block)
             out.write(block)
+    return digest.hexdigest()

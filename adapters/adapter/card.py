@@ -10,12 +10,12 @@ comes from the Manifest, and whoever writes the manifest writes the card beside 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..config import HUB_ID
 from .files import CARD_FILE, CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, Manifest
 
 __all__ = ["CARD_FILE", "DEFAULT_HUB_ID", "DEFAULT_LICENSE", "front_matter", "hub_id", "render"]
@@ -23,14 +23,13 @@ __all__ = ["CARD_FILE", "DEFAULT_HUB_ID", "DEFAULT_LICENSE", "front_matter", "hu
 # The embedded default base (see model.py) and where it comes from on the hub.
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_LICENSE = "apache-2.0"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def hub_id(spec: str | None) -> str | None:
     """The hub id of a base spec, or None for a local folder (the hub would reject a path)."""
     if spec == "default":
         return DEFAULT_HUB_ID
-    if spec and _HUB_ID.match(spec) and not Path(spec).exists():
+    if spec and HUB_ID.fullmatch(spec) and not Path(spec).exists():
         return spec
     return None
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
+import re
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -22,13 +22,14 @@ from safetensors import safe_open
 
 from ..errors import AdapterFileError
 from ..io import atomic_write_json, sha256_file
-from .schema import kind, parse, to_json
+from .peftconfig import CONFIG_FILE, read_config, tensor_problems
+from .schema import kind, parse, read_json, to_json
 
-CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MANIFEST_FILE = "manifest.json"
 CARD_FILE = "README.md"
 FORMAT = "adapterkit/1"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 # ---- the manifest's sections; every one keeps the keys it does not know in `extra` ----
@@ -188,20 +189,20 @@ class Manifest(Section):
             raise AdapterFileError(f"{source}: must be a JSON object (the adapter's manifest), "
                                    f"got {kind(data)}; rewrite it or delete it and run "
                                    "`adapters convert`")
-        return parse(cls, data, str(source), f"fix {MANIFEST_FILE} or remake it with "
-                     "`adapters convert`")
+        fix = f"fix {MANIFEST_FILE} or remake it with `adapters convert`"
+        manifest = parse(cls, data, str(source), fix)
+        w = manifest.weights
+        if w is not None and (w.bytes < 0 or not _SHA256.fullmatch(w.sha256)):
+            raise AdapterFileError(f"{source}: field 'weights' must hold a size >= 0 and a "
+                                   f"64-digit hex sha256, got {w.bytes} and "
+                                   f"{w.sha256[:70]!r}; {fix}")
+        return manifest
 
     @classmethod
     def read(cls, folder: str | Path) -> Manifest:
         """The manifest of an adapter folder; AdapterFileError when missing or invalid."""
         path = Path(folder) / MANIFEST_FILE
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise AdapterFileError(f"{path}: missing (`adapters convert` adds one)") from e
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AdapterFileError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_dict(data, path)
+        return cls.from_dict(read_json(path, "`adapters convert` adds one"), path)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: the same keys as ever (the optional ones when set), plus any unknown
@@ -271,18 +272,29 @@ def check_files(folder: str | Path) -> Manifest | None:
         hint = (" It has adapter_model.bin (a pickle): convert it with `adapters convert`."
                 if (folder / "adapter_model.bin").exists() else "")
         raise AdapterFileError(f"{weights}: missing.{hint}")
+    config = read_config(folder)
     manifest = read_manifest(folder)
     if manifest is not None and manifest.weights is not None and (
             sha256_file(weights) != manifest.weights.sha256):
         raise AdapterFileError(
             f"{weights}: corrupted or truncated (sha256 differs from {MANIFEST_FILE}; "
             f"{weights.stat().st_size} bytes on disk, {manifest.weights.bytes} written)")
+    problems = tensor_problems(read_header(weights), config, str(folder / CONFIG_FILE))
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise AdapterFileError(f"{weights}: {problems[0]}{more}; the file does not match "
+                               f"{CONFIG_FILE} (`adapters verify` lists every problem)")
+    return manifest
+
+
+def read_header(weights: str | Path) -> dict[str, tuple[str, tuple]]:
+    """{tensor name: (safetensors dtype, shape)} from the file's header, no tensor read."""
     try:
         with safe_open(weights, "pt") as f:
-            list(f.keys())
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
+                    for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise AdapterFileError(f"{weights}: not a readable safetensors file ({e})") from e
-    return manifest
 
 
 def numel(shape) -> int:

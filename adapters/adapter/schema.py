@@ -12,11 +12,58 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
+import stat
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterFileError
+
+MAX_JSON_BYTES = 16 << 20  # an adapter's config, manifest or card: far below this
+
+
+def read_json(path: Path, missing: str = "", limit: int = MAX_JSON_BYTES) -> Any:
+    """The parsed JSON of `path`, a regular file of at most `limit` bytes; AdapterFileError
+    naming the file otherwise (`missing` says what to do when it is absent)."""
+    try:  # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise AdapterFileError(f"{path}: missing{'; ' + missing if missing else ''}") from None
+    except OSError as e:
+        raise AdapterFileError(f"{path}: cannot be read ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise AdapterFileError(f"{path}: not a regular file; replace it with the JSON file")
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise AdapterFileError(f"{path}: larger than {limit} bytes; not an adapter's JSON file")
+    return loads(raw, str(path))
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads(raw: bytes, source: str) -> Any:
+    """Parsed JSON from bytes; one-line AdapterFileError naming `source` for invalid UTF-8,
+    invalid JSON, NaN/Infinity, integers too long to convert, or nesting too deep."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AdapterFileError(f"{source}: not valid JSON (invalid UTF-8 at byte offset "
+                               f"{e.start}); save it as UTF-8") from None
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise AdapterFileError(f"{source}: not valid JSON ({e.msg} at line {e.lineno} column "
+                               f"{e.colno})") from None
+    except RecursionError:
+        raise AdapterFileError(f"{source}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # NaN / Infinity, or an integer of thousands of digits
+        raise AdapterFileError(f"{source}: not valid JSON ({str(e)[:100]})") from None
 
 
 class _Mismatch(Exception):

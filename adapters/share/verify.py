@@ -9,8 +9,6 @@ pickle with `torch.load(weights_only=True)` only, so no code in it can run.
 
 from __future__ import annotations
 
-import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,15 +29,14 @@ from ..adapter import (
     write_manifest,
 )
 from ..adapter.archive import resolve_adapter
+from ..adapter.files import read_header
+from ..adapter.peftconfig import read_config, shape_problems, tensor_problems
 from ..config import ModelConfig
 from ..errors import AdapterFileError
 from ..io import atomic_dir, sha256_file
 from ..model import base_fingerprint, load_base
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-# peft's key layout: <module path>.lora_A.weight, .lora_embedding_B, .lora_magnitude_vector
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_A|lora_B|"
-                       r"lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?:\.weight)?$")
 
 
 @dataclass
@@ -78,17 +75,15 @@ def _no_pickles(folder: Path) -> Check:
 
 
 def _config(folder: Path, checks: list[Check]) -> dict | None:
-    path = folder / CONFIG_FILE
+    """peft's config, checked field by field (types, ranges, patterns) as every load does."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-        checks.append(Check("config", True, f"{CONFIG_FILE}: {config.get('peft_type')} r="
-                            f"{config.get('r')}"))
-        return config
-    except FileNotFoundError:
-        checks.append(Check("config", False, f"{path}: missing"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        checks.append(Check("config", False, f"{path}: not valid JSON ({e})"))
-    return None
+        config = read_config(folder)
+    except AdapterFileError as e:
+        checks.append(Check("config", False, str(e)))
+        return None
+    checks.append(Check("config", True, f"{CONFIG_FILE}: {config.get('peft_type')} r="
+                        f"{config.get('r')}"))
+    return config
 
 
 def _manifest_hash(folder: Path, checks: list[Check]) -> Manifest | None:
@@ -122,63 +117,34 @@ def _manifest_hash(folder: Path, checks: list[Check]) -> Manifest | None:
     return manifest
 
 
+def _summary(problems: list[str]) -> str:
+    return "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3
+                                      else "")
+
+
 def _tensors(weights: Path, config: dict | None) -> list[Check]:
+    """dtypes (floating only) and shapes from the header, then each tensor finite."""
     try:
-        with safe_open(weights, "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types
-        return [Check("readable", False, f"{weights}: not a readable safetensors file ({e})")]
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
-    checks = [Check("finite", not bad, f"{len(tensors)} tensors all finite" if not bad else
-                    f"{len(bad)} tensor(s) hold NaN or inf, e.g. {bad[0]}")]
+        header = read_header(weights)
+    except AdapterFileError as e:
+        return [Check("readable", False, str(e))]
+    not_float = tensor_problems(header, None)
+    checks = [Check("dtypes", not not_float, f"{len(header)} tensors, all floating point"
+                    if not not_float else _summary(not_float))]
     if config is not None:
-        problems = shape_problems({k: tuple(t.shape) for k, t in tensors.items()}, config)
+        try:
+            problems = shape_problems({k: s for k, (_, s) in header.items()}, config,
+                                      str(weights.parent / CONFIG_FILE))
+        except AdapterFileError as e:  # a target pattern that cannot be matched in time
+            problems = [str(e)]
         checks.append(Check("shapes", not problems, "every LoRA matrix fits the config" if not
-                            problems else "; ".join(problems[:3])
-                            + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")))
-    return checks
-
-
-def _rank(module: str, config: dict) -> int:
-    for pattern, r in (config.get("rank_pattern") or {}).items():
-        if re.search(rf"(^|\.){pattern}$", module):
-            return int(r)
-    return int(config.get("r") or 0)
-
-
-def _targeted(module: str, config: dict) -> bool:
-    targets = config.get("target_modules")
-    if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
-    return not targets or module.split(".")[-1] in targets or module in targets
-
-
-def shape_problems(shapes: dict[str, tuple], config: dict) -> list[str]:
-    """What in a peft LoRA state dict contradicts its config (rank, pairs, targets)."""
-    modules: dict[str, dict[str, tuple]] = {}
-    problems = []
-    for key, shape in shapes.items():
-        m = _LORA_KEY.match(key)
-        if m is None:
-            problems.append(f"{key}: not a LoRA tensor name")
-            continue
-        modules.setdefault(m["module"], {})[m["part"]] = shape
-    for module, parts in modules.items():
-        r = _rank(module, config)
-        a = parts.get("lora_A") or parts.get("lora_embedding_A")
-        b = parts.get("lora_B") or parts.get("lora_embedding_B")
-        if a is None or b is None:
-            problems.append(f"{module}: has only one of lora_A / lora_B")
-            continue
-        if len(a) != 2 or len(b) != 2 or a[0] != r or b[1] != r:
-            problems.append(f"{module}: lora_A {list(a)} and lora_B {list(b)} do not have "
-                            f"rank r={r} ([r, in] and [out, r] expected)")
-        if not _targeted(module, config):
-            problems.append(f"{module}: not among target_modules {config.get('target_modules')}")
-        mag = parts.get("lora_magnitude_vector")
-        if mag is not None and tuple(mag) != (b[0],):
-            problems.append(f"{module}: DoRA magnitude {list(mag)} but {b[0]} outputs")
-    return problems
+                            problems else _summary(problems)))
+    if not_float:
+        return checks
+    with safe_open(weights, "pt") as f:
+        bad = [k for k in f.keys() if not f.get_tensor(k).isfinite().all()]
+    return [Check("finite", not bad, f"{len(header)} tensors all finite" if not bad else
+                  f"{len(bad)} tensor(s) hold NaN or inf, e.g. {bad[0]}")] + checks
 
 
 def _against_base(folder: Path, manifest: Manifest | None, base: str, quantization: str,
@@ -209,8 +175,12 @@ def convert(old: str | Path, out: str | Path | None = None, base: str | None = N
     out = Path(out) if out else old.with_name(old.name + "-safetensors")
     if not (old / CONFIG_FILE).is_file():
         raise AdapterFileError(f"{old / CONFIG_FILE}: missing; not a peft adapter folder")
+    config = read_config(old)
     source, state = _read_weights(old)
-    config = json.loads((old / CONFIG_FILE).read_text(encoding="utf-8"))
+    not_float = [k for k, v in state.items() if not v.is_floating_point()]
+    if not_float:
+        raise AdapterFileError(f"{source}: tensor {not_float[0]} is {state[not_float[0]].dtype}"
+                               f" ({len(not_float)} such); LoRA weights are floating point")
     manifest = _converted_manifest(config, source, base)
     with atomic_dir(out) as tmp:
         # clone: tensors that shared storage in the pickle must be separate for safetensors
