@@ -4,13 +4,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
 import sys
 from pathlib import Path
 
 from ..adapter.archive import pack
+from ..share.export import DEFAULT_MAX_KL, FORMATS, export
+from ..share.gguf_io import OUT_TYPES
 from ..share.hub import pull, push
+from ..share.targets import VLLM_DEFAULT_MAX_RANK, VLLM_RANKS, check_target
 from ..share.verify import convert, verify
-from .common import adapter_path, add_quantization_flag, existing_dir, repo_id
+from .common import (
+    adapter_path,
+    add_quantization_flag,
+    existing_dir,
+    existing_file,
+    non_negative_float,
+    repo_id,
+)
+
+
+def _target(text: str) -> str:
+    if text in ("vllm", "llama.cpp") or re.fullmatch(r"peft==\d+\.\d+(\.\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: choose vllm, llama.cpp or peft==X.Y")
+
+
+def _vllm_rank(text: str) -> int:
+    if text.isdigit() and int(text) in VLLM_RANKS:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: vLLM accepts {', '.join(map(str, VLLM_RANKS))}")
 
 
 def _add_verify(p: argparse.ArgumentParser) -> None:
@@ -20,10 +44,18 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
                                   "adapter into it and run one forward pass")
     add_quantization_flag(p, help="how to load --base (default none)")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.add_argument("--target", type=_target, action="append", default=[],
+                   help="also check against a runtime's limits: vllm, llama.cpp or peft==X.Y "
+                        "(repeatable)")
+    p.add_argument("--max-lora-rank", type=_vllm_rank, default=VLLM_DEFAULT_MAX_RANK,
+                   help=f"the vLLM server's --max-lora-rank (default {VLLM_DEFAULT_MAX_RANK})")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     checks = verify(args.path, args.base, args.quantization)
+    if all(c.ok for c in checks):
+        for target in args.target:
+            checks += check_target(args.path, target, args.max_lora_rank)
     if args.json:
         print(json.dumps([c.__dict__ for c in checks], indent=2))
     else:
@@ -32,6 +64,46 @@ def cmd_verify(args: argparse.Namespace) -> int:
     ok = all(c.ok for c in checks)
     print(f"{args.path}: " + ("verified" if ok else "NOT verified"), file=sys.stderr)
     return 0 if ok else 1
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", type=adapter_path, help="an adapter folder or .zip")
+    p.add_argument("--to", required=True, choices=FORMATS,
+                   help="gguf-lora: llama.cpp LoRA file; gguf: merged model file; ollama: "
+                        "Modelfile folder; peft: config for an older peft")
+    p.add_argument("--out", required=True, help="the file (gguf, gguf-lora) or folder to write")
+    p.add_argument("--base", help="the base (default: the one the manifest names)")
+    p.add_argument("--base-gguf", type=existing_file,
+                   help="the base as a GGUF file (default: the embedded default's, or one "
+                        "written from the HF folder)")
+    p.add_argument("--outtype", default="f16", choices=tuple(OUT_TYPES),
+                   help="--to gguf: tensor type of the merged matrices (default f16)")
+    p.add_argument("--max-kl", type=non_negative_float, default=DEFAULT_MAX_KL,
+                   help="fail when llama.cpp's mean KL from ours exceeds this "
+                        f"(default {DEFAULT_MAX_KL})")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip loading the result in llama.cpp")
+    p.add_argument("--peft-version", help="--to peft: the peft release that will load it, X.Y")
+    p.add_argument("--name", help="--to ollama: the model name (default: the adapter's)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs every file at INFO
+    res = export(args.adapter, args.to, args.out, base=args.base, base_gguf=args.base_gguf,
+                 out_type=args.outtype, verify=not args.no_verify, max_kl=args.max_kl,
+                 peft_version=args.peft_version, name=args.name)
+    for f in res.files:
+        size = f" ({Path(f).stat().st_size / 1e6:.1f} MB)" if Path(f).is_file() else ""
+        print(f"wrote {f}{size}")
+    if res.report is not None:
+        print("\n".join(res.report.lines()))
+    elif args.to != "peft":
+        print("not verified in llama.cpp (--no-verify)")
+    for note in res.notes:
+        print(note)
+    if res.commands:
+        print("run it:\n  " + "\n  ".join(res.commands))
+    return 0
 
 
 def _add_pack(p: argparse.ArgumentParser) -> None:
@@ -86,6 +158,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 COMMANDS = {
     "verify": ("check an adapter folder or archive (hash, finite, shapes, no pickles; "
                "with --base: fingerprint, load, forward)", _add_verify, cmd_verify),
+    "export": ("write an adapter for llama.cpp / Ollama (GGUF, checked in llama.cpp) or an "
+               "older peft", _add_export, cmd_export),
     "pack": ("zip an adapter folder into one file to send", _add_pack, cmd_pack),
     "convert": ("turn a pickle (adapter_model.bin) adapter into safetensors + manifest",
                 _add_convert, cmd_convert),

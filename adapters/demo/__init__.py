@@ -27,6 +27,8 @@ from ..eval.record import record_eval
 from ..merge import merge_adapter
 from ..model import load_base
 from ..serving.registry import Registry
+from ..share.export import ExportError, export
+from ..share.runtime_check import have_llama_cpp
 from ..share.verify import verify
 from ..training import train
 from .datasets import build_pydoc_qa, build_stdlib_code
@@ -131,6 +133,22 @@ def _share(out: Path, adapters: dict[str, Path], rows: list[dict]) -> list[str]:
     return lines
 
 
+def _export_gguf(out: Path, adapters: dict[str, Path]) -> list[str]:
+    """Each adapter as a llama.cpp LoRA GGUF, with llama.cpp's agreement figures."""
+    lines = ["", "## Run it elsewhere: each adapter as a llama.cpp LoRA GGUF", ""]
+    if not have_llama_cpp():
+        return lines + ["llama.cpp is not installed here (`scripts/check_interop --setup`): "
+                        "the GGUF files were not written."]
+    for name, folder in adapters.items():
+        try:
+            res = export(folder, "gguf-lora", out / "gguf" / f"{name}.gguf")
+            lines += [f"- `gguf/{name}.gguf`, {res.report.lines()[0]}",
+                      *(f"  - {x.strip()}" for x in res.report.lines()[1:])]
+        except ExportError as e:
+            lines.append(f"- {name}: export FAILED: {e}")
+    return lines
+
+
 def _report(out: Path, rows: list[dict], samples: list[dict], merge_info: dict,
             cfgs: dict, seconds: float, shared: list[str]) -> Path:
     lines = ["# adapters demo: two domain adapters on one base", "",
@@ -189,5 +207,5 @@ def run_demo(out: str | Path = "runs/demo", tiny: bool = False, fresh: bool = Fa
     merged, check = merge_adapter(adapters["pydoc-qa"], out / "merged-pydoc-qa",
                                   data=[r["prompt"] for r in samples])
     info = {"folder": str(merged), **(check.as_dict() if check else {})}
-    shared = _share(out, adapters, rows)
+    shared = _share(out, adapters, rows) + _export_gguf(out, adapters)
     return _report(out, rows, samples, info, cfgs, time.perf_counter() - t0, shared)

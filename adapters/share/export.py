@@ -1,0 +1,204 @@
+"""`adapters export`: an adapter in the form other runtimes load, checked in llama.cpp itself.
+
+  gguf-lora  the adapter as a llama.cpp LoRA GGUF, applied at load time to the base GGUF
+  gguf       base + adapter merged into one GGUF (f32 | f16 | bf16 | q8_0)
+  ollama     a folder: Modelfile (FROM base GGUF, ADAPTER LoRA GGUF, TEMPLATE, stops) + files
+  peft       a copy whose adapter_config.json an older peft constructs (--peft-version)
+
+Every GGUF written is loaded by llama.cpp before it is kept: its next-token distributions on
+held-out text are compared with base + adapter in `adapters` (top-1 agreement and mean KL,
+next to the same figures for the base alone), and a mean KL above `max_kl`, or an adapter
+whose effect does not show in llama.cpp, fails the export with nothing written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..adapter import Manifest, check_files, load_adapter
+from ..adapter.archive import resolve_adapter
+from ..config import ModelConfig
+from ..io import atomic_dir, atomic_write_text
+from ..merge import SAMPLE_TEXT, merge_adapter
+from ..model import (
+    DEFAULT_NAME,
+    _gguf_path,
+    load_base,
+    load_tokenizer,
+    resolve_model_path,
+)
+from .gguf_base import write_hf_gguf
+from .gguf_io import OUT_TYPES, ExportError, atomic_gguf
+from .gguf_lora import write_lora_gguf, write_merged_from_gguf
+from .ollama import modelfile, stop_tokens, template_parts
+from .runtime_check import (
+    RuntimeReport,
+    compare,
+    gate,
+    llama_cpp_logits,
+    torch_logits,
+)
+from .targets import export_peft
+
+__all__ = ["FORMATS", "ExportError", "ExportResult", "export"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("gguf-lora", "gguf", "ollama", "peft")
+DEFAULT_MAX_KL = 0.05
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    files: list[Path] = field(default_factory=list)
+    report: RuntimeReport | None = None
+    commands: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Adapter:
+    folder: Path
+    manifest: Manifest | None
+    spec: str
+
+
+def _open(adapter: str | Path, base: str | None) -> _Adapter:
+    folder = resolve_adapter(adapter)
+    manifest = check_files(folder)
+    spec = base or (manifest.base.name if manifest else None)
+    if not spec:
+        raise ExportError(f"{adapter}: no manifest names the base; pass --base")
+    return _Adapter(folder, manifest, spec)
+
+
+@contextlib.contextmanager
+def _base_gguf(src: _Adapter, base_gguf: str | Path | None) -> Iterator[Path]:
+    """The base as a GGUF file: given, the embedded default's, or written from the HF folder."""
+    if base_gguf is not None:
+        yield Path(base_gguf)
+    elif src.spec == DEFAULT_NAME:
+        yield _gguf_path()
+    else:
+        with tempfile.TemporaryDirectory(prefix="adapters-gguf-") as tmp:
+            yield write_hf_gguf(resolve_model_path(src.spec), Path(tmp) / "base.gguf", "f32")
+
+
+def _prompts(tok, data: list[str] | None, max_len: int = 96) -> list[list[int]]:
+    ids = [tok(t, add_special_tokens=False)["input_ids"][:max_len] for t in data or SAMPLE_TEXT]
+    return [i for i in ids if len(i) >= 2]
+
+
+def runtime_report(src: _Adapter, base_gguf: Path, exported: Path, lora: bool,
+                   data: list[str] | None = None) -> RuntimeReport:
+    """llama.cpp (base GGUF [+ LoRA GGUF] or the merged GGUF) against ours, same token ids.
+
+    Ours is the full-precision base + adapter, even for an adapter trained on a 4/8-bit
+    base: llama.cpp applies it to the GGUF's weights, which is what the fp32 base holds (for
+    the default, exactly: it is the GGUF dequantized). Against an nf4 base the floor alone
+    is a mean KL of ~0.5 on the default model, which would hide any export error.
+    """
+    model, tok = load_base(ModelConfig(name=src.spec, dtype="fp32"), device="cpu")
+    prompts = _prompts(tok, data)
+    ours_base = torch_logits(model, prompts)
+    adapted = load_adapter(model, src.folder, tok).eval()
+    ours_adapted = torch_logits(adapted, prompts)
+    del adapted, model
+    rt_base = llama_cpp_logits(base_gguf, prompts)
+    rt_adapted = (llama_cpp_logits(base_gguf, prompts, lora=exported) if lora
+                  else llama_cpp_logits(exported, prompts))
+    return compare(ours_base, ours_adapted, rt_base, rt_adapted)
+
+
+def _gguf_lora(src: _Adapter, out: Path, base_gguf, verify: bool, max_kl: float,
+               data) -> ExportResult:
+    res = ExportResult(out)
+    with atomic_gguf(out) as tmp:
+        write_lora_gguf(src.folder, src.manifest, tmp)
+        if verify:
+            with _base_gguf(src, base_gguf) as bg:
+                res.report = runtime_report(src, bg, tmp, lora=True, data=data)
+            gate(res.report, max_kl, str(out))
+    res.files.append(out)
+    return res
+
+
+def _gguf_merged(src: _Adapter, out: Path, base_gguf, out_type: str, verify: bool,
+                 max_kl: float, data) -> ExportResult:
+    if out_type not in OUT_TYPES:
+        raise ExportError(f"--outtype {out_type}: choose one of {', '.join(OUT_TYPES)}")
+    res = ExportResult(out)
+    with atomic_gguf(out) as tmp, _base_gguf(src, base_gguf) as bg:
+        if base_gguf is not None or src.spec == DEFAULT_NAME:
+            write_merged_from_gguf(src.folder, src.manifest, bg, tmp, out_type)
+        else:
+            with tempfile.TemporaryDirectory(prefix="adapters-merged-") as folder:
+                merged, _ = merge_adapter(src.folder, Path(folder) / "m", base=src.spec,
+                                          verify=False)
+                write_hf_gguf(merged, tmp, out_type)
+        if verify:
+            res.report = runtime_report(src, bg, tmp, lora=False, data=data)
+            gate(res.report, max_kl, str(out))
+    res.files.append(out)
+    return res
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _ollama(src: _Adapter, out: Path, base_gguf, verify: bool, max_kl: float, data,
+            name: str) -> ExportResult:
+    tok = load_tokenizer(resolve_model_path(src.spec))
+    try:
+        parts = template_parts(tok)
+    except ExportError as e:
+        parts = None
+        note = f"no TEMPLATE written: {e}"
+    with atomic_dir(out) as tmp:
+        lora = _gguf_lora(src, tmp / "adapter.gguf", base_gguf, verify, max_kl, data)
+        with _base_gguf(src, base_gguf) as bg:
+            _link_or_copy(bg, tmp / "base.gguf")
+        atomic_write_text(tmp / "Modelfile", modelfile("base.gguf", "adapter.gguf", parts,
+                                                       stop_tokens(tok, parts)))
+    res = ExportResult(out, [out / "Modelfile", out / "base.gguf", out / "adapter.gguf"],
+                       lora.report)
+    if parts is None:
+        res.notes.append(note)
+    res.commands = [f"ollama create {name} -f {out / 'Modelfile'}", f"ollama run {name}"]
+    return res
+
+
+def export(adapter: str | Path, to: str, out: str | Path, *, base: str | None = None,
+           base_gguf: str | Path | None = None, out_type: str = "f16", verify: bool = True,
+           max_kl: float = DEFAULT_MAX_KL, data: list[str] | None = None,
+           peft_version: str | None = None, name: str | None = None) -> ExportResult:
+    """Write `adapter` as `to` (one of FORMATS) at `out`; see the module docstring."""
+    if to not in FORMATS:
+        raise ExportError(f"--to {to}: choose one of {', '.join(FORMATS)}")
+    src = _open(adapter, base)
+    out = Path(out)
+    if to == "peft":
+        if not peft_version:
+            raise ExportError("--to peft needs --peft-version X.Y (the peft that will load it)")
+        path, dropped = export_peft(src.folder, out, peft_version)
+        res = ExportResult(path, [path])
+        res.notes.append(f"dropped default-valued fields unknown to peft {peft_version}: "
+                         f"{', '.join(dropped) or 'none'}")
+        return res
+    if to == "gguf-lora":
+        return _gguf_lora(src, out, base_gguf, verify, max_kl, data)
+    if to == "gguf":
+        return _gguf_merged(src, out, base_gguf, out_type, verify, max_kl, data)
+    return _ollama(src, out, base_gguf, verify, max_kl, data, name or src.folder.name)
