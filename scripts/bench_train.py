@@ -1,18 +1,28 @@
 #!/usr/bin/env python
-"""Benchmark: `adapters train` against the HF Trainer + peft baseline, same everything.
+"""Benchmark: `adapters train` against the HF Trainer + peft baseline, like with like.
 
 Each run is its own subprocess (clean peak RSS; peak GPU memory on CUDA): identical model,
 tokens, LoRA settings (r=16, every attention and MLP projection), batch, sequence length,
-learning rate and steps.
+learning rate and steps. Like with like:
+  - equal tokens per step: in the fixed-length cases both sides train on the same full rows of
+    `seq` tokens (short tails of files are dropped on both sides, nothing is packed);
+  - the same clock: wall time between the ends of optimiser steps 1 and N on both sides (ours
+    around `trainer.step`, the baseline's `on_step_end`), a device synchronize on CUDA, the
+    loss logged every step on both sides;
+  - the sides interleaved and repeated (`--repeats`): the median and the spread (min-max) of
+    tokens/s are reported, since timings on a shared machine vary by 30% from run to run.
 Cases:
   a-256, a-1024  fixed-length text: stdlib source in windows of 256 / 1024 tokens, bf16
   b-padded       variable-length pydoc Q&A, baseline with its padding collator
   b-flat         the same, baseline with HF's padding-free DataCollatorWithFlattening
   c-qlora        4-bit nf4 base with bf16 compute (peak memory is the figure here)
-Prints a table and writes Markdown + JSON (ratios are ours / baseline, measured in this run).
+--gpu: random-initialised Llama-3.2-1B and Llama-3.1-8B shapes (configs written here, no
+weights), seq 2048, bf16 LoRA and QLoRA nf4, gradient checkpointing on both sides; also the
+longest sequence each side trains within a 24 GB budget.
 
-  .venv/bin/python scripts/bench_train.py --quick          # < 10 min on 2 cores
+  .venv/bin/python scripts/bench_train.py --quick          # SmolLM2, 4 cases, 2 repeats
   .venv/bin/python scripts/bench_train.py --models smollm2 gpt2-small --steps 20
+  .venv/bin/python scripts/bench_train.py --gpu            # on a CUDA machine
 """
 
 from __future__ import annotations
@@ -35,6 +45,16 @@ CASES = {  # name -> (dataset, seq_len, batch, quantization, baseline collator)
     "b-flat": ("qa", 256, 8, "none", "flat"),
     "c-qlora": ("qa", 256, 8, "4bit", "pad"),
 }
+GPU_CASES = {"g-bf16": ("code", 2048, 1, "none", "pad"),
+             "g-qlora": ("code", 2048, 1, "4bit", "pad")}
+GPU_SHAPES = {  # the real shapes of the Llama 3 family, random weights
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8,
+                         tie_word_embeddings=False),
+}
+ALL_CASES = {**CASES, **GPU_CASES}
 
 
 def model_path(name: str, work: Path, override: str | None = None) -> str:
@@ -44,38 +64,77 @@ def model_path(name: str, work: Path, override: str | None = None) -> str:
         return override
     if name == "smollm2":
         return str(default_model_dir())
-    folder = work / "gpt2-small"
-    if not (folder / "config.json").exists():  # GPT-2 small shapes, random init, our tokenizer
-        from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    folder = work / name
+    if (folder / "config.json").exists():
+        return str(folder)
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig
 
-        tok = AutoTokenizer.from_pretrained(default_model_dir())
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    if name == "gpt2-small":  # GPT-2 small shapes, random init, our tokenizer
         cfg = GPT2Config(vocab_size=len(tok), bos_token_id=tok.eos_token_id,
                          eos_token_id=tok.eos_token_id)
         GPT2LMHeadModel(cfg).save_pretrained(folder)
-        tok.save_pretrained(folder)
+    else:  # a Llama 3 shape: weights made on the GPU at load (no files of 2-16 GB written)
+        from transformers import LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=128256, max_position_embeddings=131072, rope_theta=5e5,
+                          bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                          **GPU_SHAPES[name])
+        with torch.device("meta"):
+            LlamaForCausalLM(cfg)  # checks the config builds
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg.save_pretrained(folder)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model.save_pretrained(folder)
+        del model
+    tok.save_pretrained(folder)
     return str(folder)
 
 
 def data_cfg(case: str, work: Path) -> dict:
     from adapters.demo.datasets import build_pydoc_qa, build_stdlib_code
 
-    kind, seq, *_ = CASES[case]
+    kind, seq, *_ = ALL_CASES[case]
     if kind == "code":
-        files = build_stdlib_code(work / "stdlib-code")
+        # Source files cut at ~8 characters per token of the row length, so full rows exist.
+        files = build_stdlib_code(work / f"stdlib-code-{seq}", max_chars=max(12_000, 8 * seq))
         return {"train": str(files["train"]), "format": "text", "max_seq_len": seq}
     files = build_pydoc_qa(work / "pydoc-qa")
     return {"train": str(files["train"]), "format": "prompt_completion", "max_seq_len": seq,
             "prompt_template": "Question: {prompt}\nAnswer: "}
 
 
+def fixed_length(case: str) -> bool:
+    return ALL_CASES[case][0] == "code"
+
+
 def recipe(args, case: str, work: Path) -> dict:
-    _, seq, batch, quant, _ = CASES[case]
+    _, seq, batch, quant, _ = ALL_CASES[case]
     return {"model": {"name": args["model_path"], "quantization": quant, "dtype": "bf16"},
             "lora": {"r": 16, "alpha": 32, "targets": "auto"},
-            "data": {**data_cfg(case, work), "packing": True},
+            # Fixed-length rows are not packed: both sides see exactly the same rows.
+            "data": {**data_cfg(case, work), "packing": not fixed_length(case)},
             "train": {"steps": args["steps"], "batch_size": batch, "lr": 2e-4,
-                      "schedule": "constant", "log_every": 1, "seed": 0},
+                      "schedule": "constant", "log_every": 1, "seed": 0,
+                      "gradient_checkpointing": bool(args.get("ckpt")),
+                      **args.get("ours_train", {})},
             "output": {"dir": str(work / f"out-{args['model']}-{case}")}}
+
+
+def full_rows(bundle, seq: int):
+    """Keep only examples of exactly `seq` tokens (the same filter on both sides)."""
+    ds = bundle.train.dataset
+    bundle.train.dataset = ds.filter(lambda ids: len(ids) == seq, input_columns="input_ids")
+    return bundle
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def worker_ours(args: dict) -> dict:
@@ -85,24 +144,38 @@ def worker_ours(args: dict) -> dict:
     from adapters.data import build
     from adapters.model import load_tokenizer
     from adapters.training import train
+    from adapters.training import trainer as loop
 
     work = Path(args["work"])
     cfg = recipe(args, args["case"], work)
-    _, seq, batch, _, _ = CASES[args["case"]]
-    # We pack examples into rows of `seq` tokens: take as many rows as `batch` examples would
-    # fill (rounded up); the baseline then gets as many examples as our rows hold.
+    _, seq, batch, _, _ = ALL_CASES[args["case"]]
     stats = build(from_dict(cfg).data, load_tokenizer(args["model_path"])).train.stats
     mean_len = stats["tokens"] / stats["examples"]
-    cfg["train"]["batch_size"] = max(1, math.ceil(batch * mean_len / seq))
+    if fixed_length(args["case"]):
+        orig_build = loop.build_data
+        loop.build_data = lambda *a, **k: full_rows(orig_build(*a, **k), seq)
+    else:  # packed rows: as many as `batch` examples would fill (rounded up)
+        cfg["train"]["batch_size"] = max(1, math.ceil(batch * mean_len / seq))
+    ends: list[float] = []
+    tokens: list[int] = []
+    orig_step = loop.step
+
+    def timed_step(run):
+        m = orig_step(run)
+        _sync()
+        ends.append(time.perf_counter())
+        tokens.append(m["tokens"])
+        return m
+
+    loop.step = timed_step
     shutil.rmtree(cfg["output"]["dir"], ignore_errors=True)
     out = train(cfg)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "loss" in r][1:]  # step 1 is warm-up for both sides
-    return {"tokens": sum(r["tokens"] for r in steps), "rows_per_step": cfg["train"]["batch_size"],
-            "mean_example_len": mean_len,
-            "tokens_per_step": sum(r["tokens"] for r in steps) / len(steps),
-            "seconds": sum(r["seconds"] for r in steps),
-            "final_loss": sum(r["loss"] for r in steps[-3:]) / 3}
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return {"tokens": sum(tokens[1:]), "seconds": ends[-1] - ends[0],
+            "rows_per_step": cfg["train"]["batch_size"], "mean_example_len": mean_len,
+            "tokens_per_step": sum(tokens[1:]) / len(tokens[1:]),
+            "final_loss": sum(losses[-3:]) / 3}
 
 
 def worker_baseline(args: dict) -> dict:
@@ -125,23 +198,28 @@ def worker_baseline(args: dict) -> dict:
     from adapters.model import load_tokenizer
 
     work = Path(args["work"])
-    _, seq, batch, quant, collator = CASES[args["case"]]
+    _, seq, batch, quant, collator = ALL_CASES[args["case"]]
     batch = args.get("baseline_batch") or batch
     cfg = from_dict(recipe(args, args["case"], work))
     tok = load_tokenizer(args["model_path"])
-    ds = build(cfg.data, tok).train.dataset.select_columns(["input_ids", "labels"])
-    kw = {"dtype": torch.bfloat16}
+    bundle = build(cfg.data, tok)
+    if fixed_length(args["case"]):
+        bundle = full_rows(bundle, seq)
+    ds = bundle.train.dataset.select_columns(["input_ids", "labels"])
+    kw = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
     if quant == "4bit":
         kw["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(args["model_path"], **kw)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM",
                                              target_modules=PRESETS[model.config.model_type]))
-    times: list[float] = []
+    ends: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
-            times.append(time.perf_counter())
+            _sync()
+            ends.append(time.perf_counter())
 
     coll = (DataCollatorWithFlattening() if collator == "flat"
             else DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
@@ -149,24 +227,46 @@ def worker_baseline(args: dict) -> dict:
                               max_steps=args["steps"], learning_rate=2e-4,
                               lr_scheduler_type="constant", bf16=True,
                               use_cpu=not torch.cuda.is_available(),
+                              gradient_checkpointing=bool(args.get("ckpt")),
                               logging_steps=1, report_to=[], save_strategy="no",
                               dataloader_num_workers=0, seed=0, remove_unused_columns=False)
     tr = Trainer(model=model, args=targs, train_dataset=ds, data_collator=coll,
                  callbacks=[Clock()])
-    counted = {"n": 0}
+    per_step: list[int] = []
     orig = coll.__call__
 
     def counting(features, *a, **k):
-        counted.setdefault("per_step", []).append(sum(len(f["input_ids"]) for f in features))
+        per_step.append(sum(len(f["input_ids"]) for f in features))
         return orig(features, *a, **k)
 
     tr.data_collator = counting
     tr.train()
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
-    per_step = counted["per_step"][1:args["steps"]]
-    return {"tokens": sum(per_step), "tokens_per_step": sum(per_step) / len(per_step),
-            "seconds": times[-1] - times[0],
-            "final_loss": sum(losses[-3:]) / 3}
+    counted = per_step[1:args["steps"]]
+    return {"tokens": sum(counted), "tokens_per_step": sum(counted) / len(counted),
+            "seconds": ends[-1] - ends[0], "final_loss": sum(losses[-3:]) / 3}
+
+
+def worker_longest(args: dict) -> dict:
+    """The longest power-of-two sequence (x1.5 steps) that trains 2 steps within 24 GB."""
+    import torch
+
+    torch.cuda.set_per_process_memory_fraction(
+        min(1.0, 24 * 2**30 / torch.cuda.get_device_properties(0).total_memory))
+    fn = worker_ours if args["side"] == "ours" else worker_baseline
+    best, seq = 0, 2048
+    while seq <= 131072:
+        ALL_CASES[args["case"]] = (*ALL_CASES[args["case"]][:1], seq,
+                                   *ALL_CASES[args["case"]][2:])
+        try:
+            fn({**args, "steps": 2})
+            best = seq
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+        seq *= 2
+    return {"longest_seq": best}
 
 
 def run_worker(kind: str, args: dict) -> dict:
@@ -207,51 +307,97 @@ def matmul_params(model_path: str) -> int:
     return layers * (attn + mlp) + c.vocab_size * h
 
 
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="SmolLM2 only, fewer steps (<10 min)")
+    p.add_argument("--quick", action="store_true", help="SmolLM2, 4 cases, 8 steps, 2 repeats")
+    p.add_argument("--gpu", action="store_true", help="Llama 3 1B/8B shapes on CUDA")
     p.add_argument("--models", nargs="+", default=["smollm2", "gpt2-small"])
     p.add_argument("--cases", nargs="+", default=list(CASES))
     p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved runs of each side")
+    p.add_argument("--longest", action="store_true", help="--gpu: also the longest sequence")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--model-path", help="use this folder as the smollm2 model (e.g. a random "
                                         "model of its shape on a machine without the weights)")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        fn = worker_ours if a.worker[0] == "ours" else worker_baseline
-        peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        res = fn(json.loads(a.worker[1]))
-        res["peak_rss_bytes"] = max(peak_before, resource.getrusage(
-            resource.RUSAGE_SELF).ru_maxrss) * 1024
-        import torch
-
-        if torch.cuda.is_available():  # on a GPU the figure that matters is device memory
-            res["peak_rss_bytes"] = torch.cuda.max_memory_allocated()
-        print(json.dumps(res))
-        return
+        return worker_main(*a.worker)
     if a.quick:
-        a.models, a.steps = ["smollm2"], 8
+        a.models, a.steps, a.repeats = ["smollm2"], 8, 2
         a.cases = ["a-256", "b-padded", "b-flat", "c-qlora"]
+    if a.gpu:
+        a.models, a.cases, a.steps = list(GPU_SHAPES), list(GPU_CASES), min(a.steps, 10)
     out = ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
     peak = bf16_peak_flops()
+    print(LIKE_WITH_LIKE, flush=True)
     results = []
     for model in a.models:
         path = model_path(model, out, a.model_path if model == "smollm2" else None)
         for case in a.cases:
             args = {"model": model, "model_path": path, "case": case, "steps": a.steps,
-                    "work": str(out)}
-            ours = run_worker("ours", args)
-            if "error" not in ours and ours["rows_per_step"] and CASES[case][0] == "qa":
-                # Equal tokens per step: as many examples as our packed rows carried.
-                args["baseline_batch"] = max(1, round(ours["tokens_per_step"]
-                                                      / ours["mean_example_len"]))
-            base = run_worker("baseline", args)
-            row = summarise(model, case, base, ours, peak, matmul_params(path))
+                    "work": str(out), "ckpt": a.gpu}
+            row = compare(args, a.repeats)
+            if a.longest and a.gpu:
+                for side in ("ours", "baseline"):
+                    row[side]["longest_seq"] = run_worker(
+                        "longest", {**args, "side": side}).get("longest_seq")
+            row = summarise(model, case, row["baseline"], row["ours"], peak, matmul_params(path))
             results.append(row)
             print(format_row(row), flush=True)
     write_report(out, results, peak, a)
+
+
+LIKE_WITH_LIKE = (
+    "Like with like: the same rows (fixed-length cases: only full rows, no packing on either "
+    "side; variable-length: the baseline gets as many examples per step as our packed rows "
+    "hold), wall time between the ends of steps 1 and N on both sides, the loss logged every "
+    "step on both sides, sides interleaved and repeated; tok/s is the median over repeats "
+    "with the spread (min-max) beside it.")
+
+
+def worker_main(kind: str, raw: str) -> None:
+    fn = {"ours": worker_ours, "baseline": worker_baseline, "longest": worker_longest}[kind]
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res = fn(json.loads(raw))
+    res["peak_rss_bytes"] = max(peak_before, resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss) * 1024
+    import torch
+
+    if torch.cuda.is_available():  # on a GPU the figure that matters is device memory
+        res["peak_rss_bytes"] = torch.cuda.max_memory_allocated()
+    print(json.dumps(res))
+
+
+def compare(args: dict, repeats: int) -> dict:
+    """Both sides `repeats` times, interleaved (ours first, then the baseline first, ...)."""
+    runs: dict[str, list[dict]] = {"ours": [], "baseline": []}
+    for r in range(repeats):
+        for side in (("ours", "baseline") if r % 2 == 0 else ("baseline", "ours")):
+            if side == "baseline" and runs["ours"] and "error" not in runs["ours"][0] \
+                    and not fixed_length(args["case"]):
+                o = runs["ours"][0]  # equal tokens per step: examples in our packed rows
+                args["baseline_batch"] = max(1, round(o["tokens_per_step"]
+                                                      / o["mean_example_len"]))
+            res = run_worker(side, args)
+            if "error" not in res:
+                res["tokens_per_s"] = res["tokens"] / max(res["seconds"], 1e-9)
+            runs[side].append(res)
+    return {side: pool(rs) for side, rs in runs.items()}
+
+
+def pool(rs: list[dict]) -> dict:
+    """Median tokens/s over the repeats, with min and max; the other figures of that run."""
+    ok = [r for r in rs if "error" not in r]
+    if not ok:
+        return rs[0]
+    ok.sort(key=lambda r: r["tokens_per_s"])
+    mid = dict(ok[len(ok) // 2])
+    mid["tokens_per_s_all"] = [round(r["tokens_per_s"], 1) for r in ok]
+    mid["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in ok)
+    return mid
 
 
 def summarise(model, case, base, ours, peak, params) -> dict:
@@ -259,12 +405,17 @@ def summarise(model, case, base, ours, peak, params) -> dict:
     if "error" in base or "error" in ours:
         return row
     for side in (base, ours):
-        side["tokens_per_s"] = side["tokens"] / max(side["seconds"], 1e-9)
         side["peak_fraction"] = side["tokens_per_s"] * 4 * params / peak
     row["speedup"] = ours["tokens_per_s"] / base["tokens_per_s"]
     row["memory_ratio"] = ours["peak_rss_bytes"] / base["peak_rss_bytes"]
     row["loss_delta"] = ours["final_loss"] / base["final_loss"] - 1
+    row["tokens_per_step"] = (base["tokens_per_step"], ours["tokens_per_step"])
     return row
+
+
+def _spread(side: dict) -> str:
+    v = side["tokens_per_s_all"]
+    return f"{side['tokens_per_s']:.0f} ({min(v):.0f}-{max(v):.0f})"
 
 
 def format_row(r: dict) -> str:
@@ -272,26 +423,31 @@ def format_row(r: dict) -> str:
         return (f"| {r['model']} | {r['case']} | error: {r['baseline'].get('error', '')} "
                 f"{r['ours'].get('error', '')} |")
     b, o = r["baseline"], r["ours"]
-    return (f"| {r['model']} | {r['case']} | {b['tokens_per_s']:.0f} | {o['tokens_per_s']:.0f} "
+    longest = (f" | {b.get('longest_seq')} | {o.get('longest_seq')}"
+               if "longest_seq" in o else "")
+    return (f"| {r['model']} | {r['case']} | {b['tokens_per_step']:.0f} / "
+            f"{o['tokens_per_step']:.0f} | {_spread(b)} | {_spread(o)} "
             f"| **{r['speedup']:.2f}x** | {b['peak_rss_bytes'] / 1e9:.2f} | "
             f"{o['peak_rss_bytes'] / 1e9:.2f} | **{r['memory_ratio']:.2f}** | "
             f"{b['final_loss']:.3f} | {o['final_loss']:.3f} | {100 * r['loss_delta']:+.1f}% | "
-            f"{100 * o['peak_fraction']:.0f}% |")
+            f"{100 * o['peak_fraction']:.0f}%{longest} |")
 
 
-HEADER = ("| model | case | baseline tok/s | ours tok/s | speed-up | baseline peak GB | "
-          "ours peak GB | memory ratio | baseline loss | ours loss | loss delta | "
-          "ours % of bf16 peak |\n|" + "---|" * 12)
+HEADER = ("| model | case | tokens/step base / ours | baseline tok/s (min-max) | "
+          "ours tok/s (min-max) | speed-up (medians) | baseline peak GB | ours peak GB | "
+          "memory ratio | baseline loss | ours loss | loss delta | ours % of bf16 peak |\n|"
+          + "---|" * 13)
 
 
 def write_report(out: Path, results: list[dict], peak: float, a) -> None:
-    text = (f"# Training benchmark\n\n{a.steps} steps per run (first step excluded from "
-            f"timing), measured bf16 matmul peak {peak / 1e9:.0f} GFLOP/s. Tokens are "
-            "non-padding tokens.\n\n" + HEADER + "\n" +
+    text = (f"# Training benchmark\n\n{a.steps} steps per run, {a.repeats} interleaved runs "
+            f"per side, measured bf16 matmul peak {peak / 1e9:.0f} GFLOP/s. Tokens are "
+            f"non-padding tokens.\n\n{LIKE_WITH_LIKE}\n\n" + HEADER + "\n" +
             "\n".join(format_row(r) for r in results) + "\n")
     (out / "bench_train.md").write_text(text)
     (out / "bench_train.json").write_text(json.dumps(
-        {"peak_flops": peak, "steps": a.steps, "results": results}, indent=1))
+        {"peak_flops": peak, "steps": a.steps, "repeats": a.repeats, "results": results},
+        indent=1))
     print("\n" + text)
     print(f"written: {out / 'bench_train.md'}, {out / 'bench_train.json'}")
 

@@ -73,3 +73,36 @@ def test_empty_selection_keeps_graph():
     loss = linear_cross_entropy_sum(h, torch.randn(10, 4), torch.zeros(0, dtype=torch.long))
     loss.backward()
     assert loss.item() == 0.0
+
+
+def test_no_more_than_a_bounded_number_of_vocabulary_rows_exist():
+    # Watch every tensor the fused loss creates: none has more than rows_per_chunk(V) rows of
+    # vocabulary width, whatever the number of rows in the batch.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from adapters.kernels.ce import MAX_CHUNK_BYTES, rows_per_chunk
+
+    vocab = MAX_CHUNK_BYTES // (4 * 48) + 1  # a vocabulary for which 47 rows fit the budget
+    bound = rows_per_chunk(vocab)
+    assert bound == 47
+    widest = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.ndim == 2 and t.shape[1] == vocab:
+                    widest.append(t.shape[0])
+            return out
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 8, generator=g, requires_grad=True)
+    w = torch.randn(vocab, 8, generator=g) * 0.1
+    t = torch.randint(0, vocab, (300,), generator=g)
+    with Watch():
+        loss = linear_cross_entropy_sum(h, w, t, use_torch=False)
+        loss.backward()
+    assert widest and max(widest) == bound
+    ref = reference_sum(h[:60], w, t[:60])  # the values are still right
+    torch.testing.assert_close(linear_cross_entropy_sum(h[:60], w, t[:60]), ref, atol=1e-4,
+                               rtol=1e-5)

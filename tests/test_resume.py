@@ -61,17 +61,41 @@ def test_changed_recipe_is_refused_with_a_diff(tiny_gpt2, tmp_path):
     assert len(losses(out)) == 6
 
 
-def test_checkpoint_without_schedule_state_is_refused(tiny_gpt2, tmp_path):
-    """Checkpoints of versions that did not save the LR schedule's state_dict are refused."""
-    cfg = recipe(tiny_gpt2, tmp_path, "train.steps=4")
-    train(cfg, stop_after=2)
-    state_file = list_checkpoints(tmp_path / "out" / "checkpoints")[-1] / STATE_FILE
+def test_checkpoint_without_schedule_state_resumes_exactly(tiny_gpt2, tmp_path):
+    """Checkpoints of versions that did not save the LR schedule's state_dict still resume:
+    the schedule is replayed to the checkpoint's step (warmup + cosine: the lr matters)."""
+    common = ["train.steps=6", "train.warmup_steps=2", "train.schedule=cosine"]
+    full = train(recipe(tiny_gpt2, tmp_path / "a", *common))
+    cfg = recipe(tiny_gpt2, tmp_path / "b", *common)
+    train(cfg, stop_after=3)
+    state_file = list_checkpoints(tmp_path / "b" / "out" / "checkpoints")[-1] / STATE_FILE
     state = json.loads(state_file.read_text())
-    assert state["scheduler"]["last_epoch"] == 2  # what a resume loads back
+    assert state["scheduler"]["last_epoch"] == 3  # what a resume of a new checkpoint loads back
     del state["scheduler"]
     state_file.write_text(json.dumps(state))
-    with pytest.raises(TrainingError, match="learning-rate schedule's state"):
-        train(cfg, resume="latest")
+    resumed = train(cfg, resume="latest")
+    lrs = [json.loads(x)["lr"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    full_lrs = [json.loads(x)["lr"] for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == full_lrs and len(set(lrs)) > 2
+    a, b = weights(full), weights(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_unresumable_checkpoint_is_refused_before_the_model_loads(tiny_gpt2, tmp_path,
+                                                                  monkeypatch):
+    cfg = recipe(tiny_gpt2, tmp_path, "train.steps=4")
+    train(cfg, stop_after=2)
+    changed = recipe(tiny_gpt2, tmp_path, "train.steps=4", "lora.r=8")
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(train_mod, "setup", no_load)
+    with pytest.raises(TrainingError, match="lora.r: 4 -> 8"):
+        train(changed, resume="latest")
+    with pytest.raises(TrainingError, match="not a complete checkpoint"):
+        train(cfg, resume=str(tmp_path / "nowhere"))
 
 
 def test_fresh_start_over_an_old_run_is_refused(tiny_gpt2, tmp_path):

@@ -72,6 +72,9 @@ def test_cli_train_writes_the_full_output_folder(tiny_gpt2, tmp_path):
             "recipe.resolved.yaml", "metrics.jsonl", "loss.png", "checkpoints"} <= names
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003",
                                                                       "step-000006"]
+    # Each card is titled after its own folder, not the temporary one it was written in.
+    card = (out / "checkpoints" / "step-000003" / "README.md").read_text()
+    assert "\n# step-000003\n" in card and ".tmp-" not in card
     summary = json.loads((out / "manifest.json").read_text())["training"]
     assert summary["steps"] == 6 and summary["tokens"] > 0 and summary["final_eval_loss"]
     assert "lr: 0.001" in (out / "recipe.resolved.yaml").read_text()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from ..config import IGNORE_INDEX, DataConfig
 from ..errors import DataError
 from .formats import SkipRow, check_columns, row_segments
+from .preference import keep_pairs, pair_segments
 from .sources import Row, check_sources, read_rows
 from .tokenize import tokenize_segments
 
@@ -31,7 +32,10 @@ def _segments(rows: list[Row], cfg: DataConfig, tokenizer) -> tuple[list, dict]:
     segs, skipped = [], {}
     for row in rows:
         try:
-            segs.append(row_segments(row, cfg, tokenizer))
+            if cfg.format == "preference":  # two examples per row: chosen, rejected
+                segs.extend(pair_segments(row, cfg, tokenizer))
+            else:
+                segs.append(row_segments(row, cfg, tokenizer))
         except SkipRow as why:
             skipped[str(why)] = skipped.get(str(why), 0) + 1
     return segs, skipped
@@ -46,6 +50,8 @@ def _split(rows: list[Row], cfg: DataConfig, tokenizer, name: str, cache: bool) 
         raise DataError(f"data.{name}: every one of {len(rows)} rows was skipped ({skipped})")
     ds = tokenize_segments(segs, tokenizer, cfg.max_seq_len, cfg.overlong,
                            chunk=cfg.format == "text", cache=cache)
+    if cfg.format == "preference":
+        ds = keep_pairs(ds)
     if len(ds) == 0:
         raise DataError(f"data.{name}: every example was dropped: none fits "
                         f"data.max_seq_len={cfg.max_seq_len} with a trainable token "

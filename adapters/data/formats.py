@@ -4,7 +4,8 @@
 - prompt_completion: `prompt_template` around the prompt, loss on completion + EOS;
 - chat: `messages: [{role, content}]` through the chat template, loss on assistant turns;
 - alpaca (instruction/input/output) and sharegpt (conversations: [{from, value}]) are
-  presets that map onto prompt_completion and chat.
+  presets that map onto prompt_completion and chat;
+- preference (prompt/chosen/rejected): two examples per row, see preference.py.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ DEFAULT_COLUMNS = {
     "chat": {"messages": "messages"},
     "alpaca": {"instruction": "instruction", "input": "input", "output": "output"},
     "sharegpt": {"conversations": "conversations"},
+    "preference": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"},
 }
 REQUIRED = {"text": ["text"], "prompt_completion": ["prompt", "completion"],
             "chat": ["messages"], "alpaca": ["instruction", "output"],
-            "sharegpt": ["conversations"]}
+            "sharegpt": ["conversations"], "preference": ["prompt", "chosen", "rejected"]}
 DEFAULT_TEMPLATE = "{prompt}\n"
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "bot": "assistant", "model": "assistant"}

@@ -15,6 +15,7 @@ import random
 import torch
 
 from ..config import IGNORE_INDEX
+from .preference import pair_groups
 
 
 def pack_bins(lengths: list[int], max_len: int) -> list[list[int]]:
@@ -94,6 +95,27 @@ def collate_padded(examples: list[tuple[list[int], list[int]]], pad_id: int) -> 
             "n_tokens": attn.sum()}
 
 
+def collate_pairs(items: list[list[tuple[list[int], list[int]]]], pad_id: int,
+                  packing: bool) -> dict:
+    """Preference batches: each item is pairs' examples (chosen, rejected, chosen, ...).
+
+    Packed, an item is one row (a pair longer than max_len alone in its row); padded, every
+    example is a row. Adds `seq` (B, T): the example's index in the batch (-1 on padding), so
+    sequence 2k is pair k's chosen and 2k + 1 its rejected.
+    """
+    rows = items if packing else [[ex] for item in items for ex in item]
+    out = collate_packed(rows, pad_id)
+    seq = torch.full(out["input_ids"].shape, -1, dtype=torch.long)
+    k = 0
+    for b, row in enumerate(rows):
+        t = 0
+        for ids, _ in row:
+            seq[b, t:t + len(ids)] = k
+            t, k = t + len(ids), k + 1
+    out["seq"] = seq
+    return out
+
+
 class Batcher:
     """Deterministic, resumable batches over a tokenised split.
 
@@ -110,6 +132,12 @@ class Batcher:
         self.shard = shard  # (rank, world size)
         lengths = [len(x) for x in self.ids]
         self.items = pack_bins(lengths, max_len) if packing else [[i] for i in range(len(lengths))]
+        self.paired = "pair" in getattr(dataset, "column_names", ())
+        if self.paired:  # preference data: a pair's chosen and rejected stay in one batch
+            groups = pair_groups(dataset["pair"])
+            bins = pack_bins([sum(lengths[i] for i in g) for g in groups], max_len)
+            self.items = ([[i for b in row for i in groups[b]] for row in bins] if packing
+                          else groups)
         self._order: tuple[int, list[int]] = (-1, [])  # (epoch, this rank's items): one shuffle
 
     def _mine(self, epoch: int) -> list[int]:
@@ -123,6 +151,9 @@ class Batcher:
         return max(1, per_rank // self.batch_size)
 
     def _collate(self, chosen: list[list[int]]) -> dict:
+        if self.paired:
+            return collate_pairs([[(self.ids[i], self.labels[i]) for i in item]
+                                  for item in chosen], self.pad_id, self.packing)
         if self.packing:
             rows = [[(self.ids[i], self.labels[i]) for i in item] for item in chosen]
             return collate_packed(rows, self.pad_id)

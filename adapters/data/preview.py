@@ -54,9 +54,11 @@ def preview(cfg: RunConfig, n: int = 3, color: bool = False) -> str:
     data = build(cfg.data, tok, seed=cfg.train.seed)
     ds = data.train.dataset
     parts = []
-    for i in range(min(n, len(ds))):
+    paired = "pair" in ds.column_names  # preference data: both sides of each of n pairs
+    for i in range(min(2 * n if paired else n, len(ds))):
         row = ds[i]
-        parts.append(f"--- example {i + 1} ({len(row['input_ids'])} tokens, "
+        side = ("rejected, " if i % 2 else "chosen, ") if paired else ""
+        parts.append(f"--- example {i + 1} ({side}{len(row['input_ids'])} tokens, "
                      f"{sum(1 for x in row['labels'] if x != IGNORE_INDEX)} trained"
                      f"{', truncated' if row['truncated'] else ''}) ---")
         parts.append(render_marked(tok, row["input_ids"], row["labels"], color))

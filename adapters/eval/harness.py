@@ -25,6 +25,7 @@ from ..model import load_base, resolve_dtype
 from ..serving.decode import Request, Sampling, decode
 from ..training.loss import autocast_for, mean_loss
 from .metrics import bleu, exact_match, rouge_l, token_f1
+from .preference import preference_scores
 
 GENERATE_BATCH = 8  # prompts decoded together in one batch
 
@@ -161,6 +162,9 @@ def evaluate(base: str, adapters: dict[str, str | Path], datasets: dict[str, Dat
                        "perplexity": r["perplexity"], "tokens": r["tokens"]}
                 if accuracy:
                     row["token_accuracy"] = token_accuracy(m, b.iter_all(), device, compute)
+                if "pair" in tokenised[dname].column_names:  # preference data
+                    row.update(preference_scores(m, b.iter_all(), device, compute,
+                                                 adapter=mname != BASE_NAME))
                 mc = choice_accuracy(m, tok, raw[dname], datasets[dname])
                 if mc is not None:
                     row["choice_accuracy"] = mc

@@ -8,7 +8,7 @@ import string
 from collections import Counter
 
 HIGHER_IS_BETTER = {"loss": False, "perplexity": False, "token_accuracy": True,
-                    "choice_accuracy": True,
+                    "choice_accuracy": True, "preference_accuracy": True, "reward_accuracy": True,
                     "exact_match": True, "token_f1": True, "rouge_l": True, "bleu": True}
 
 _PUNCTUATION = set(string.punctuation)

@@ -80,7 +80,7 @@ def save_checkpoint(ckpt_root: Path, step: int, write_adapter, optimizer, state:
     target = step_dir(ckpt_root, step)
     try:
         with atomic_dir(target) as tmp:
-            write_adapter(tmp)
+            write_adapter(tmp, target.name)  # the card is named after the final folder
             torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
             # state.json last: its presence marks the folder complete.
             (tmp / STATE_FILE).write_text(json.dumps({**state, "rng": rng_state()}, indent=1))

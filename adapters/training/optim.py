@@ -30,7 +30,7 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw_8bit":
-        import bitsandbytes as bnb  # optional and heavy (CUDA/CPU backends): only when chosen
+        import bitsandbytes as bnb  # loads native backends and logs about them: only when chosen
 
         return bnb.optim.AdamW8bit(groups, lr=cfg.lr)
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)

@@ -16,7 +16,9 @@ from tqdm.auto import tqdm
 
 from ..io import atomic_write_text
 from ..lora import trainable_report
+from .fsdp import per_rank_estimate
 from .runtime import estimate_memory, peak_memory_bytes
+from .trackers import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ def preflight(run) -> dict:
     t = run.cfg.train
     est = estimate_memory(run.model, t.batch_size, run.cfg.data.max_seq_len,
                           getattr(run.tokenizer, "vocab_size", 0))
+    est = per_rank_estimate(run.model, est)  # FSDP: each rank holds its shard of the base
     info = {"trainable_params": rep["trainable"], "total_params": rep["total"],
             "trainable_percent": rep["percent"], "steps": run.total_steps,
             "tokens_per_step_max": t.batch_size * t.grad_accum * run.cfg.data.max_seq_len,
@@ -59,6 +62,7 @@ class Progress:
         self.step_seconds = 0.0  # time in training steps only (no eval, no checkpoint writes)
         self.eval_loss: float | None = None
         self.last: dict = {}
+        self.trackers = Trackers.open(run)  # train.report_to; before any file opens
         self.bar = tqdm(total=run.total_steps, initial=run.step, disable=not show, unit="step",
                         dynamic_ncols=True, desc="train")
         path = run.out / "metrics.jsonl" if run.dist.main else os.devnull
@@ -70,6 +74,7 @@ class Progress:
     def __exit__(self, *exc) -> bool:
         self.close()
         self.file.close()
+        self.trackers.close(failed=exc[0] is not None)
         return False
 
     def close(self) -> None:
@@ -106,6 +111,7 @@ class Progress:
     def _write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        self.trackers.log(row)
 
     def summary(self) -> dict:
         """The run's figures for the manifest's `training` section."""

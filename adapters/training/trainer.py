@@ -21,6 +21,7 @@ import logging
 import math
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from ..adapter import build_manifest, save_adapter
+from ..adapter import WEIGHTS_FILE, Manifest, build_manifest, new_manifest, save_adapter
 from ..config import IGNORE_INDEX, RunConfig, dump_recipe, from_dict
 from ..data import build as build_data
 from ..data.packing import Batcher
@@ -38,7 +39,8 @@ from ..io import atomic_write_text, sha256_file
 from ..lora import attach_lora, set_adapter_training
 from ..model import load_base, resolve_dtype
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, fsdp, objectives
+from .accelerate import accelerate
 from .distributed import Dist
 from .loss import autocast_for, batch_loss, mean_loss
 from .optim import make_optimizer, make_scheduler, total_steps
@@ -101,10 +103,12 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = False,
     prepare_output(Path(cfg.output.dir), fresh=not resume, main=main)
     if not main:  # rank 0 speaks for all; the others only warn
         logging.getLogger("adapters").setLevel(logging.WARNING)
+    # A checkpoint that cannot be continued is refused before the model loads.
+    found = _resumable(cfg, resume, distributed.from_env().world) if resume else None
     run = setup(cfg, device)
     try:
-        if resume:
-            restore(run, resume)
+        if found:
+            restore(run, *found)
         if run.dist.main:
             atomic_write_text(run.out / "recipe.resolved.yaml", dump_recipe(cfg))
             info = preflight(run)
@@ -128,20 +132,12 @@ def setup(cfg: RunConfig, device: str | None = None) -> Run:
     device = str(model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     model = attach_lora(model, cfg.lora)
-    if cfg.train.gradient_checkpointing:
-        model.get_base_model().gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
     if dtype != torch.float32:
         # Under autocast the matmuls run in bf16 anyway: peft's cast of every LoRA input to
         # the fp32 adapter dtype would only add a copy per layer (~8% of a step on CPU).
         for m in model.modules():
             if hasattr(m, "cast_input_dtype_enabled"):
                 m.cast_input_dtype_enabled = False
-    if cfg.train.compile:
-        # Compile the decoder's forward in place: module names (and so the adapter's state
-        # dict) stay as they are. Compilation happens in the first step; fit reports it.
-        decoder = model.get_base_model().get_decoder()
-        decoder.forward = torch.compile(decoder.forward, dynamic=True)
     set_adapter_training(model, True)
     if d.active:
         distributed.broadcast_params(d, [p for p in model.parameters() if p.requires_grad])
@@ -152,6 +148,9 @@ def setup(cfg: RunConfig, device: str | None = None) -> Run:
     batcher = mk(data.train.dataset, cfg.train.seed, (d.rank, d.world))
     eval_batcher = mk(data.eval.dataset, 0) if data.eval else None
     steps = total_steps(cfg, batcher.batches_per_epoch())
+    accelerate(model, cfg.train, device, steps)  # checkpointing, fused LoRA, compiled blocks
+    if cfg.train.parallel == "fsdp":  # the frozen base sharded across ranks
+        fsdp.shard(model, d, dtype, tok, device)
     opt = make_optimizer(model, cfg.train)
     stats = {"format": cfg.data.format, "files": data_files(cfg.data), "train": data.train.stats,
              "eval": data.eval.stats if data.eval else None}
@@ -172,7 +171,7 @@ def fit(run: Run, signals: StopSignals, progress: bool = False,
     with Progress(run, progress) as report:
         while run.step < run.total_steps:
             m = step(run)
-            if run.step == start + 1 and t.compile:
+            if run.step == start + 1 and run.model.adapters_speed["compile"]:
                 log.info("first step (includes torch.compile): %.1f s", m["seconds"])
                 m["compile_seconds"] = m["seconds"]
             if _due(t.eval_every, run.step, run.total_steps):
@@ -211,20 +210,24 @@ def step(run: Run) -> dict:
     micro = micro_batches(run, run.step)
     counted = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
     tokens = sum(int(b["n_tokens"]) for b in micro)
+    pref = objectives.step_counts(run.cfg.train, micro)  # dpo/orpo: [pairs, chosen tokens]
     if run.dist.active:  # divide by the global batch's count: ranks then sum to the mean
-        counted, tokens = map(int, distributed.all_sum(run.dist, [counted, tokens], run.device))
-    loss_sum = 0.0
+        counted, tokens, *pref = map(int, distributed.all_sum(
+            run.dist, [counted, tokens, *pref], run.device))
+    denom = 1 if pref else max(counted, 1)  # a preference loss comes normalised per pair
+    loss_sum, pair_sums = 0.0, {}
     for b in micro:
         b = {k: v.to(run.device) for k, v in b.items()}
         with autocast_for(run.device, run.dtype):
-            s, _ = batch_loss(run.model, b)
-        part = s / max(counted, 1)
+            s = (objectives.preference_loss(run.model, b, run.cfg.train, pref, pair_sums)
+                 if pref else batch_loss(run.model, b)[0])
+        part = s / denom
         (run.scaler.scale(part) if run.scaler else part).backward()
         loss_sum += float(s.detach())
     params = [p for g in run.optimizer.param_groups for p in g["params"]]  # the adapter's
     if run.dist.active:
         loss_sum = distributed.sum_grads(run.dist, params, loss_sum)
-    loss = loss_sum / max(counted, 1)
+    loss = loss_sum / denom
     grad_norm, finite = _update(run, params, loss)
     lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
@@ -235,14 +238,20 @@ def step(run: Run) -> dict:
     m = {"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
          "trainable_tokens": counted, "tokens_per_s": tokens / dt, "seconds": dt,
          "finite": finite}
+    if pref:  # rewards, reward accuracy and margin, log-probs: means over the step's pairs
+        m.update(objectives.step_metrics(pair_sums, pref, run.dist, run.device))
     _count_bad(run, m)
     return m
 
 
 def evaluate(run: Run) -> dict | None:
     """Mean loss and perplexity on the eval split; rank 0 evaluates, the others go on."""
-    if run.eval_batcher is None or not run.dist.main:
+    # Under FSDP every rank runs the forward (it gathers the sharded weights): all evaluate.
+    if run.eval_batcher is None or not (run.dist.main or run.cfg.train.parallel == "fsdp"):
         return None
+    if run.cfg.train.objective != "sft":
+        return objectives.evaluate_pairs(run.model, run.eval_batcher.iter_all(), run.cfg.train,
+                                         run.device, lambda: autocast_for(run.device, run.dtype))
     return mean_loss(run.model, run.eval_batcher.iter_all(), run.device, run.dtype)
 
 
@@ -259,22 +268,26 @@ def save(run: Run, final: bool = False, training: dict | None = None) -> Path:
              "scheduler": run.scheduler.state_dict(),
              "scaler": run.scaler.state_dict() if run.scaler else None,
              "recipe": run.cfg.to_dict(), "world_size": run.dist.world}
-    path = ckpt.save_checkpoint(run.out / "checkpoints", run.step,
-                                lambda d: save_adapter(run.model, d, man), run.optimizer, state,
-                                run.cfg.train.keep_checkpoints)
+    path = ckpt.save_checkpoint(
+        run.out / "checkpoints", run.step,
+        lambda d, name: save_adapter(run.model, d, man, name=name), run.optimizer, state,
+        run.cfg.train.keep_checkpoints)
     if final:
         save_adapter(run.model, run.out, man)
     return path
 
 
-def restore(run: Run, resume: str) -> None:
+def restore(run: Run, path: Path, state: dict) -> None:
     """Continue exactly where a checkpoint left off: weights, optimiser, schedule, RNG, data."""
-    path = ckpt.find_resume(run.out, resume)
-    state = ckpt.load_state(path)
-    _check_resumable(run, path, state)
-    set_peft_model_state_dict(run.model, load_file(path / "adapter_model.safetensors"))
+    set_peft_model_state_dict(run.model, load_file(path / WEIGHTS_FILE))
     ckpt.load_optimizer(path, run.optimizer)
-    run.scheduler.load_state_dict(state["scheduler"])
+    if "scheduler" in state:
+        run.scheduler.load_state_dict(state["scheduler"])
+    else:  # written before the schedule's state was saved: replay it to the same step
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(state["step"]):
+                run.scheduler.step()
     for key in ("step", "tokens", "trainable_tokens", "bad_in_a_row", "bad_total"):
         setattr(run, key, state[key])
     if run.scaler and state.get("scaler"):
@@ -344,25 +357,24 @@ def _stop_requested(run: Run, signals: StopSignals) -> bool:
     return stop
 
 
-def _check_resumable(run: Run, path: Path, state: dict) -> None:
-    """Refuse a checkpoint this run cannot continue exactly, saying why and what to do."""
-    matter, harmless = ckpt.recipe_changes(state["recipe"], run.cfg)
+def _resumable(cfg: RunConfig, resume: str, world: int) -> tuple[Path, dict]:
+    """The checkpoint to continue and its state; refused (saying why and what to do) when this
+    run cannot continue it exactly."""
+    path = ckpt.find_resume(Path(cfg.output.dir), resume)
+    state = ckpt.load_state(path)
+    matter, harmless = ckpt.recipe_changes(state["recipe"], cfg)
     if matter:
         raise TrainingError(f"{path}: cannot resume, the recipe changed in ways that alter the "
                             "run:\n  " + "\n  ".join(matter))
-    world = state.get("world_size", 1)
-    if world != run.dist.world:
+    saved_world = state.get("world_size", 1)
+    if saved_world != world:
         raise TrainingError(
-            f"{path}: written by a run on {world} rank(s), this one has {run.dist.world}: the "
-            f"data shards and the global batch would differ. Resume with --nproc {world} "
-            f"(torchrun --nproc_per_node {world})")
-    if "scheduler" not in state:
-        raise TrainingError(
-            f"{path / ckpt.STATE_FILE}: written by an older adapters without the learning-rate "
-            "schedule's state, so it cannot be resumed exactly; start the run afresh in "
-            "another output.dir")
+            f"{path}: written by a run on {saved_world} rank(s), this one has {world}: the "
+            f"data shards and the global batch would differ. Resume with --nproc {saved_world} "
+            f"(torchrun --nproc_per_node {saved_world})")
     for line in harmless:
         log.info("resume: allowed change %s", line)
+    return path, state
 
 
 def data_files(dcfg) -> list[dict]:
@@ -372,8 +384,12 @@ def data_files(dcfg) -> list[dict]:
             for f in expand(spec)]
 
 
-def manifest_for(run: Run, training: dict | None = None) -> dict:
+def manifest_for(run: Run, training: dict | None = None) -> Manifest:
     base = run.model.get_base_model()
     extra = {"training": training} if training else {}
+    if fsdp.fingerprint(run.model):  # sharded: the base's fingerprint was taken before
+        return new_manifest(run.cfg.model.name, fsdp.fingerprint(run.model),
+                            quantization=run.cfg.model, lora=run.cfg.lora, data=run.data_stats,
+                            recipe=run.cfg.to_dict(), **extra)
     return build_manifest(base, run.tokenizer, run.cfg.model.name, run.cfg.model, run.cfg.lora,
                           {"data": run.data_stats, "recipe": run.cfg.to_dict(), **extra})

@@ -1,0 +1,45 @@
+"""The speed and memory options of a run, applied to the LoRA model before its first step.
+
+In this order: activation checkpointing (plain, or with block inputs offloaded to the host),
+the fused LoRA op in place of peft's layer forward, compiled decoder blocks. Each leaves the
+module names and parameters as they are, so the adapter folder is peft's either way.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..config import TrainConfig
+from ..kernels.lora import install_fused_lora
+from .compile import choose, compile_blocks
+from .offload import offload_checkpointing
+
+log = logging.getLogger(__name__)
+
+
+def accelerate(model, t: TrainConfig, device: str, steps: int) -> dict:
+    """Apply `train.gradient_checkpointing / offload_checkpoints / fused_lora / compile`.
+
+    Logs the pre-flight line that says whether blocks are compiled and why; returns what was
+    done: {"compile": bool, "compile_reason": str, "fused_lora_layers": int, ...}.
+    """
+    compiled, why = choose(t.compile, device, steps)
+    done = {"compile": compiled, "compile_reason": why, "offloaded_blocks": 0,
+            "fused_lora_layers": 0}
+    if t.offload_checkpoints:
+        done["offloaded_blocks"] = offload_checkpointing(model)
+    elif t.gradient_checkpointing:
+        model.get_base_model().gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.fused_lora:
+        # Under compile each projection is its own op: the shared-input bookkeeping of a
+        # group is Python state that a tracer should not have to guard on.
+        done["fused_lora_layers"] = install_fused_lora(model, group=not compiled)
+    if compiled:
+        done["compiled_blocks"] = compile_blocks(model)
+    log.info("pre-flight: compile %s (%s); fused LoRA on %d layers%s", "on" if compiled else
+             "off", why, done["fused_lora_layers"],
+             f"; {done['offloaded_blocks']} blocks checkpointed with inputs offloaded"
+             if done["offloaded_blocks"] else "")
+    model.adapters_speed = done  # fit reads whether the first step included a compile
+    return done

@@ -1,0 +1,99 @@
+"""train.parallel=fsdp: the frozen base sharded across ranks (FSDP2, gloo on CPU), same steps
+and the same adapter folder as one rank with the whole batch."""
+
+import json
+
+import pytest
+import torch
+from conftest import recipe
+from peft import PeftModel
+from safetensors.torch import load_file
+from test_distributed import _adapters, _assert_same_adapter, _losses, _recipe_file
+from transformers import AutoModelForCausalLM
+
+from adapters.adapter import read_manifest
+from adapters.errors import TrainingError
+from adapters.training import train
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="this torch build has no torch.distributed")
+
+STEPS = ["train.steps=4", "train.lr=2e-2"]
+
+
+def _close_adapters(a, b, atol=1e-4):
+    """Ranks sum in another order than one big batch: fp32 noise, which Adam's division by
+    the gradient's size lifts to ~1e-5 on weights whose gradients are near zero."""
+    wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0, msg=k)
+
+
+def _logits(base, adapter, ids):
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        return PeftModel.from_pretrained(model, adapter).eval()(ids).logits
+
+
+def test_fsdp_on_one_process_equals_plain_training(tiny_gpt2, tmp_path):
+    """The FSDP code path (a group of one) takes the very same steps as plain training."""
+    plain = train(recipe(tiny_gpt2, tmp_path / "plain", *STEPS, rows=48))
+    sharded = train(recipe(tiny_gpt2, tmp_path / "fsdp", *STEPS, "train.parallel=fsdp",
+                           "train.gradient_checkpointing=true", rows=48))
+    assert _losses(plain) == pytest.approx(_losses(sharded), abs=1e-5)
+    _assert_same_adapter(plain, sharded)
+    assert read_manifest(sharded).base.fingerprint == read_manifest(plain).base.fingerprint
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_two_sharded_ranks_equal_one_rank_with_twice_the_batch(arch, tiny_llama, tiny_gpt2,
+                                                               tmp_path):
+    model = {"llama": tiny_llama, "gpt2": tiny_gpt2}[arch]
+    one = train(recipe(model, tmp_path / "one", *STEPS, "train.batch_size=4", rows=48))
+    rec = _recipe_file(model, tmp_path / "two", *STEPS, "train.batch_size=2",
+                       "train.parallel=fsdp", "train.gradient_checkpointing=true")
+    r = _adapters("train", str(rec), "--nproc", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = tmp_path / "two" / "out"
+    assert "FSDP over 2 rank(s)" in r.stderr and "global batch 4 (2 ranks)" in r.stderr
+    assert len(_losses(two)) == 4 and _losses(two)[0] != _losses(two)[-1]
+    assert _losses(one) == pytest.approx(_losses(two), abs=1e-4)
+    _close_adapters(one, two)
+    assert read_manifest(two).base.fingerprint == read_manifest(one).base.fingerprint
+    # The folder is peft's: plain peft loads it and computes what the one-rank adapter does.
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    torch.testing.assert_close(_logits(model, two, ids), _logits(model, one, ids), atol=1e-4,
+                               rtol=0)
+    if arch == "gpt2":
+        return
+    # Pause the sharded run after 2 steps and resume it (same world size): same adapter.
+    paused = _recipe_file(model, tmp_path / "paused", *STEPS, "train.batch_size=2",
+                          "train.parallel=fsdp", "train.gradient_checkpointing=true")
+    assert _adapters("train", str(paused), "--nproc", "2", "--stop-after", "2").returncode == 0
+    assert not (tmp_path / "paused" / "out" / "adapter_model.safetensors").exists()
+    with pytest.raises(TrainingError, match="2 rank.*--nproc 2"):
+        train(recipe(model, tmp_path / "paused", *STEPS, "train.batch_size=2",
+                     "train.parallel=fsdp", "train.gradient_checkpointing=true", rows=48),
+              resume="latest")
+    r = _adapters("train", str(paused), "--nproc", "2", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same_adapter(two, tmp_path / "paused" / "out")
+    assert _losses(tmp_path / "paused" / "out") == pytest.approx(_losses(two), abs=1e-5)
+    ckpt = load_file(sorted((tmp_path / "paused" / "out" / "checkpoints").glob("step-*"))[-1]
+                     / "adapter_model.safetensors")
+    assert ckpt and all("lora_" in k for k in ckpt)  # only the adapter, never the base
+    summary = json.loads((two / "manifest.json").read_text())["training"]
+    assert summary["global_batch"] == 4 and summary["ranks"] == 2
+
+
+def test_a_4bit_base_sharded_on_two_ranks(tiny_llama, tmp_path):
+    """bitsandbytes' packed 4-bit weights shard like any tensor (CPU here)."""
+    q = ["model.quantization=4bit", "train.steps=2", "train.lr=2e-2"]
+    one = train(recipe(tiny_llama, tmp_path / "one", *q, "train.batch_size=4", rows=48))
+    rec = _recipe_file(tiny_llama, tmp_path / "two", *q, "train.batch_size=2",
+                       "train.parallel=fsdp")
+    r = _adapters("train", str(rec), "--nproc", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _losses(one) == pytest.approx(_losses(tmp_path / "two" / "out"), abs=1e-4)
+    _close_adapters(one, tmp_path / "two" / "out")

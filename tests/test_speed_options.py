@@ -1,0 +1,75 @@
+"""Speed and memory options of the loop: compiled blocks, offloaded checkpointing, the
+pre-flight line that names the compile choice, fused LoRA in the loop."""
+
+import logging
+
+import pytest
+import torch
+from conftest import recipe
+
+from adapters.errors import ConfigError
+from adapters.kernels.lora import is_fused
+from adapters.training.compile import AUTO_MIN_STEPS, choose
+from adapters.training.trainer import setup, step
+
+
+def _run(model, tmp_path, *extra, steps=3):
+    run = setup(recipe(model, tmp_path, f"train.steps={steps}", "train.batch_size=4", *extra))
+    losses = [step(run)["loss"] for _ in range(steps)]
+    params = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    return run, losses, params
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_offloaded_checkpointing_equals_plain_checkpointing(tiny_gpt2, tiny_llama, tmp_path,
+                                                           model):
+    path = {"gpt2": tiny_gpt2, "llama": tiny_llama}[model]
+    _, plain, p_plain = _run(path, tmp_path / "a", "train.gradient_checkpointing=true")
+    run, off, p_off = _run(path, tmp_path / "b", "train.offload_checkpoints=true")
+    assert run.model.adapters_speed["offloaded_blocks"] == 2
+    torch.testing.assert_close(off, plain, atol=1e-6, rtol=1e-6)
+    for n in p_plain:
+        torch.testing.assert_close(p_off[n], p_plain[n], atol=1e-6, rtol=1e-6, msg=n)
+
+
+def test_fused_lora_loop_equals_peft_loop(tiny_llama, tmp_path):
+    run, fused, p_fused = _run(tiny_llama, tmp_path / "a")
+    assert run.model.adapters_speed["fused_lora_layers"] == 14
+    assert all(is_fused(m) for n, m in run.model.named_modules() if n.endswith("q_proj"))
+    _, plain, p_plain = _run(tiny_llama, tmp_path / "b", "train.fused_lora=false")
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    for n in p_plain:
+        torch.testing.assert_close(p_fused[n], p_plain[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_preflight_line_names_the_compile_choice(tiny_gpt2, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="adapters"):
+        setup(recipe(tiny_gpt2, tmp_path, "train.steps=2"))
+    line = next(r.getMessage() for r in caplog.records if "compile" in r.getMessage())
+    assert line.startswith("pre-flight: compile off (auto: off on CPU"), line
+
+
+def test_compile_choice_rules():
+    assert choose(True, "cpu", 1) == (True, "train.compile=true")
+    assert choose("false", "cuda:0", 10_000)[0] is False
+    assert choose("auto", "cuda:0", AUTO_MIN_STEPS)[0] is True
+    on, why = choose("auto", "cuda:0", AUTO_MIN_STEPS - 1)
+    assert not on and f"{AUTO_MIN_STEPS - 1} steps is too short" in why
+    with pytest.raises(ConfigError, match="train.compile: 'yes' is not one of auto, true, false"):
+        choose("yes", "cpu", 1)
+
+
+def test_compiled_blocks_match_eager_losses(tiny_llama, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")  # restored to absent afterwards
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    # Tiny Llama, 5 steps: one block graph compiled and reused by both layers.
+    with caplog.at_level(logging.INFO, logger="adapters"):
+        run, compiled, _ = _run(tiny_llama, tmp_path / "a", "train.compile=true",
+                                "model.dtype=bf16", steps=5)
+    assert run.model.adapters_speed["compiled_blocks"] == 2
+    assert any("pre-flight: compile on (train.compile=true)" in r.getMessage()
+               for r in caplog.records)
+    _, eager, _ = _run(tiny_llama, tmp_path / "b", "model.dtype=bf16", steps=5)
+    torch.testing.assert_close(compiled, eager, atol=0.0, rtol=2e-2)  # bf16 rounding
+    cache = tmp_path / "home" / "compile-cache"
+    assert cache.is_dir() and any(cache.rglob("*")), "no persistent compile cache written"
