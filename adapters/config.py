@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,11 +20,13 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .safe_yaml import load_yaml
 
 # Names that mean one thing everywhere (CLI flags, eval tables, the server's model list).
 BASE_NAME = "base"  # the plain base model, next to adapters, in eval rows and in the server
 QUANTIZATIONS = ("none", "8bit", "4bit")
 IGNORE_INDEX = -100  # label of a position that no loss is counted on (PyTorch's convention)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name on the hub
 
 
 def _choice(*values: str) -> dict:
@@ -55,7 +59,8 @@ class DataConfig:
     eval_fraction: float = 0.0
     format: str = field(
         default="prompt_completion",
-        metadata=_choice("text", "prompt_completion", "chat", "alpaca", "sharegpt"),
+        metadata=_choice("text", "prompt_completion", "chat", "alpaca", "sharegpt",
+                         "preference"),  # preference: prompt, chosen, rejected
     )
     columns: dict[str, str] | None = None  # role -> column name, e.g. {prompt: input}
     prompt_template: str | None = None  # e.g. "Question: {prompt}\nAnswer: "
@@ -80,7 +85,9 @@ class TrainConfig:
     optimizer: str = field(default="adamw", metadata=_choice("adamw", "adamw_8bit"))
     seed: int = 0
     gradient_checkpointing: bool = False
-    compile: bool = False
+    offload_checkpoints: bool = False  # with gradient_checkpointing: block inputs kept on CPU
+    compile: bool | str = "auto"  # auto | true | false: compiled decoder blocks (regional)
+    fused_lora: bool = True  # one autograd op per LoRA projection group (peft's path if false)
     eval_every: int = 0  # 0: only at the end (when there is eval data)
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
@@ -89,6 +96,16 @@ class TrainConfig:
     # Under torchrun: how long a rank waits for the others in a collective before the job
     # ends (a rank that dies ends it at once; this bounds one that hangs).
     dist_timeout_s: int = 1800
+    # ddp: every rank holds the whole base; fsdp: the frozen base is sharded across ranks
+    # (FSDP2), for bases that do not fit one device. The LoRA tensors are replicated either way.
+    parallel: str = field(default="ddp", metadata=_choice("ddp", "fsdp"))
+    report_to: list[str] = field(default_factory=list)  # tensorboard, mlflow, wandb (extras)
+    # sft: next-token loss; dpo / orpo: preference pairs (data.format: preference). DPO's
+    # reference is the same base with the adapter switched off (no second model).
+    objective: str = field(default="sft", metadata=_choice("sft", "dpo", "orpo"))
+    dpo_beta: float = 0.1  # DPO's KL strength (IPO's tau)
+    dpo_loss: str = field(default="sigmoid", metadata=_choice("sigmoid", "ipo"))
+    orpo_lambda: float = 0.1  # weight of ORPO's odds-ratio term next to the NLL of chosen
 
 
 @dataclass
@@ -183,6 +200,10 @@ def _coerce_float(value: Any, hint: Any) -> Any:
     return value
 
 
+_REPR = reprlib.Repr()  # values in messages: a few items and characters, never megabytes
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 60, 60
+
+
 def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
@@ -200,31 +221,61 @@ def _build_section(name: str, raw: Any, errors: list[str]) -> Any:
     for key, value in raw.items():
         where = f"{name}.{key}"
         if key not in fields:
-            errors.append(f"{where}: unknown key{_suggest(str(key), list(fields))}")
+            errors.append(f"{_REPR.repr(where)}: unknown key"
+                          f"{_suggest(str(key)[:100], list(fields))}")
             continue
         value = _coerce_float(value, hints[key])
         if not _check_type(value, hints[key]):
-            errors.append(f"{where}: expected {_type_name(hints[key])}, got {value!r}")
+            errors.append(f"{where}: expected {_type_name(hints[key])}, got "
+                          f"{_REPR.repr(value)}")
             continue
         choices = fields[key].metadata.get("choices")
         if choices and value not in choices:
-            errors.append(f"{where}: {value!r} is not one of {', '.join(choices)}"
-                          f"{_suggest(str(value), list(choices)) if choices else ''}")
+            errors.append(f"{where}: {_REPR.repr(value)} is not one of {', '.join(choices)}"
+                          f"{_suggest(str(value)[:100], list(choices)) if choices else ''}")
             continue
         if where in _POSITIVE and value is not None and value <= 0:
-            errors.append(f"{where}: must be a positive integer, got {value!r}")
+            errors.append(f"{where}: must be a positive integer, got {_REPR.repr(value)}")
             continue
         kwargs[key] = value
     return cls(**kwargs)
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few lines of YAML
+
+
 def _parse_override(text: str) -> tuple[str, str, Any]:
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. train.steps=10")
+        raise ConfigError(f"override {text[:200]!r}: expected section.key=value, e.g. "
+                          "train.steps=10")
     dotted, raw = text.split("=", 1)
     section, key = dotted.split(".", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None  # "10" -> 10, "[a, b]" -> list
+    # "10" -> 10, "[a, b]" -> list
+    value = load_yaml(raw, f"override {dotted[:100]}") if raw.strip() else None
     return section, key, value
+
+
+def _read_recipe(path: Path) -> dict[str, Any]:
+    """The recipe file's YAML mapping: a regular UTF-8 file of at most MAX_RECIPE_BYTES."""
+    if not path.exists():
+        raise ConfigError(f"{path}: recipe file not found")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a regular file; give the path of a YAML recipe")
+    with open(path, "rb") as f:
+        data = f.read(MAX_RECIPE_BYTES + 1)
+    if len(data) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_RECIPE_BYTES} bytes; a recipe is a few "
+                          "lines of YAML (put data in data files)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 (byte offset {e.start}); save the recipe "
+                          "as UTF-8") from None
+    raw = load_yaml(text, str(path)) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
+    return raw
 
 
 def from_dict(raw: dict[str, Any], source: str = "recipe") -> RunConfig:
@@ -234,7 +285,8 @@ def from_dict(raw: dict[str, Any], source: str = "recipe") -> RunConfig:
         raise ConfigError(f"{source}: expected a mapping with sections {', '.join(SECTIONS)}")
     for section in raw:
         if section not in SECTIONS:
-            errors.append(f"{section}: unknown section{_suggest(str(section), list(SECTIONS))}")
+            errors.append(f"{_REPR.repr(section)}: unknown section"
+                          f"{_suggest(str(section)[:100], list(SECTIONS))}")
     built = {name: _build_section(name, raw.get(name), errors) for name in SECTIONS}
     if errors:
         raise ConfigError(f"{source}: {len(errors)} problem(s):\n  " + "\n  ".join(errors))
@@ -251,14 +303,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: recipe file not found")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
+        raw = _read_recipe(path)
     for text in overrides:
         section, key, value = _parse_override(text)
         sect = raw.setdefault(section, {})

@@ -144,7 +144,6 @@ def load_base(cfg: ModelConfig, device: str | None = None):
     Quantized bases keep norms and embeddings in the compute dtype; all linear layers but the
     lm_head are stored in 4 or 8 bits by bitsandbytes.
     """
-
     device = device or default_device()
     path = resolve_model_path(cfg.name)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -223,12 +222,13 @@ def compare_fingerprints(saved: dict, current: dict) -> tuple[list[str], list[st
         if saved.get(key) != current.get(key):
             structural.append(f"{key}: adapter trained on {saved.get(key)}, base has "
                               f"{current.get(key)}")
-    if saved.get("tokenizer", {}).get("sha256_16") != current.get("tokenizer", {}).get(
+    # A fingerprint may hold "tokenizer": null (written without one): compare what is there.
+    if (saved.get("tokenizer") or {}).get("sha256_16") != (current.get("tokenizer") or {}).get(
             "sha256_16"):
         structural.append("tokenizer: the vocabulary differs from the one used in training")
     weights = []
-    for name, vals in saved.get("probe", {}).items():
-        cur = current.get("probe", {}).get(name)
+    for name, vals in (saved.get("probe") or {}).items():
+        cur = (current.get("probe") or {}).get(name)
         if cur is None:
             continue
         a, b = torch.tensor(vals), torch.tensor(cur)

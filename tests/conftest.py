@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import inspect
 import json
 import os
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from adapters.adapter import build_manifest, save_adapter
 from adapters.cli import main as cli_main
@@ -22,18 +33,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _corpus() -> list[str]:
-    import collections
-    import json as _json
-    import textwrap
-
-    mods = [collections, _json, textwrap, inspect, os.path]
+    mods = [collections, json, textwrap, inspect, os.path]
     return [inspect.getsource(m) for m in mods]
 
 
 def build_tokenizer(folder: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -61,8 +65,6 @@ def tiny_tok_dir(tmp_path_factory) -> Path:
 
 
 def make_gpt2(folder: Path, tok, seed: int = 0, **overrides) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     torch.manual_seed(seed)
     # initializer_range 0.2 (not 0.02): with a frozen random lm_head, small weights cap the
     # logits near zero and no adapter could lower the loss far below log(vocab).
@@ -75,8 +77,6 @@ def make_gpt2(folder: Path, tok, seed: int = 0, **overrides) -> Path:
 
 
 def make_llama(folder: Path, tok, seed: int = 0, **overrides) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(seed)
     kw = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -88,8 +88,6 @@ def make_llama(folder: Path, tok, seed: int = 0, **overrides) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tok(tiny_tok_dir):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(tiny_tok_dir)
 
 

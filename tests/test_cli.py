@@ -100,7 +100,7 @@ def _cases(tmp_path):
         (["merge", str(a), "--out", missing, "--max-kl", "0"], ["--max-kl", "a number > 0"]),
         (["merge", missing, "--out", str(b)], ["adapter", "no adapter folder"]),
         (["combine", str(a), str(b), "--weights", "1", "--out", missing],
-         ["--weights", "1 weight(s) for 2 adapters"]),
+         ["--weights", "1 weights for 2 adapters"]),
         (["combine", str(a), "--weights", "1", "--out", missing], ["at least two adapters"]),
         (["combine", str(a), str(b), "--weights", "1", "1", "--density", "0", "--out", missing],
          ["--density", "(0, 1]"]),
@@ -110,7 +110,7 @@ def _cases(tmp_path):
          ["--temperature", ">= 0"]),
         (["generate", "--base", nobase], ["--prompt", "required"]),
         (["serve", "--base", nobase, "--port", "70000"], ["--port", "0-65535"]),
-        (["serve", "--base", nobase, "--device", "gpu"], ["--device", "cuda:N"]),
+        (["serve", "--base", nobase, "--device", "gpu"], ["--device", "a torch device"]),
         (["verify", missing], ["path", "no adapter folder"]),
         (["pull", "not-a-repo-id"], ["repo_id", "owner/name"]),
         (["train", str(recipe), "--nproc", "0"], ["--nproc", "an integer > 0"]),
@@ -125,19 +125,6 @@ def test_bad_values_fail_before_any_model_loads(tmp_path, capsys, _no_loading):
         assert err.startswith("error: ") and err.count("\n") == 1, (argv, err)  # one line
         for w in words:
             assert w in err, (argv, w, err)
-
-
-def test_bad_metric_fails_before_evaluation(tmp_path, capsys, monkeypatch):
-    """The eval of old checked --metrics after the whole evaluation had run."""
-    import adapters.cli.evaluation as ev
-
-    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("evaluation started"))
-    trained = tmp_path / "a"
-    trained.mkdir()
-    code, _, err = run_cli("eval", "--base", tmp_path / "nope", "--adapter", f"a={trained}",
-                           "--data", qa_csv(tmp_path / "qa.csv", 2), "--metrics", "bogus",
-                           capsys=capsys)
-    assert code == 1 and "--metrics" in err and "'bogus'" in err
 
 
 def test_hub_dataset_offline_is_named_by_data_preview(tiny_gpt2, tmp_path, capsys, monkeypatch,

@@ -17,16 +17,23 @@ try:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 except ImportError:
-    if os.environ.get("CI"):  # in CI the interop check must run, never skip quietly
-        pytest.fail(f"{INSTALL_HINT} (CI is set: this test may not be skipped)",
-                    pytrace=False)
-    pytest.skip(INSTALL_HINT, allow_module_level=True)
+    simple_evaluate = None
+
+
+def _require_lm_eval() -> None:
+    """In CI (CI set) a missing lm-eval is this test's failure, never a quiet skip."""
+    if simple_evaluate is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{INSTALL_HINT} (CI is set: this test may not be skipped)")
+        pytest.skip(INSTALL_HINT)
+
 
 ROWS = [{"input": "Pick a number", "choices": ["one", "two", "three"], "answer": 0},
         {"input": "Pick a word", "choices": ["dog", "cat"], "answer": 1}]
 
 
 def test_lm_eval_loads_the_adapter_folder_and_agrees(tiny_gpt2, tmp_path, monkeypatch):
+    _require_lm_eval()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     trained_adapter(tiny_gpt2, tmp_path / "a")

@@ -10,20 +10,19 @@ recipe key never disagree.
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
+import torch
+
+from ..adapter import read_base_name
 from ..adapter.archive import is_archive
-from ..config import QUANTIZATIONS, DataConfig, ModelConfig, field_choices, field_default
+from ..config import HUB_ID, QUANTIZATIONS, DataConfig, ModelConfig, field_choices, field_default
 from ..data.formats import DEFAULT_COLUMNS
 from ..data.sources import check_sources
 from ..errors import AdaptersError, ConfigError
-from ..merge import read_base_name
 
 FORMATS = field_choices(DataConfig, "format")
 DTYPES = tuple(d for d in field_choices(ModelConfig, "dtype") if d != "auto")  # stored dtypes
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
 
 
 class Parser(argparse.ArgumentParser):
@@ -70,13 +69,16 @@ def port(text: str) -> int:
 
 
 def device(text: str) -> str:
-    if not _DEVICE.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {text!r}")
+    try:  # any device torch knows (cpu, cuda:1, mps, xpu, ...); whether it is present is
+        torch.device(text)  # checked when the model loads
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or "
+                                         f"cuda:1, got {text!r}") from None
     return text
 
 
 def repo_id(text: str) -> str:
-    if not _REPO_ID.fullmatch(text):
+    if not HUB_ID.fullmatch(text):
         raise argparse.ArgumentTypeError(f"expected a hub id owner/name, got {text!r}")
     return text
 

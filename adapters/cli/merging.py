@@ -6,7 +6,6 @@ import argparse
 
 from ..combine import METHODS, combine
 from ..data.sources import read_rows
-from ..errors import ConfigError
 from ..merge import merge_adapter, merge_streaming_verified
 from .common import DTYPES, adapter_path, data_source, positive_float, unit_interval
 
@@ -64,12 +63,7 @@ def _add_combine(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_combine(args: argparse.Namespace) -> int:
-    if len(args.adapters) < 2:
-        raise ConfigError(f"adapters combine: needs at least two adapters, got "
-                          f"{len(args.adapters)}")
-    if len(args.weights) != len(args.adapters):
-        raise ConfigError(f"--weights: {len(args.weights)} weight(s) for {len(args.adapters)} "
-                          "adapters; give one weight per adapter")
+    # combine() checks the adapter and weight counts itself, before it loads the base.
     out = combine(args.adapters, args.weights, args.out, args.method, args.density)
     print(f"combined adapter written to {out}")
     return 0
