@@ -44,8 +44,8 @@ from .errors import AdaptersError
 from .io import atomic_dir
 from .model import exact_4bit_on_cpu, load_base, resolve_dtype, resolve_model_path
 
-__all__ = ["MergeError", "Verification", "compare_models", "merge_adapter", "merge_streaming",
-           "merge_streaming_verified", "read_base_name"]
+__all__ = ["AGAINST", "MergeError", "Verification", "compare_models", "merge_adapter",
+           "merge_streaming", "merge_streaming_verified", "read_base_name"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ SAMPLE_TEXT = [  # built-in held-out text when no --data is given
     "Question: What is the capital of France?\nAnswer: The capital of France is Paris.",
     "import json\nwith open('data.json') as f:\n    data = json.load(f)\nprint(len(data))\n",
 ]
+
+
+# What an adapter trained on a 4/8-bit base is merged into: the dequantized weights training
+# saw (the default), or the original full-precision ones.
+AGAINST = ("dequantized", "original")
 
 
 class MergeError(AdaptersError):

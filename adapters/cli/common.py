@@ -153,9 +153,19 @@ def unique(pairs: list[tuple[str, str]], flag: str) -> dict[str, str]:
 
 def add_base_flags(p: argparse.ArgumentParser, what: str = "base model") -> None:
     """--base and --quantization: which base model and how to load it."""
-    p.add_argument("--base", help=f"{what}: hub id, folder or `default` "
-                                  "(default: the first adapter's manifest base)")
+    add_base_flag(p, f"{what}: hub id, folder or `default` (default: the first adapter's "
+                     "manifest base)")
     add_quantization_flag(p)
+
+
+def add_base_flag(p: argparse.ArgumentParser, help: str) -> None:
+    """--base: a hub id, a folder or `default`; `help` says what it is for in this command."""
+    p.add_argument("--base", metavar="BASE", help=help)
+
+
+def add_max_new_tokens_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=positive_int, default=64,
+                   help="the most tokens to generate per answer (default 64)")
 
 
 def add_quantization_flag(p: argparse.ArgumentParser, help: str | None = None) -> None:

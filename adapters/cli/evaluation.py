@@ -18,6 +18,7 @@ from .common import (
     add_adapter_flags,
     add_base_flags,
     add_data_flags,
+    add_max_new_tokens_flag,
     base_of,
     data_config,
     existing_file,
@@ -46,7 +47,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generate", type=non_negative_int, default=0, metavar="N",
                    help="also answer the first N prompts greedily: exact match, token F1, "
                         "ROUGE-L, sample answers")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    add_max_new_tokens_flag(p)
     p.add_argument("--compare", type=existing_file, metavar="OLD/results.json",
                    help="print deltas against it")
     p.add_argument("--out", help="write results.json/.csv, eval.png and report.md here")

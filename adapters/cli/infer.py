@@ -15,6 +15,7 @@ from ..serving.registry import Registry
 from .common import (
     add_adapter_flags,
     add_base_flags,
+    add_max_new_tokens_flag,
     base_of,
     device,
     existing_dir,
@@ -52,7 +53,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="render the prompt as a user message "
                                                        "with the model's chat template")
     p.add_argument("--with-base", action="store_true", help="also answer with the plain base")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    add_max_new_tokens_flag(p)
     p.add_argument("--temperature", type=non_negative_float, default=0.0,
                    help="0 = greedy (default)")
     p.add_argument("--top-p", type=unit_interval, default=1.0)

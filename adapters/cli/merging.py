@@ -6,8 +6,8 @@ import argparse
 
 from ..combine import METHODS, combine
 from ..data.sources import read_rows
-from ..merge import merge_adapter, merge_streaming_verified
-from .common import DTYPES, adapter_path, data_source, positive_float, unit_interval
+from ..merge import AGAINST, merge_adapter, merge_streaming_verified
+from .common import DTYPES, adapter_path, add_base_flag, data_source, positive_float, unit_interval
 
 _CHECK_TEXTS = 64  # held-out texts the merge check runs on
 
@@ -16,9 +16,9 @@ def _add_merge(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", type=adapter_path,
                    help="adapter folder (or .zip from `adapters pack`)")
     p.add_argument("--out", required=True, help="folder for the merged model")
-    p.add_argument("--base", help="base model (default: the one in the adapter's manifest)")
+    add_base_flag(p, "base model (default: the one in the adapter's manifest)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
-    p.add_argument("--against", choices=["dequantized", "original"], default="dequantized",
+    p.add_argument("--against", choices=AGAINST, default=AGAINST[0],
                    help="for adapters trained on a 4/8-bit base: merge into the dequantized "
                         "weights training saw (default) or the original full-precision ones")
     p.add_argument("--data", type=data_source,

@@ -17,6 +17,7 @@ from ..share.targets import VLLM_DEFAULT_MAX_RANK, VLLM_RANKS, check_target
 from ..share.verify import convert, verify
 from .common import (
     adapter_path,
+    add_base_flag,
     add_quantization_flag,
     existing_dir,
     existing_file,
@@ -40,8 +41,8 @@ def _vllm_rank(text: str) -> int:
 def _add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", type=adapter_path,
                    help="an adapter folder or a .zip from `adapters pack`")
-    p.add_argument("--base", help="also check the fingerprint against this base, load the "
-                                  "adapter into it and run one forward pass")
+    add_base_flag(p, "also check the fingerprint against this base, load the adapter into "
+                     "it and run one forward pass")
     add_quantization_flag(p, help="how to load --base (default none)")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
     p.add_argument("--target", type=_target, action="append", default=[],
@@ -72,7 +73,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
                    help="gguf-lora: llama.cpp LoRA file; gguf: merged model file; ollama: "
                         "Modelfile folder; peft: config for an older peft")
     p.add_argument("--out", required=True, help="the file (gguf, gguf-lora) or folder to write")
-    p.add_argument("--base", help="the base (default: the one the manifest names)")
+    add_base_flag(p, "the base (default: the one the manifest names)")
     p.add_argument("--base-gguf", type=existing_file,
                    help="the base as a GGUF file (default: the embedded default's, or one "
                         "written from the HF folder)")
@@ -122,7 +123,7 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
                    help="a peft adapter folder with adapter_model.bin (or safetensors without "
                         "a manifest)")
     p.add_argument("--out", help="the new folder (default: FOLDER-safetensors)")
-    p.add_argument("--base", help="fill in the base fingerprint from this model")
+    add_base_flag(p, "fill in the base fingerprint from this model")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
