@@ -25,6 +25,7 @@ from .safe_yaml import load_yaml
 # Names that mean one thing everywhere (CLI flags, eval tables, the server's model list).
 BASE_NAME = "base"  # the plain base model, next to adapters, in eval rows and in the server
 QUANTIZATIONS = ("none", "8bit", "4bit")
+TASKS = ("causal_lm", "classification", "regression")  # model.task
 IGNORE_INDEX = -100  # label of a position that no loss is counted on (PyTorch's convention)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name on the hub
 
@@ -40,6 +41,10 @@ class ModelConfig:
     quant_type: str = field(default="nf4", metadata=_choice("nf4", "fp4"))
     double_quant: bool = True
     dtype: str = field(default="auto", metadata=_choice("auto", "bf16", "fp16", "fp32"))
+    # causal_lm: next-token LM; classification / regression: a sequence-classification head
+    # on the last real token, trained in full beside the LoRA (data.format: label)
+    task: str = field(default="causal_lm", metadata=_choice(*TASKS))
+    num_labels: int | None = None  # classification: default, the labels found in data.train
 
 
 @dataclass
@@ -60,7 +65,7 @@ class DataConfig:
     format: str = field(
         default="prompt_completion",
         metadata=_choice("text", "prompt_completion", "chat", "alpaca", "sharegpt",
-                         "preference"),  # preference: prompt, chosen, rejected
+                         "preference", "label"),  # preference: prompt, chosen, rejected
     )
     columns: dict[str, str] | None = None  # role -> column name, e.g. {prompt: input}
     prompt_template: str | None = None  # e.g. "Question: {prompt}\nAnswer: "
@@ -155,7 +160,7 @@ _SECTION_TYPES = typing.get_type_hints(RunConfig)
 # Positive integers: a zero or negative value here is always a mistake.
 _POSITIVE = {"lora.r", "data.max_seq_len", "train.batch_size", "train.grad_accum",
              "train.log_every", "train.max_bad_steps", "train.steps",
-             "train.dist_timeout_s"}
+             "train.dist_timeout_s", "model.num_labels"}
 
 
 def _suggest(key: str, valid: list[str]) -> str:

@@ -12,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import LoraConfig
 from .errors import ModelError
+from .heads import head_module
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,18 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default"
         # Casts norms to fp32 for stable training; no gradient checkpointing here (the loop
         # decides that).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # A sequence-classification head (heads.py) is peft's SEQ_CLS task: its head is a
+    # `modules_to_save` module, trained in full and saved with the LoRA tensors.
+    head = head_module(model)
     pcfg = PeftLoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, bias="none", task_type="CAUSAL_LM",
+        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, bias="none",
+        task_type="SEQ_CLS" if head else "CAUSAL_LM",
+        modules_to_save=[head[0]] if head else None,
         fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2's Conv1D stores W^T
     peft_model = get_peft_model(model, pcfg, adapter_name=adapter_name)
     for name, p in peft_model.named_parameters():
-        p.requires_grad_("lora_" in name)
+        p.requires_grad_("lora_" in name or ".modules_to_save." in name)
         if p.requires_grad and p.dtype != torch.float32:
             # Adapter weights stay fp32 even on a bf16 base; autocast handles the matmuls.
             p.data = p.data.float()

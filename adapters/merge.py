@@ -41,6 +41,7 @@ from .adapter.archive import resolve_adapter
 from .adapter.peftconfig import read_config
 from .config import ModelConfig
 from .errors import AdaptersError
+from .heads import refuse_task_head
 from .io import atomic_dir
 from .model import exact_4bit_on_cpu, load_base, resolve_dtype, resolve_model_path
 
@@ -99,6 +100,7 @@ class _Source:
 def _open(adapter: str | Path, base: str | None) -> _Source:
     folder = resolve_adapter(adapter)
     manifest = check_files(folder)
+    refuse_task_head(manifest, folder, "adapters merge")
     spec = base or (manifest.base.name if manifest else None)
     if not spec:
         raise AdaptersError(f"{adapter}: no manifest names the base; pass --base")
@@ -249,7 +251,7 @@ def merge_streaming(base_folder: str | Path, adapter: str | Path, out: str | Pat
     `merge_streaming_verified` is the checked path.
     """
     folder = resolve_adapter(adapter)
-    check_files(folder)
+    refuse_task_head(check_files(folder), folder, "adapters merge")
     return _stream(Path(base_folder), folder, Path(out))
 
 

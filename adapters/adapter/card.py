@@ -139,6 +139,26 @@ def _load_section(manifest: Manifest, name: str) -> list[str]:
             f'adapters generate --base {base} --adapter mine={name} --prompt "..."', "```"]
 
 
+def _task_section(manifest: Manifest, name: str) -> list[str]:
+    """A task head (heads.py): what it predicts, its labels in id order, how to load it."""
+    task = manifest.extra.get("task")
+    if not isinstance(task, dict) or task.get("type") not in ("classification", "regression"):
+        return []
+    labels = task.get("labels") or []
+    lines = ["## Task head", "", f"A {task['type']} head (`{task.get('head')}`, "
+             f"{task.get('num_labels')} output(s)) on the last real token, trained in full "
+             "beside the LoRA and saved in this folder.", ""]
+    if labels:
+        lines += _table(["id", "label"], [[i, n] for i, n in enumerate(labels)]) + [""]
+    hub = hub_id(manifest.base.name) or "BASE_MODEL"
+    kw = f"num_labels={len(labels)}" if labels else 'num_labels=1, problem_type="regression"'
+    return lines + ["```python", "from peft import PeftModel",
+                    "from transformers import AutoModelForSequenceClassification", "",
+                    f'base = AutoModelForSequenceClassification.from_pretrained("{hub}", {kw})',
+                    "base.config.pad_token_id = TOKENIZER.pad_token_id  # pools the last real "
+                    "token", f'model = PeftModel.from_pretrained(base, "{name}")', "```"]
+
+
 def _training_section(manifest: Manifest) -> list[str]:
     lines = []
     if manifest.training:
@@ -165,8 +185,8 @@ def render(manifest: Manifest, name: str) -> str:
         lines += [f"Converted to safetensors from {manifest.converted_from.file} "
                   f"(sha256 {manifest.converted_from.sha256}).", ""]
     lines += _base_section(manifest) + [""]
-    for section in (_data_section(manifest), _training_section(manifest),
-                    _eval_section(manifest)):
+    for section in (_task_section(manifest, name), _data_section(manifest),
+                    _training_section(manifest), _eval_section(manifest)):
         if section:
             lines += section + [""]
     w = manifest.weights

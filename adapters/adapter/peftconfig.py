@@ -141,8 +141,11 @@ def shape_problems(shapes: dict[str, tuple], config: dict[str, Any],
     """What in a peft LoRA state dict contradicts its config (rank, pairs, targets)."""
     modules: dict[str, dict[str, tuple]] = {}
     problems = []
+    saved = set(config.get("modules_to_save") or [])  # e.g. a task head, trained in full
     for key, shape in shapes.items():
         m = _LORA_KEY.match(key)
+        if m is None and _saved_module(key, saved):
+            continue
         if m is None:
             problems.append(f"{key}: not a LoRA tensor name")
             continue
@@ -164,6 +167,12 @@ def shape_problems(shapes: dict[str, tuple], config: dict[str, Any],
         if mag is not None and tuple(mag) != (b[0],):
             problems.append(f"{module}: DoRA magnitude {list(mag)} but {b[0]} outputs")
     return problems
+
+
+def _saved_module(key: str, saved: set[str]) -> bool:
+    """Whether `key` is a weight or bias of a `modules_to_save` module (peft saves it whole)."""
+    module, _, leaf = key.rpartition(".")
+    return leaf in ("weight", "bias") and module.rpartition(".")[2] in saved
 
 
 def for_peft(folder: str | Path, base) -> Any:

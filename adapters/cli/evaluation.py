@@ -13,14 +13,19 @@ from ..config import DataConfig, load_recipe
 from ..data.sources import check_sources
 from ..errors import ConfigError, DataError
 from ..eval import HIGHER_IS_BETTER, compare, evaluate, table, write_results
+from ..eval.heads import predict
 from ..eval.record import record_eval
+from ..eval.report import confusion_tables
+from ..io import atomic_write_text
 from .common import (
+    adapter_path,
     add_adapter_flags,
     add_base_flags,
     add_data_flags,
     add_max_new_tokens_flag,
     base_of,
     data_config,
+    data_source,
     existing_file,
     named_data,
     non_negative_int,
@@ -28,7 +33,8 @@ from .common import (
     unique,
 )
 
-_ALWAYS = {"model", "dataset", "tokens", "samples"}  # columns kept whatever --metrics says
+# columns kept whatever --metrics says
+_ALWAYS = {"model", "dataset", "tokens", "samples", "examples", "confusion", "labels"}
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
@@ -97,6 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for metric in HIGHER_IS_BETTER:
         if metric in rows[0]:
             print(table(rows, metric) + "\n")
+    print("\n".join(confusion_tables(rows)), end="")  # classification heads only
     if old is not None:
         print(compare(rows, old))
     if args.out:
@@ -108,6 +115,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", type=adapter_path, metavar="ADAPTER",
+                   help="a classification or regression adapter (folder or .zip)")
+    p.add_argument("--data", required=True, type=data_source, metavar="FILE",
+                   help="rows with a text column (or --prompt-template over columns); a label "
+                        "column is not needed")
+    add_base_flags(p)
+    add_data_flags(p)
+    p.add_argument("--max-rows", type=positive_int, help="at most this many rows")
+    p.add_argument("--out", help="write the predictions here as JSONL (default: stdout)")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    args.format = "label"  # the only format a head reads; --columns roles: text, label
+    dcfg = data_config(args, args.data)
+    preds = predict(args.adapter, dcfg, args.base, args.quantization, max_rows=args.max_rows)
+    text = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds)
+    if args.out:
+        atomic_write_text(Path(args.out), text)
+        print(f"{len(preds)} predictions in {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 COMMANDS = {
     "eval": ("evaluate the base and adapters side by side", _add_eval, cmd_eval),
+    "predict": ("predict labels or values with a task-head adapter", _add_predict, cmd_predict),
 }

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from ..config import IGNORE_INDEX, DataConfig
 from ..errors import DataError
 from .formats import SkipRow, check_columns, row_segments
+from .labels import Targets, label_examples
 from .preference import keep_pairs, pair_segments
 from .sources import Row, check_sources, read_rows
 from .tokenize import tokenize_segments
@@ -41,10 +42,14 @@ def _segments(rows: list[Row], cfg: DataConfig, tokenizer) -> tuple[list, dict]:
     return segs, skipped
 
 
-def _split(rows: list[Row], cfg: DataConfig, tokenizer, name: str, cache: bool) -> Split:
+def _split(rows: list[Row], cfg: DataConfig, tokenizer, name: str, cache: bool,
+           targets: Targets | None = None) -> Split:
     if not rows:
         raise DataError(f"data.{name}: the dataset is empty (no rows in the files)")
     check_columns(rows, cfg)
+    if cfg.format == "label":  # one example per row, its class or value in `target`
+        ds, skipped = label_examples(rows, cfg, tokenizer, targets or Targets("regression"))
+        return _stats(ds, rows, skipped, len(rows), name)
     segs, skipped = _segments(rows, cfg, tokenizer)
     if not segs:
         raise DataError(f"data.{name}: every one of {len(rows)} rows was skipped ({skipped})")
@@ -56,12 +61,18 @@ def _split(rows: list[Row], cfg: DataConfig, tokenizer, name: str, cache: bool) 
         raise DataError(f"data.{name}: every example was dropped: none fits "
                         f"data.max_seq_len={cfg.max_seq_len} with a trainable token "
                         f"(overlong={cfg.overlong}); raise max_seq_len or use overlong: truncate")
+    return _stats(ds, rows, skipped, len(segs), name)
+
+
+def _stats(ds, rows: list[Row], skipped: dict, n_segs: int, name: str) -> Split:
+    if len(ds) == 0:
+        raise DataError(f"data.{name}: every one of {len(rows)} rows was skipped ({skipped})")
     lengths = [len(x) for x in ds["input_ids"]]
     trainable = sum(sum(1 for t in lab if t != IGNORE_INDEX) for lab in ds["labels"])
     stats = {"rows": len(rows), "skipped": skipped, "examples": len(ds),
              "tokens": sum(lengths), "trainable_tokens": trainable,
              "truncated": int(sum(ds["truncated"])),
-             "dropped": len(segs) - len(set(ds["row"])), "max_len": max(lengths)}
+             "dropped": n_segs - len(set(ds["row"])), "max_len": max(lengths)}
     return Split(ds, stats)
 
 
@@ -77,8 +88,12 @@ def check_data(cfg: DataConfig) -> None:
                 raise DataError(f"data.{name}: {e}") from None
 
 
-def build(cfg: DataConfig, tokenizer, seed: int = 0, cache: bool = True) -> DataBundle:
-    """Load, validate and tokenise the train (and eval) data a recipe's `data` section names."""
+def build(cfg: DataConfig, tokenizer, seed: int = 0, cache: bool = True,
+          targets: Targets | None = None) -> DataBundle:
+    """Load, validate and tokenise the train (and eval) data a recipe's `data` section names.
+
+    targets: for format `label`, the class names (None: regression values).
+    """
     if cfg.train is None:
         raise DataError("data.train: no training data given (a file, folder, glob or list)")
     check_data(cfg)  # a missing eval file fails before the train files are read
@@ -95,8 +110,8 @@ def build(cfg: DataConfig, tokenizer, seed: int = 0, cache: bool = True) -> Data
         held = set(order[:n_eval])
         eval_rows = [r for i, r in enumerate(rows) if i in held]
         rows = [r for i, r in enumerate(rows) if i not in held]
-    train = _split(rows, cfg, tokenizer, "train", cache)
-    ev = _split(eval_rows, cfg, tokenizer, "eval", cache) if eval_rows else None
+    train = _split(rows, cfg, tokenizer, "train", cache, targets)
+    ev = _split(eval_rows, cfg, tokenizer, "eval", cache, targets) if eval_rows else None
     for name, s in (("train", train), ("eval", ev)):
         if s is not None:
             log.info("%s data: %s", name, s.stats)

@@ -6,6 +6,7 @@
 - alpaca (instruction/input/output) and sharegpt (conversations: [{from, value}]) are
   presets that map onto prompt_completion and chat;
 - preference (prompt/chosen/rejected): two examples per row, see preference.py.
+- label (text/label): one example per row with a class or a value, see labels.py.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ DEFAULT_COLUMNS = {
     "alpaca": {"instruction": "instruction", "input": "input", "output": "output"},
     "sharegpt": {"conversations": "conversations"},
     "preference": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"},
+    "label": {"text": "text", "label": "label"},  # data/labels.py
 }
 REQUIRED = {"text": ["text"], "prompt_completion": ["prompt", "completion"],
             "chat": ["messages"], "alpaca": ["instruction", "output"],
-            "sharegpt": ["conversations"], "preference": ["prompt", "chosen", "rejected"]}
+            "sharegpt": ["conversations"], "preference": ["prompt", "chosen", "rejected"],
+            "label": ["label"]}  # text: a column, or prompt_template over several
 DEFAULT_TEMPLATE = "{prompt}\n"
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "bot": "assistant", "model": "assistant"}

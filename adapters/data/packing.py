@@ -133,6 +133,9 @@ class Batcher:
         lengths = [len(x) for x in self.ids]
         self.items = pack_bins(lengths, max_len) if packing else [[i] for i in range(len(lengths))]
         self.paired = "pair" in getattr(dataset, "column_names", ())
+        # format label: each example's class id or value, collated as `target` (N,)
+        self.targets = dataset["target"] if "target" in getattr(
+            dataset, "column_names", ()) else None
         if self.paired:  # preference data: a pair's chosen and rejected stay in one batch
             groups = pair_groups(dataset["pair"])
             bins = pack_bins([sum(lengths[i] for i in g) for g in groups], max_len)
@@ -151,6 +154,13 @@ class Batcher:
         return max(1, per_rank // self.batch_size)
 
     def _collate(self, chosen: list[list[int]]) -> dict:
+        out = self._collate_ids(chosen)
+        if self.targets is not None:  # in the order of the examples' markers (row-major)
+            out["target"] = torch.tensor([self.targets[i] for item in chosen for i in item],
+                                         dtype=torch.float32)
+        return out
+
+    def _collate_ids(self, chosen: list[list[int]]) -> dict:
         if self.paired:
             return collate_pairs([[(self.ids[i], self.labels[i]) for i in item]
                                   for item in chosen], self.pad_id, self.packing)

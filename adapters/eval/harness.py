@@ -24,6 +24,7 @@ from ..data.sources import read_rows
 from ..model import load_base, resolve_dtype
 from ..serving.decode import Request, Sampling, decode
 from ..training.loss import autocast_for, mean_loss
+from .heads import adapters_task, evaluate_heads
 from .metrics import bleu, exact_match, rouge_l, token_f1
 from .preference import preference_scores
 
@@ -140,6 +141,9 @@ def evaluate(base: str, adapters: dict[str, str | Path], datasets: dict[str, Dat
 
     dtype: the model's (as `model.dtype` in a recipe); "auto" is bf16 where bf16 is fast.
     """
+    task = adapters_task(adapters)  # task-head adapters: accuracy, F1, MSE... (eval/heads.py)
+    if task:
+        return evaluate_heads(base, adapters, datasets, task, quantization, max_rows, dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_base(ModelConfig(name=base, quantization=quantization, dtype=dtype),
                            device)

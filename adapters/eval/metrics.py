@@ -9,7 +9,9 @@ from collections import Counter
 
 HIGHER_IS_BETTER = {"loss": False, "perplexity": False, "token_accuracy": True,
                     "choice_accuracy": True, "preference_accuracy": True, "reward_accuracy": True,
-                    "exact_match": True, "token_f1": True, "rouge_l": True, "bleu": True}
+                    "exact_match": True, "token_f1": True, "rouge_l": True, "bleu": True,
+                    # task heads (eval/heads.py)
+                    "accuracy": True, "macro_f1": True, "mse": False, "mae": False, "r2": True}
 
 _PUNCTUATION = set(string.punctuation)
 

@@ -37,15 +37,31 @@ def write_results(rows: list[dict], out: Path) -> None:
         w = csv.DictWriter(f, fieldnames=list(flat[0]))
         w.writeheader()
         w.writerows(flat)
-    chart(rows, out / "eval.png")
     metrics = [m for m in HIGHER_IS_BETTER if m in flat[0]]
+    chart(rows, out / "eval.png", metrics[0] if metrics else "loss")
     lines = ["# Evaluation", ""] + [table(rows, m) + "\n" for m in metrics] + [
-        "![chart](eval.png)", ""]
+        "![chart](eval.png)", ""] + confusion_tables(rows)
     for r in rows:
         for s in r.get("samples", []):
             lines += [f"- **{r['model']}** on {r['dataset']}: {s['prompt'][-120:]!r} -> "
                       f"{s['answer'][:200]!r} (reference {s['reference'][:120]!r})"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def confusion_tables(rows: list[dict]) -> list[str]:
+    """Each classification row's confusion matrix (rows: true class, columns: predicted)."""
+    lines = []
+    for r in rows:
+        if "confusion" not in r:
+            continue
+        names = r.get("labels") or [str(i) for i in range(len(r["confusion"]))]
+        lines += [f"confusion of {r['model']} on {r['dataset']} (rows: true, columns: "
+                  "predicted)", "", "| true \\ predicted | " + " | ".join(names) + " |",
+                  "|---" * (len(names) + 1) + "|"]
+        lines += [f"| {n} | " + " | ".join(str(c) for c in row) + " |"
+                  for n, row in zip(names, r["confusion"])]
+        lines.append("")
+    return lines
 
 
 def compare(rows: list[dict], old: list[dict]) -> str:
