@@ -150,7 +150,9 @@ def load_base(cfg: ModelConfig, device: str | None = None):
     qcfg = quantization_config(cfg, dtype)
     kwargs = dict(dtype=dtype, attn_implementation="sdpa", trust_remote_code=False)
     if qcfg is not None:
-        kwargs.update(quantization_config=qcfg, device_map={"": device})
+        kwargs["quantization_config"] = qcfg
+    if qcfg is not None or device == "meta":  # meta: shapes and dtypes only, nothing read
+        kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:

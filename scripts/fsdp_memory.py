@@ -6,8 +6,9 @@ Builds (once) a random Llama whose weights are almost all in decoder blocks (~67
 with the defaults; the tokenizer is the tests' tiny one, so the replicated lm_head is small),
 then for each mode runs two ranks under torchrun that set the run up as `adapters train`
 does, take a few steps, and report per rank: the bytes of weights they hold, their resident
-memory after setup and after the steps, and their peak (which includes loading the whole
-base: each rank loads it before sharding).
+memory after setup and after the steps, and their peak after setup (loading: under ddp each
+rank reads the whole base; under fsdp rank 0 alone does, the others build it on the meta
+device and receive their shards) and after the steps.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def rss(kind: str = "VmRSS") -> int:
         if line.startswith(kind + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def build(folder: Path, layers: int, hidden: int) -> Path:
@@ -61,13 +66,14 @@ def worker(mode: str, model: str, steps: int, out: str) -> None:
     held = sum((p.to_local() if hasattr(p, "to_local") else p).untyped_storage().nbytes()
                for p in run.model.parameters())
     after_setup = rss()
+    peak_setup = peak_rss()
     for _ in range(steps):
         step(run)
     row = {"mode": mode, "rank": run.dist.rank, "weights_held_mb": held / 1e6,
            "rss_after_setup_mb": after_setup / 1e6, "rss_after_steps_mb": rss() / 1e6,
            "anon_after_steps_mb": rss("RssAnon") / 1e6,
            "file_after_steps_mb": rss("RssFile") / 1e6,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3,
+           "peak_rss_after_setup_mb": peak_setup / 1e6, "peak_rss_mb": peak_rss() / 1e6,
            "full_base_mb": sum(p.numel() * p.element_size()
                                for p in run.model.parameters()) / 1e6}
     print("FSDP-MEMORY " + json.dumps(row), flush=True)

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from adapters.adapter import read_manifest
 from adapters.errors import TrainingError
-from adapters.training import train
+from adapters.training import fsdp, train
+from adapters.training.distributed import Dist
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="this torch build has no torch.distributed")
@@ -57,6 +58,8 @@ def test_two_sharded_ranks_equal_one_rank_with_twice_the_batch(arch, tiny_llama,
     assert r.returncode == 0, r.stderr[-3000:]
     two = tmp_path / "two" / "out"
     assert "FSDP over 2 rank(s)" in r.stderr and "global batch 4 (2 ranks)" in r.stderr
+    # Rank 1 built the base on the meta device and got its shards (and LoRA) from rank 0.
+    assert "the base read by rank 0 alone" in r.stderr
     assert len(_losses(two)) == 4 and _losses(two)[0] != _losses(two)[-1]
     assert _losses(one) == pytest.approx(_losses(two), abs=1e-4)
     _close_adapters(one, two)
@@ -95,5 +98,19 @@ def test_a_4bit_base_sharded_on_two_ranks(tiny_llama, tmp_path):
                        "train.parallel=fsdp")
     r = _adapters("train", str(rec), "--nproc", "2")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "the base read by every rank" in r.stderr  # bitsandbytes quantizes as it loads
     assert _losses(one) == pytest.approx(_losses(tmp_path / "two" / "out"), abs=1e-4)
     _close_adapters(one, tmp_path / "two" / "out")
+
+
+def test_a_lost_peer_during_a_sharded_gather_says_so(monkeypatch):
+    """A dead rank breaks FSDP's all-gather inside a forward or backward hook: the job ends
+    with the message ddp gives, not gloo's traceback."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:26511")
+    monkeypatch.setattr(torch.distributed, "all_gather_into_tensor", broken)
+    gather = fsdp._Gather(Dist(rank=0, world=2))
+    out = gather.allocate((4,), dtype=torch.float32, device=torch.device("cpu"))
+    with pytest.raises(TrainingError, match="lost contact with the other ranks during a "
+                                            "sharded block's all-gather.*Connection closed"):
+        gather(out, torch.ones(2), group=None)

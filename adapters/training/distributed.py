@@ -74,7 +74,8 @@ def device_for(d: Dist, requested: str | None) -> str | None:
     return requested
 
 
-def _collective(d: Dist, fn, what: str):
+def collective(d: Dist, fn, what: str):
+    """Run the collective `fn`; a dead or unreachable peer becomes a TrainingError that says so."""
     try:
         return fn()
     except (RuntimeError, tdist.DistError) as e:  # gloo/NCCL: peer gone, timeout
@@ -86,14 +87,14 @@ def _collective(d: Dist, fn, what: str):
 def all_sum(d: Dist, values: list[float], device: str) -> list[float]:
     """Element-wise sum over ranks (float64: token counts stay exact)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    _collective(d, lambda: tdist.all_reduce(t), "a count")
+    collective(d, lambda: tdist.all_reduce(t), "a count")
     return t.tolist()
 
 
 def any_rank(d: Dist, flag: bool, device: str) -> bool:
     """True on every rank when it is true on any (e.g. a stop signal one rank caught)."""
     t = torch.tensor([int(flag)], device=device)
-    _collective(d, lambda: tdist.all_reduce(t, op=tdist.ReduceOp.MAX), "a stop check")
+    collective(d, lambda: tdist.all_reduce(t, op=tdist.ReduceOp.MAX), "a stop check")
     return bool(t.item())
 
 
@@ -105,7 +106,7 @@ def sum_grads(d: Dist, params: list[torch.Tensor], loss_sum: float) -> float:
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1).float() for g in grads]
                      + [torch.tensor([loss_sum], device=grads[0].device)])
-    _collective(d, lambda: tdist.all_reduce(flat), "the gradient sum")
+    collective(d, lambda: tdist.all_reduce(flat), "the gradient sum")
     offset = 0
     for p, g in zip(params, grads):
         n = g.numel()
@@ -118,7 +119,7 @@ def broadcast_params(d: Dist, params: list[torch.Tensor]) -> None:
     """Start every rank from rank 0's adapter weights (same seed makes them equal already;
     this makes it true whatever a library's initialisation does)."""
     for p in params:
-        _collective(d, lambda p=p: tdist.broadcast(p.data, 0), "the initial weights")
+        collective(d, lambda p=p: tdist.broadcast(p.data, 0), "the initial weights")
 
 
 def abort(d: Dist) -> None:
@@ -129,5 +130,5 @@ def abort(d: Dist) -> None:
 
 def finish(d: Dist) -> None:
     if d.active and tdist.is_initialized():
-        _collective(d, tdist.barrier, "the final barrier")
+        collective(d, tdist.barrier, "the final barrier")
         tdist.destroy_process_group()
