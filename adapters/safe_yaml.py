@@ -76,6 +76,9 @@ def load_yaml(text: str, source: str) -> Any:
         return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
     except _Refused as e:
         raise ConfigError(f"{source}: refused: {e}") from None
+    except RecursionError:  # chained aliases nest deeper than Python's stack, not our limit
+        raise ConfigError(f"{source}: refused: the YAML nests too deeply once its aliases are "
+                          "followed") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""

@@ -12,9 +12,11 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 from conftest import trained_adapter
-from test_serve import Running, hold, http, wait_until
+from live_server import Running, adapter_root, hold, http, wait_until
 
-from adapters.config import ModelConfig
+from adapters.adapter import build_manifest, save_adapter
+from adapters.config import LoraConfig, ModelConfig
+from adapters.lora import attach_lora
 from adapters.model import load_base
 from adapters.serving.decode import Request, Sampling
 from adapters.serving.engine import Engine
@@ -26,10 +28,7 @@ PROMPTS = ["import os\n", "def f(x):", "class A:", "# comment"]
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory, tiny_gpt2):
-    root = tmp_path_factory.mktemp("adapter-root")
-    for i in range(4):
-        trained_adapter(tiny_gpt2, root / f"a{i}", seed=i + 1)
-    return root
+    return adapter_root(tmp_path_factory, tiny_gpt2)
 
 
 def registry(path, folders) -> Registry:
@@ -216,3 +215,46 @@ def test_loads_and_unloads_are_fast_after_the_first(tiny_gpt2, root):
     reg.unload("x2")
     reg.load("x2", root / "a2")  # into the freed slot: the same answers
     assert reg.generate(PROMPTS, ["x1", "x2", None, "x3"], max_new_tokens=6) == ours
+
+
+def test_a_fault_outside_one_row_fails_the_running_jobs_never_the_worker(tiny_gpt2, root):
+    """An exception outside a row's own decode (as an out-of-memory while merging caches would
+    raise) ends the jobs running then with an error; the worker goes on serving."""
+    reg = registry(tiny_gpt2, [root / "a0"])
+    alone = reg.run([Request(reg.encode(PROMPTS[0]), "a0", Sampling(4))])[0].token_ids
+    engine = Engine(reg, max_batch=4)  # from here on only the engine's thread uses the model
+    try:
+        broken = reg.batch()
+
+        def fail_once():
+            raise RuntimeError("out of memory (injected)")
+
+        broken.step = fail_once
+        engine._batch = broken  # the next step raises
+        first = engine.submit([Request(reg.encode(PROMPTS[0]), "a0", Sampling(4))])
+        with pytest.raises(RuntimeError, match="generation failed: out of memory"):
+            first.result(timeout=120)
+        again = engine.submit([Request(reg.encode(PROMPTS[0]), "a0", Sampling(4))])
+        assert again.result(timeout=120)[0].token_ids == alone
+        # nothing is left marked in use by the failed job: the adapter unloads
+        engine.call(lambda: reg.unload("a0")).result(timeout=120)
+        assert reg.names() == []
+    finally:
+        engine.close()
+
+
+def test_a_high_rank_adapter_leaves_no_lasting_width_once_unloaded(tiny_gpt2, root, tmp_path):
+    model, tok = load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))
+    pm = attach_lora(model, LoraConfig(r=32))
+    save_adapter(pm, tmp_path / "wide", build_manifest(pm.get_base_model(), tok, str(tiny_gpt2),
+                                                       ModelConfig(name=str(tiny_gpt2)),
+                                                       LoraConfig(r=32)))
+    reg = registry(tiny_gpt2, [root / "a0"])
+    ours = reg.generate(PROMPTS, ["a0", None, "a0", None], max_new_tokens=6)
+    widths = lambda: {layer.a.shape[1] for layer in reg._slots.layers.values()}  # noqa: E731
+    assert widths() == {4}
+    reg.load("wide", tmp_path / "wide")
+    assert widths() == {32}
+    reg.unload("wide")
+    assert widths() == {4}  # back to the largest rank still loaded
+    assert reg.generate(PROMPTS, ["a0", None, "a0", None], max_new_tokens=6) == ours

@@ -4,100 +4,24 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-import uvicorn
 from conftest import trained_adapter
+from live_server import adapter_root, hold, http, sse, start, wait_until
 
-from adapters.config import BASE_NAME, ModelConfig
-from adapters.model import load_base
-from adapters.serving.registry import Registry
-from adapters.serving.server import Limits, create_app
+from adapters.config import BASE_NAME
+from adapters.serving.server import Limits
 
 PROMPTS = ["import os\n", "def f(x):", "class A:", "# comment"]
 
 
-def http(method: str, url: str, body: dict | None = None) -> tuple[int, str]:
-    """A plain HTTP request with the standard library (for routes the openai client lacks)."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def sse(url: str, body: dict) -> list[str]:
-    """The `data:` fields of a server-sent event stream, in order."""
-    code, text = http("POST", url, body)
-    assert code == 200, text
-    return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
-
-
-def wait_until(condition, timeout: float = 60.0) -> None:
-    """Poll `condition` until it holds; fail after a generous `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"still not true after {timeout} s"
-        time.sleep(0.05)
-
-
-def hold(engine) -> threading.Event:
-    """Keep the engine's worker busy until the returned event is set: requests sent meanwhile
-    queue up (deterministically, whatever the machine's speed)."""
-    started, release = threading.Event(), threading.Event()
-
-    def block():
-        started.set()
-        release.wait(120)
-
-    engine.call(block)
-    assert started.wait(60), "the engine's worker never picked up the blocking call"
-    return release
-
-
-class Running:
-    """A real uvicorn server in a thread, on a free loopback port."""
-
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        wait_until(lambda: self.server.started)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def client(self, key="none") -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory, tiny_gpt2):
-    root = tmp_path_factory.mktemp("adapter-root")
-    for i in range(4):
-        trained_adapter(tiny_gpt2, root / f"a{i}", seed=i + 1)
-    return root
-
-
-def start(tiny_gpt2, root, names=("a0", "a1", "a2", "a3"), **kw) -> Running:
-    model, tok = load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))
-    reg = Registry(model, tok, capacity=8)
-    for n in names:
-        reg.load(n, root / n)
-    return Running(create_app(reg, adapter_root=root, **kw))
+    return adapter_root(tmp_path_factory, tiny_gpt2)
 
 
 @pytest.fixture(scope="module")

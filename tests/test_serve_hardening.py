@@ -13,13 +13,11 @@ import openai
 import pytest
 import torch
 from conftest import make_gpt2, trained_adapter
+from live_server import hold, http, sse, start, wait_until
 from safetensors.torch import load_file, save_file
-from test_serve import Running, hold, http, sse, wait_until
 
-from adapters.config import BASE_NAME, ModelConfig
-from adapters.model import load_base
-from adapters.serving.registry import Registry
-from adapters.serving.server import Limits, create_app
+from adapters.config import BASE_NAME
+from adapters.serving.server import Limits
 
 PROMPTS = ["import os\n", "def f(x):", "class A:", "# comment"]
 
@@ -46,14 +44,6 @@ def root(tmp_path_factory, tiny_gpt2, tiny_tok):
     trained_adapter(other, root / "wrong-shape", seed=3)
     (root / "wrong-shape" / "manifest.json").unlink()
     return root
-
-
-def start(tiny_gpt2, root, names=("a0", "a1", "a2", "a3"), capacity=8, **kw) -> Running:
-    model, tok = load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))
-    reg = Registry(model, tok, capacity=capacity)
-    for n in names:
-        reg.load(n, root / n)
-    return Running(create_app(reg, adapter_root=root, **kw))
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,9 @@ def test_compile_choice_rules():
     assert not on and f"{AUTO_MIN_STEPS - 1} steps is too short" in why
     with pytest.raises(ConfigError, match="train.compile: 'yes' is not one of auto, true, false"):
         choose("yes", "cpu", 1)
+    on, why = choose("auto", "cuda:0", 10_000, "train.parallel=fsdp")
+    assert not on and "off with train.parallel=fsdp" in why
+    assert choose(True, "cuda:0", 1, "a 4-bit base")[0] is True  # forcing it still works
 
 
 def test_compiled_blocks_match_eager_losses(tiny_llama, tmp_path, caplog, monkeypatch):

@@ -11,15 +11,15 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from conftest import qa_csv, recipe, trained_adapter
+from live_server import Running as LiveServer
+from live_server import wait_until
 
 from adapters import train
 from adapters.config import DataConfig, ModelConfig
@@ -46,34 +46,14 @@ def http(url: str, key: str | None = None, body: dict | None = None) -> tuple[in
         return e.code, e.headers, e.read().decode()
 
 
-def wait_until(condition, timeout: float = 60.0, what: str = "condition"):
-    """Poll `condition` until it is truthy; fail after a generous `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: still not true after {timeout} s"
-        time.sleep(0.1)
-
-
-class Running:
-    """A real uvicorn server in a thread, on a free loopback port."""
-
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        wait_until(lambda: self.server.started, what="server start")
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+class Running(LiveServer):
+    """The real server on loopback, with the page's key by default."""
 
     def get(self, path: str, key: str | None = KEY):
         return http(self.url + path, key)
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
+        self.close()
 
 
 @pytest.fixture
@@ -138,6 +118,9 @@ def test_every_read_stays_inside_the_runs_folder(ui, tmp_path):
             err = json.loads(text)["error"]
             assert err["type"] == "permission_error" and "outside the runs folder" in err["message"]
     assert json.loads(srv.get("/ui/api/metrics?run=inside")[2])["rows"][0]["loss"] == 1.0
+    for bad in ("a\x00b", "x" * 5000):  # paths the OS refuses: a 400, not a 500
+        code, _, text = srv.get(f"/ui/api/metrics?run={urllib.request.quote(bad)}")
+        assert code == 400 and "not a usable path" in json.loads(text)["error"]["message"], text
 
 
 def test_the_page_is_public_and_its_data_needs_the_key(ui):

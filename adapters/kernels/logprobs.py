@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .ce import rows_per_chunk
+
 
 def reference_token_logprobs(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                              bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,4 +72,6 @@ def token_logprobs(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
     """
     if h.shape[0] == 0:
         return h.sum(-1).float() * 0.0  # (0,), still connected to the graph
-    return ChunkedTokenLogprobs.apply(h, weight, target, bias, chunk)
+    # Fewer rows for a large vocabulary: a (chunk, V) fp32 block stays within ce's byte cap.
+    return ChunkedTokenLogprobs.apply(h, weight, target, bias,
+                                      rows_per_chunk(weight.shape[0], chunk))

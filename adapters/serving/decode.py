@@ -123,7 +123,7 @@ class _Row:
                 end -= 1
             for stop in self.stops:
                 for k in range(min(len(stop) - 1, end), 0, -1):
-                    if self.text[:end].endswith(stop[:k]):
+                    if self.text.endswith(stop[:k], 0, end):  # no copy of the text
                         end -= k
                         break
         if end > self.sent:

@@ -16,7 +16,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from .decode import Batch, Request
@@ -36,6 +36,18 @@ class _Job:
     call: Callable | None = None  # or a function to run on the model's thread
     rows: list = field(default_factory=list)  # its rows once it joined the batch
     left: int = 0  # rows still decoding
+
+
+def _settle(future: Future, result=None, error: BaseException | None = None) -> None:
+    """Complete a future unless its waiter already cancelled it (then there is no one to tell:
+    `set_result` on a cancelled future would raise on the worker thread)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 def reserved(req: Request) -> int:
@@ -105,11 +117,24 @@ class Engine:
                     self._cv.wait()
                 if self._closed:
                     break
-            self._admit()
-            self._cancel()
-            self._batch.step()
-            self._finish()
+            try:
+                self._admit()
+                self._cancel()
+                self._batch.step()
+                self._finish()
+            except Exception as e:  # a fault outside one row (e.g. out of memory while merging
+                log.exception("decoding failed")  # caches) ends the rows running now, never
+                self._fail_running(f"generation failed: {e}")  # the worker
         self._shut()
+
+    def _fail_running(self, message: str) -> None:
+        """Every running job ends with `message`; the batch starts again empty."""
+        jobs = {id(j): j for j in self._owner.values()}.values()
+        self._owner.clear()
+        self._batch = self.reg.batch()
+        for job in jobs:
+            self.reg.release([self.reg.adapter_of(r) for r in job.requests])
+            _settle(job.future, error=RuntimeError(message))
 
     def _admit(self) -> None:
         """Run waiting calls, in order, and let waiting jobs join while there is room
@@ -124,7 +149,7 @@ class Engine:
                         blocked = True
                         continue
                     self._waiting.remove(job)  # it would not fit even alone: never wait
-                    job.future.set_exception(ValueError(
+                    _settle(job.future, error=ValueError(
                         f"{len(job.requests)} rows x (prompt + max_tokens) do not fit "
                         f"--max-batch {self.max_batch} / --max-kv-tokens {self.max_kv_tokens}"))
                     continue
@@ -159,7 +184,7 @@ class Engine:
         except RegistryError:  # unloaded since the request was accepted
             gone = next(r.adapter for r in job.requests if self.reg.adapter_of(r) is not None
                         and r.adapter not in self.reg.names())
-            job.future.set_exception(KeyError(f"adapter {gone!r} was unloaded"))
+            _settle(job.future, error=KeyError(f"adapter {gone!r} was unloaded"))
             return False
         return True
 
@@ -191,13 +216,15 @@ class Engine:
             job.left -= 1
             if job.left == 0:
                 self.reg.release([self.reg.adapter_of(r) for r in job.requests])
-                job.future.set_result([r.output() for r in job.rows])
+                _settle(job.future, [r.output() for r in job.rows])
 
     def _run_call(self, job: _Job) -> None:
         try:
-            job.future.set_result(job.call())
+            result = job.call()
         except Exception as e:  # handed to the waiting request handler
-            job.future.set_exception(e)
+            _settle(job.future, error=e)
+        else:
+            _settle(job.future, result)
 
     def _shut(self) -> None:
         """Closing: whatever still waits or runs ends with an error, not a hang."""
@@ -208,4 +235,4 @@ class Engine:
         with self._cv:
             waiting, self._waiting = list(self._waiting), deque()
         for job in waiting:
-            job.future.set_exception(RuntimeError("the server is shutting down"))
+            _settle(job.future, error=RuntimeError("the server is shutting down"))

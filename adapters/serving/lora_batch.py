@@ -88,9 +88,11 @@ class _Layer:
         self.rows: tuple[torch.Tensor, torch.Tensor] | None = None  # gathered for `version`
         self.version = -1
         self.used: set[int] = set()
+        self.ranks: dict[int, int] = {}  # slot -> its adapter's rank here
 
     def write(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
         r = a.shape[0]
+        self.ranks[slot] = r
         if r > self.a.shape[1]:  # a larger rank than any before: widen (zero-padded)
             grow = r - self.a.shape[1]
             self.a = torch.cat([self.a, self.a.new_zeros(self.a.shape[0], grow,
@@ -107,7 +109,14 @@ class _Layer:
         self.a[slot].zero_()
         self.b[slot].zero_()
         self.used.discard(slot)
+        self.ranks.pop(slot, None)
         self.version = -1
+        # Narrow the stacks back to the largest rank still loaded: one high-rank adapter, once
+        # unloaded (or a load that failed half-way), leaves no lasting cost on every forward.
+        r = max(self.ranks.values(), default=1)
+        if r < self.a.shape[1]:
+            self.a = self.a[:, :r].contiguous()
+            self.b = self.b[:, :, :r].contiguous()
 
 
 class Slots:

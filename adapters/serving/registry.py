@@ -25,6 +25,7 @@ from ..adapter.peftconfig import read_config
 from ..config import BASE_NAME, ModelConfig
 from ..data.template import render_chat
 from ..errors import AdapterFileError, AdaptersError
+from ..heads import refuse_task_head
 from ..model import base_fingerprint, compare_fingerprints, load_base
 from . import lora_batch
 from .decode import PEFT_NO_ADAPTER, Batch, Output, Request, Sampling, decode
@@ -124,6 +125,7 @@ class Registry:
         """Check the adapter and put it beside the others: (its slot, or its peft name)."""
         path = resolve_adapter(folder)
         manifest = check_files(path)
+        refuse_task_head(manifest, path, "the server")  # /v1/classify: not yet
         config = read_config(path)
         if not self.fast or not lora_batch.batchable(config):
             return None, self._attach(path)

@@ -59,7 +59,11 @@ class PageFiles:
 def confined(root: Path, rel: str, name: str | None = None) -> Path:
     """`root/rel[/name]`, its links resolved, if it lies inside root; else a 403."""
     real_root = root.resolve()
-    target = (real_root / rel / (name or "")).resolve()
+    try:
+        target = (real_root / rel / (name or "")).resolve()
+        target.is_file()  # the OS's own refusals (NUL byte, a name too long) surface here
+    except (ValueError, OSError) as e:
+        raise ApiError(400, f"path {rel[:200]!r}: not a usable path ({e})", param="run") from None
     if not target.is_relative_to(real_root):
         raise ApiError(403, f"path {rel!r} is outside the runs folder",
                        kind="permission_error", param="run")

@@ -23,7 +23,11 @@ def accelerate(model, t: TrainConfig, device: str, steps: int) -> dict:
     Logs the pre-flight line that says whether blocks are compiled and why; returns what was
     done: {"compile": bool, "compile_reason": str, "fused_lora_layers": int, ...}.
     """
-    compiled, why = choose(t.compile, device, steps)
+    four_bit = getattr(model.get_base_model(), "is_loaded_in_4bit", False)
+    untested = ", ".join(name for name, on in (("train.parallel=fsdp", t.parallel == "fsdp"),
+                                               ("offloaded checkpoints", t.offload_checkpoints),
+                                               ("a 4-bit base", four_bit)) if on)
+    compiled, why = choose(t.compile, device, steps, untested or None)
     done = {"compile": compiled, "compile_reason": why, "offloaded_blocks": 0,
             "fused_lora_layers": 0}
     if t.offload_checkpoints:

@@ -26,10 +26,13 @@ STATE_FILE = "state.json"
 OPTIM_FILE = "optimizer.pt"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
-# Recipe keys whose change does not alter the trajectory of the run.
+# Recipe keys whose change does not alter the trajectory of the run: logging, saving, and the
+# speed options (they change how a step is computed, not what: at most float rounding).
 HARMLESS = {"train.steps", "train.epochs", "train.eval_every", "train.save_every",
             "train.keep_checkpoints", "train.log_every", "train.max_bad_steps", "output.dir",
-            "data.eval", "train.dist_timeout_s", "output.license", "output.datasets"}
+            "data.eval", "train.dist_timeout_s", "output.license", "output.datasets",
+            "train.compile", "train.fused_lora", "train.gradient_checkpointing",
+            "train.offload_checkpoints", "train.report_to"}
 
 
 def rng_state() -> dict[str, Any]:

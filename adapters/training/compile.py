@@ -20,14 +20,19 @@ from .offload import decoder_blocks
 AUTO_MIN_STEPS = 300
 
 
-def choose(setting: bool | str, device: str, steps: int) -> tuple[bool, str]:
-    """(compile?, why) for `train.compile` on this device and run length."""
+def choose(setting: bool | str, device: str, steps: int,
+           untested: str | None = None) -> tuple[bool, str]:
+    """(compile?, why) for `train.compile` on this device and run length; `auto` stays off
+    with options not yet tested compiled (`untested` names them)."""
     if setting in (True, "true"):
         return True, "train.compile=true"
     if setting in (False, "false"):
         return False, "train.compile=false"
     if setting != "auto":
         raise ConfigError(f"train.compile: {setting!r} is not one of auto, true, false")
+    if untested:
+        return False, (f"auto: off with {untested}, not yet tested compiled; set "
+                       "train.compile=true to force")
     if not device.startswith("cuda"):
         return False, ("auto: off on CPU, where compiled blocks measured no faster than eager "
                        "and cost 13-66 s to compile; set train.compile=true to force")

@@ -105,8 +105,10 @@ class Progress:
         """The end-of-run evaluation (None on ranks other than 0)."""
         if ev is not None:
             self.eval_loss = ev["loss"]
+            # a task head has accuracy (classification) or MAE (regression), no perplexity
             self._write({"step": self.run.step, "eval_loss": ev["loss"],
-                         "eval_perplexity": ev["perplexity"]})
+                         **{f"eval_{k}": ev[k] for k in ("perplexity", "accuracy", "mae")
+                            if k in ev}})
 
     def _write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")

@@ -30,7 +30,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from ..adapter import WEIGHTS_FILE, Manifest, build_manifest, new_manifest, save_adapter
-from ..config import IGNORE_INDEX, RunConfig, dump_recipe, from_dict
+from ..config import RunConfig, dump_recipe, from_dict
 from ..data import build as build_data
 from ..data.packing import Batcher
 from ..data.sources import expand
@@ -39,10 +39,10 @@ from ..io import atomic_write_text, sha256_file
 from ..lora import attach_lora, set_adapter_training
 from ..model import load_base, resolve_dtype
 from . import checkpoint as ckpt
-from . import distributed, fsdp, objectives
+from . import distributed, fsdp, heads, objectives
 from .accelerate import accelerate
 from .distributed import Dist
-from .loss import autocast_for, batch_loss, mean_loss
+from .loss import autocast_for
 from .optim import make_optimizer, make_scheduler, total_steps
 from .plots import plot_losses
 from .progress import Progress, preflight, truncate_metrics
@@ -128,8 +128,10 @@ def setup(cfg: RunConfig, device: str | None = None) -> Run:
     seed_all(cfg.train.seed)
     d = distributed.init(cfg.train.dist_timeout_s)
     device = distributed.device_for(d, device)
-    model, tok = load_base(cfg.model, device)
-    device = str(model.device)
+    targets = heads.targets_for(cfg)  # model.task: the class names, read before loading
+    model, tok = (load_base(cfg.model, fsdp.load_device(cfg, d, device)) if targets is None
+                  else heads.load_head(cfg, device, targets))  # the base with a new head
+    device = fsdp.train_device(cfg, d, model, device)  # fsdp: only rank 0 read the weights
     dtype = resolve_dtype(cfg.model.dtype, device)
     model = attach_lora(model, cfg.lora)
     if dtype != torch.float32:
@@ -139,9 +141,9 @@ def setup(cfg: RunConfig, device: str | None = None) -> Run:
             if hasattr(m, "cast_input_dtype_enabled"):
                 m.cast_input_dtype_enabled = False
     set_adapter_training(model, True)
-    if d.active:
+    if d.active and not fsdp.from_rank0(model):  # else rank 0's LoRA comes with its base
         distributed.broadcast_params(d, [p for p in model.parameters() if p.requires_grad])
-    data = build_data(cfg.data, tok, seed=cfg.train.seed)
+    data = build_data(cfg.data, tok, seed=cfg.train.seed, targets=targets)
     mk = lambda ds, seed, shard=(0, 1): Batcher(  # noqa: E731
         ds, cfg.train.batch_size, cfg.data.max_seq_len, cfg.data.packing, tok.pad_token_id,
         seed, shard)
@@ -208,7 +210,7 @@ def step(run: Run) -> dict:
     """
     t0 = time.perf_counter()
     micro = micro_batches(run, run.step)
-    counted = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    counted = sum(heads.counted(b) for b in micro)  # trainable tokens, or head examples
     tokens = sum(int(b["n_tokens"]) for b in micro)
     pref = objectives.step_counts(run.cfg.train, micro)  # dpo/orpo: [pairs, chosen tokens]
     if run.dist.active:  # divide by the global batch's count: ranks then sum to the mean
@@ -220,7 +222,7 @@ def step(run: Run) -> dict:
         b = {k: v.to(run.device) for k, v in b.items()}
         with autocast_for(run.device, run.dtype):
             s = (objectives.preference_loss(run.model, b, run.cfg.train, pref, pair_sums)
-                 if pref else batch_loss(run.model, b)[0])
+                 if pref else heads.batch_loss(run.model, b))
         part = s / denom
         (run.scaler.scale(part) if run.scaler else part).backward()
         loss_sum += float(s.detach())
@@ -252,7 +254,7 @@ def evaluate(run: Run) -> dict | None:
     if run.cfg.train.objective != "sft":
         return objectives.evaluate_pairs(run.model, run.eval_batcher.iter_all(), run.cfg.train,
                                          run.device, lambda: autocast_for(run.device, run.dtype))
-    return mean_loss(run.model, run.eval_batcher.iter_all(), run.device, run.dtype)
+    return heads.mean_loss(run.model, run.eval_batcher.iter_all(), run.device, run.dtype)
 
 
 def save(run: Run, final: bool = False, training: dict | None = None) -> Path:
@@ -262,7 +264,7 @@ def save(run: Run, final: bool = False, training: dict | None = None) -> Path:
     """
     if not run.dist.main:
         return run.out / "checkpoints"
-    man = manifest_for(run, training)
+    man = heads.with_task(manifest_for(run, training), run.model)  # + the head's labels
     state = {"step": run.step, "tokens": run.tokens, "trainable_tokens": run.trainable_tokens,
              "bad_in_a_row": run.bad_in_a_row, "bad_total": run.bad_total,
              "scheduler": run.scheduler.state_dict(),
