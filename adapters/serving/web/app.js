@@ -500,13 +500,7 @@ function lineChart(canvas, lines) {
   y0 -= padY; y1 += padY;
   const X = (v) => pad.l + (v - x0) / (x1 - x0) * (w - pad.l - pad.r);
   const Y = (v) => h - pad.b - (v - y0) / (y1 - y0) * (h - pad.t - pad.b);
-  ctx.strokeStyle = "#d0d4da";
-  ctx.fillStyle = "#333";
-  ctx.textAlign = "right";
-  for (const v of ticks(y0, y1, 5)) {
-    ctx.beginPath(); ctx.moveTo(pad.l, Y(v)); ctx.lineTo(w - pad.r, Y(v)); ctx.stroke();
-    ctx.fillText(fmt(v), pad.l - 6, Y(v) + 4);
-  }
+  yGrid(ctx, y0, y1, Y, pad, w);
   ctx.textAlign = "center";
   for (const v of ticks(x0, x1, 8).filter((v) => Number.isInteger(v))) ctx.fillText(String(v), X(v), h - pad.b + 16);
   ctx.fillText("step", (pad.l + w - pad.r) / 2, h - 4);
@@ -528,6 +522,17 @@ function lineChart(canvas, lines) {
   ctx.lineWidth = 1;
 }
 
+// Horizontal grid lines with their labels on the left, shared by both charts.
+function yGrid(ctx, y0, y1, Y, pad, w) {
+  ctx.strokeStyle = "#d0d4da";
+  ctx.fillStyle = "#333";
+  ctx.textAlign = "right";
+  for (const v of ticks(y0, y1, 5)) {
+    ctx.beginPath(); ctx.moveTo(pad.l, Y(v)); ctx.lineTo(w - pad.r, Y(v)); ctx.stroke();
+    ctx.fillText(fmt(v), pad.l - 6, Y(v) + 4);
+  }
+}
+
 const PALETTE = ["#1f5fbf", "#c2410c", "#15803d", "#7e22ce", "#b45309", "#0e7490", "#be123c"];
 
 function barChart(canvas, rows, metric, models, dsets) {
@@ -537,13 +542,7 @@ function barChart(canvas, rows, metric, models, dsets) {
   if (!vals.length) return;
   const y1 = Math.max(...vals, 0) * 1.05 || 1, y0 = Math.min(0, ...vals);
   const Y = (v) => h - pad.b - (v - y0) / (y1 - y0) * (h - pad.t - pad.b);
-  ctx.strokeStyle = "#d0d4da";
-  ctx.fillStyle = "#333";
-  ctx.textAlign = "right";
-  for (const v of ticks(y0, y1, 5)) {
-    ctx.beginPath(); ctx.moveTo(pad.l, Y(v)); ctx.lineTo(w - pad.r, Y(v)); ctx.stroke();
-    ctx.fillText(fmt(v), pad.l - 6, Y(v) + 4);
-  }
+  yGrid(ctx, y0, y1, Y, pad, w);
   const group = (w - pad.l - pad.r) / dsets.length, bar = group * 0.8 / models.length;
   dsets.forEach((d, i) => {
     ctx.fillStyle = "#333";
