@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from .adapter import read_manifest
+from .adapter.archive import resolve_adapter
 from .config import ModelConfig
 from .errors import ModelError
 from .model import (
@@ -110,16 +112,28 @@ def task_of(manifest) -> dict[str, Any] | None:
     return task
 
 
+def is_task_head(folder) -> bool:
+    """Whether the adapter in `folder` (or a .zip of it) has a classification or regression
+    head."""
+    return task_of(read_manifest(resolve_adapter(folder))) is not None
+
+
+def labels_of(task: dict[str, Any]) -> list[str] | None:
+    """The class names in id order of a `task` section (None for regression)."""
+    return [str(x) for x in task["labels"]] if task["type"] == "classification" else None
+
+
 def model_config_for(task: dict[str, Any], **fields) -> tuple[ModelConfig, list[str] | None]:
     """(ModelConfig, labels) to load the base an adapter with this `task` section needs."""
-    return (ModelConfig(task=task["type"], **fields),
-            [str(x) for x in task["labels"]] if task["type"] == "classification" else None)
+    return ModelConfig(task=task["type"], **fields), labels_of(task)
 
 
-def refuse_task_head(manifest, folder, command: str) -> None:
-    """ModelError when the adapter in `folder` has a task head that `command` cannot use yet
-    (merge and serve handle causal-LM adapters only; `adapters predict` runs heads)."""
+def refuse_task_head(manifest, folder, command: str,
+                     instead: str = "use `adapters predict` or `adapters eval`") -> None:
+    """ModelError when the adapter in `folder` has a task head, which `command` cannot use
+    (generation and the streamed merge handle causal-LM adapters only); `instead` says what
+    does."""
     task = task_of(manifest)
     if task is not None:
         raise ModelError(f"{folder}: a {task['type']} adapter (a task head); {command} does "
-                         "not handle task heads yet: use `adapters predict` or `adapters eval`")
+                         f"not handle task heads: {instead}")

@@ -10,6 +10,9 @@ Both paths, in memory (`merge_adapter`) and tensor by tensor from the base's sha
 (`merge_streaming_verified`), open the adapter the same way (`_open`: an archive unpacked once,
 its files and manifest checked), check the base's fingerprint the same way (honouring
 `allow_base_mismatch`) and verify with the same reference and the same limits (`_verify`).
+
+A task-head adapter (classification, regression) merges in memory into the base loaded with
+its head, and is checked on the head's outputs (merge_heads.py); streaming refuses it.
 """
 
 from __future__ import annotations
@@ -41,12 +44,13 @@ from .adapter.archive import resolve_adapter
 from .adapter.peftconfig import read_config
 from .config import ModelConfig
 from .errors import AdaptersError
-from .heads import refuse_task_head
+from .heads import refuse_task_head, task_of
 from .io import atomic_dir
+from .merge_heads import HeadVerification, compare_heads, load_head_base
 from .model import exact_4bit_on_cpu, load_base, resolve_dtype, resolve_model_path
 
-__all__ = ["AGAINST", "MergeError", "Verification", "compare_models", "merge_adapter",
-           "merge_streaming", "merge_streaming_verified", "read_base_name"]
+__all__ = ["AGAINST", "HeadVerification", "MergeError", "Verification", "compare_models",
+           "merge_adapter", "merge_streaming", "merge_streaming_verified", "read_base_name"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,10 @@ SAMPLE_TEXT = [  # built-in held-out text when no --data is given
     "import json\nwith open('data.json') as f:\n    data = json.load(f)\nprint(len(data))\n",
 ]
 
+
+# Streaming would have to rename the causal LM's tensors, add the head and rewrite the config:
+# task heads take the in-memory path, which builds the *ForSequenceClassification model.
+_IN_MEMORY = "leave out --stream (the in-memory merge writes them)"
 
 # What an adapter trained on a 4/8-bit base is merged into: the dequantized weights training
 # saw (the default), or the original full-precision ones.
@@ -83,10 +91,19 @@ class Verification:
 @dataclass
 class _Source:
     """An adapter ready to merge: its folder (an archive already unpacked), its checked
-    manifest (None for a plain peft folder) and the base spec to merge into."""
+    manifest (None for a plain peft folder), the base spec to merge into and its task
+    section (None for a causal-LM adapter)."""
     folder: Path
     manifest: Manifest | None
     spec: str
+    task: dict | None = None
+
+    def load(self, cfg: ModelConfig):
+        """(model, tokenizer) on CPU: the causal LM, or the base with a head of the adapter's
+        shape for a task-head adapter."""
+        if self.task is None:
+            return load_base(cfg, device="cpu")
+        return load_head_base(self.task, cfg)
 
     def as_trained(self) -> ModelConfig:
         """The base as training saw it (quantized or not), in fp32: the reference's base."""
@@ -100,11 +117,10 @@ class _Source:
 def _open(adapter: str | Path, base: str | None) -> _Source:
     folder = resolve_adapter(adapter)
     manifest = check_files(folder)
-    refuse_task_head(manifest, folder, "adapters merge")
     spec = base or (manifest.base.name if manifest else None)
     if not spec:
         raise AdaptersError(f"{adapter}: no manifest names the base; pass --base")
-    return _Source(folder, manifest, spec)
+    return _Source(folder, manifest, spec, task_of(manifest))
 
 
 def _dequantize_into(full, quant: ModelConfig) -> int:
@@ -120,6 +136,8 @@ def _dequantize_into(full, quant: ModelConfig) -> int:
     full_modules = dict(full.named_modules())
     n = 0
     for name, m in qmodel.named_modules():
+        if name not in full_modules:  # a task-head model has no lm_head (its head stays fp)
+            continue
         if isinstance(m, bnb.nn.Linear4bit):
             w = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
         elif isinstance(m, bnb.nn.Linear8bitLt):
@@ -171,14 +189,24 @@ def compare_models(ref, merged, batches: list[torch.Tensor]) -> Verification:
 
 
 def _verify(src: _Source, merged, data: list[str] | None, max_kl: float,
-            allow_base_mismatch: bool, reference: ModelConfig) -> Verification:
+            allow_base_mismatch: bool, reference: ModelConfig,
+            max_diff: float = 0.01) -> Verification | HeadVerification:
     """Compare `merged` with `reference` base + adapter; MergeError (nothing written) when the
-    mean KL exceeds `max_kl` or any logit is not finite. The base's fingerprint is checked on
-    the reference too, so a streamed merge gets the same check as an in-memory one."""
-    ref_base, tok = load_base(reference, device="cpu")
+    mean KL exceeds `max_kl` or any logit is not finite (for a regression head: when the
+    value moves by more than `max_diff`). The base's fingerprint is checked on the reference
+    too, so a streamed merge gets the same check as an in-memory one."""
+    ref_base, tok = src.load(reference)
     check_base(src.manifest, ref_base, tok, src.folder, allow_base_mismatch)
     exact_4bit_on_cpu(ref_base)
     ref = load_adapter(ref_base, src.folder).eval()
+    if src.task is not None:
+        heads = compare_heads(ref, merged.eval(), _texts(tok, data), src.task)
+        log.info("verification: %s", heads.as_dict())
+        problem = heads.problem(max_kl, max_diff)
+        if problem is not None:
+            raise MergeError(f"{src.folder}: the merged model's head departs from base + "
+                             f"adapter ({problem}). Nothing was written.")
+        return heads
     result = compare_models(ref, merged.eval(), _texts(tok, data))
     log.info("verification: %s", result.as_dict())
     # `not <=` and the self-comparison also catch NaN, which every comparison calls False.
@@ -193,24 +221,27 @@ def _verify(src: _Source, merged, data: list[str] | None, max_kl: float,
 def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
                   dtype: str = "fp32", against: str = "dequantized", verify: bool = True,
                   data: list[str] | None = None, max_kl: float = 0.05,
-                  allow_base_mismatch: bool = False) -> tuple[Path, Verification | None]:
+                  allow_base_mismatch: bool = False, max_diff: float = 0.01
+                  ) -> tuple[Path, Verification | HeadVerification | None]:
     """Write base + adapter as one full model folder that plain transformers loads.
 
     against: for an adapter trained on a 4/8-bit base, "dequantized" merges into the
     dequantized weights it was trained against, "original" into the full-precision ones.
     The reference for verification is the base as trained (quantized or not) + adapter.
+    A task-head adapter gives a `*ForSequenceClassification` folder, checked on its head's
+    outputs (KL of the class probabilities; `max_diff` of the value for regression).
     """
     src = _open(adapter, base)
     # Merge and verify in fp32; cast to the requested dtype only when writing.
-    model, tok = load_base(ModelConfig(name=src.spec, dtype="fp32"), device="cpu")
+    model, tok = src.load(ModelConfig(name=src.spec, dtype="fp32"))
     check_base(src.manifest, model, tok, src.folder, allow_base_mismatch)
     if src.manifest is not None and src.manifest.quantized and against == "dequantized":
         log.info("merging into the dequantized %s weights (%d layers)",
                  src.manifest.quantization.quantization,
                  _dequantize_into(model, src.as_trained()))
     merged = load_adapter(model, src.folder).merge_and_unload()
-    result = (_verify(src, merged, data, max_kl, allow_base_mismatch, src.as_trained())
-              if verify else None)
+    result = (_verify(src, merged, data, max_kl, allow_base_mismatch, src.as_trained(),
+                      max_diff) if verify else None)
     merged = merged.to(resolve_dtype(dtype))
     _write_model(merged, tok, src.spec, Path(out))
     return Path(out), result
@@ -251,7 +282,7 @@ def merge_streaming(base_folder: str | Path, adapter: str | Path, out: str | Pat
     `merge_streaming_verified` is the checked path.
     """
     folder = resolve_adapter(adapter)
-    refuse_task_head(check_files(folder), folder, "adapters merge")
+    refuse_task_head(check_files(folder), folder, "adapters merge --stream", _IN_MEMORY)
     return _stream(Path(base_folder), folder, Path(out))
 
 
@@ -299,6 +330,7 @@ def merge_streaming_verified(adapter: str | Path, out: str | Path, base: str | N
     into place. Without `verify` no model is built, so the base's fingerprint goes unchecked
     (a base with other tensor names still fails: every adapted weight must be found)."""
     src = _open(adapter, base)
+    refuse_task_head(src.manifest, src.folder, "adapters merge --stream", _IN_MEMORY)
     if src.manifest is not None and src.manifest.quantized:
         log.warning("%s: trained on a %s base; streaming merges into the original weights "
                     "(the in-memory merge can use the dequantized ones)", src.folder,

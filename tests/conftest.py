@@ -7,6 +7,7 @@ import csv
 import inspect
 import json
 import os
+import random
 import textwrap
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from adapters.cli import main as cli_main
 from adapters.config import LoraConfig, ModelConfig, load_recipe
 from adapters.lora import attach_lora
 from adapters.model import load_base
+from adapters.training import train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -162,3 +164,45 @@ def run_cli(*argv, capsys=None) -> tuple[int, str, str]:
         return code, "", ""
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+# ---- task heads (model.task classification / regression) ----------------------------------
+
+WORDS = {"yes": ["import", "class", "return"], "no": ["while", "lambda", "yield"]}
+FILLER = ["x", "self", "name", "value", "data", "line", "path", "item"]
+
+
+def toy_rows(n, seed=0, regression=False):
+    """Separable: the label says which word group the text's words come from."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = ["no", "yes"][i % 2]
+        words = [rng.choice(WORDS[label]) if j % 2 == 0 else rng.choice(FILLER)
+                 for j in range(rng.randint(3, 7))]
+        rows.append({"text": " ".join(words),
+                     "label": (3.0 if label == "yes" else -1.0) if regression else label})
+    return rows
+
+
+def head_recipe(model, tmp_path, *extra, task="classification", n=48):
+    """An fp32 task-head recipe on `model` with toy train/eval files in `tmp_path`."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    reg = task == "regression"
+    data = write_jsonl(tmp_path / "train.jsonl", toy_rows(n, 0, reg))
+    ev = write_jsonl(tmp_path / "eval.jsonl", toy_rows(16, 1, reg))
+    return load_recipe(None, [f"model.name={model}", "model.dtype=fp32", f"model.task={task}",
+                              f"data.train={data}", f"data.eval={ev}", "data.format=label",
+                              "data.max_seq_len=32", "train.batch_size=8", "train.lr=1e-2",
+                              "train.steps=30", "train.schedule=constant",
+                              f"output.dir={tmp_path / 'out'}", "lora.r=4", *extra])
+
+
+@pytest.fixture(scope="session")
+def classifier(tiny_gpt2, tmp_path_factory):
+    """A classification adapter trained on the toy task, and its recipe."""
+    tmp = tmp_path_factory.mktemp("cls")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADAPTERS_HOME", str(tmp / "home"))
+        cfg = head_recipe(tiny_gpt2, tmp)
+        return train(cfg), cfg

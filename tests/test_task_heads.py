@@ -2,18 +2,17 @@
 loop, save -> plain peft load, resume, 4-bit, eval metrics and predictions."""
 
 import json
-import random
 
 import pytest
 import torch
-from conftest import run_cli, write_jsonl
+from conftest import head_recipe, run_cli, toy_rows, write_jsonl
 from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from adapters.adapter import check_files, load_adapter
-from adapters.config import DataConfig, load_recipe
+from adapters.config import DataConfig
 from adapters.data import build
 from adapters.data.labels import Targets
 from adapters.data.packing import Batcher
@@ -24,34 +23,6 @@ from adapters.training import train
 from adapters.training.heads import predictions
 from adapters.training.trainer import setup
 
-WORDS = {"yes": ["import", "class", "return"], "no": ["while", "lambda", "yield"]}
-FILLER = ["x", "self", "name", "value", "data", "line", "path", "item"]
-
-
-def toy_rows(n, seed=0, regression=False):
-    """Separable: the label says which word group the text's words come from."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = ["no", "yes"][i % 2]
-        words = [rng.choice(WORDS[label]) if j % 2 == 0 else rng.choice(FILLER)
-                 for j in range(rng.randint(3, 7))]
-        rows.append({"text": " ".join(words),
-                     "label": (3.0 if label == "yes" else -1.0) if regression else label})
-    return rows
-
-
-def head_recipe(model, tmp_path, *extra, task="classification", n=48):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    reg = task == "regression"
-    data = write_jsonl(tmp_path / "train.jsonl", toy_rows(n, 0, reg))
-    ev = write_jsonl(tmp_path / "eval.jsonl", toy_rows(16, 1, reg))
-    return load_recipe(None, [f"model.name={model}", "model.dtype=fp32", f"model.task={task}",
-                              f"data.train={data}", f"data.eval={ev}", "data.format=label",
-                              "data.max_seq_len=32", "train.batch_size=8", "train.lr=1e-2",
-                              "train.steps=30", "train.schedule=constant",
-                              f"output.dir={tmp_path / 'out'}", "lora.r=4", *extra])
-
 
 def outputs(model, tok, dcfg, targets, packing):
     """(logits, targets) in file order, through the training loop's (packed) batches."""
@@ -60,16 +31,6 @@ def outputs(model, tok, dcfg, targets, packing):
     logits, y = predictions(model, batcher.iter_all(), "cpu", torch.float32)
     order = torch.tensor([i for item in batcher.items for i in item])  # batch order
     return logits[order.argsort()], y[order.argsort()]
-
-
-@pytest.fixture(scope="module")
-def classifier(tiny_gpt2, tmp_path_factory):
-    """A classification adapter trained on the toy task, and its recipe."""
-    tmp = tmp_path_factory.mktemp("cls")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ADAPTERS_HOME", str(tmp / "home"))
-        cfg = head_recipe(tiny_gpt2, tmp)
-        return train(cfg), cfg
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -228,8 +189,13 @@ def test_predict_writes_labels_and_probabilities(classifier, tmp_path, capsys):
     assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in preds)
 
 
-def test_merge_and_serve_refuse_a_task_head_clearly(classifier, tmp_path, capsys):
+def test_streamed_merge_and_generate_refuse_a_task_head_clearly(classifier, tmp_path, capsys):
+    """The in-memory merge and the server take task heads (test_task_head_serve_merge.py);
+    the streamed merge and generation say what to use instead."""
     out, _ = classifier
-    code, _, err = run_cli("merge", out, "--out", tmp_path / "m", capsys=capsys)
-    assert code == 1 and "classification adapter" in err and "adapters predict" in err
+    code, _, err = run_cli("merge", out, "--out", tmp_path / "m", "--stream", capsys=capsys)
+    assert code == 1 and "classification adapter" in err and "leave out --stream" in err
     assert not (tmp_path / "m").exists()
+    code, _, err = run_cli("generate", "--adapter", f"cls={out}", "--prompt", "x",
+                           capsys=capsys)
+    assert code == 1 and "classification adapter" in err and "/v1/classify" in err

@@ -11,6 +11,7 @@ import textwrap
 
 from ..config import BASE_NAME
 from ..errors import AdaptersError
+from ..heads import is_task_head
 from ..serving.registry import Registry
 from .common import (
     add_adapter_flags,
@@ -36,14 +37,19 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="load adapters trained on other weights of the same architecture")
 
 
-def _registry(args: argparse.Namespace, capacity: int | None = None) -> Registry:
+def _registry(args: argparse.Namespace, capacity: int | None = None,
+              heads=None) -> Registry:
+    """The base and its adapters; task-head adapters go to `heads` when given (serve)."""
     adapters = unique(args.adapter, "--adapter")
     base = base_of(args, adapters)
     reg = Registry.from_spec(base, quantization=args.quantization, device=args.device,
                              capacity=capacity or max(8, len(adapters)),
                              allow_base_mismatch=args.allow_base_mismatch)
     for name, path in adapters.items():
-        reg.load(name, path)
+        if heads is not None and is_task_head(path):
+            heads.load(name, path)
+        else:
+            reg.load(name, path)
     return reg
 
 
@@ -121,22 +127,27 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:  # here, not at the top: fastapi/uvicorn are the optional `serve` extra
+        from ..serving.classify import Heads
         from ..serving.server import Limits, context_len, create_app, serve
     except ImportError as e:
         raise AdaptersError(f"adapters serve needs the serve extra: pip install "
                             f"'adapterkit[serve]' ({e})") from None
 
-    reg = _registry(args, capacity=args.capacity)
+    # Task-head adapters get their own copy of the same base, with a head (classify.py).
+    heads = Heads(base_of(args, unique(args.adapter, "--adapter")), args.quantization,
+                  device=args.device, capacity=args.capacity,
+                  allow_base_mismatch=args.allow_base_mismatch)
+    reg = _registry(args, capacity=args.capacity, heads=heads)
     reg.base_name = args.base_name
     limits = Limits(args.max_tokens_limit, args.max_prompt_tokens, context_len(reg.model))
     app = create_app(reg, adapter_root=args.adapter_root, api_key=args.api_key, limits=limits,
                      max_batch=args.max_batch, max_queue=args.max_queue,
-                     max_kv_tokens=args.max_kv_tokens)
+                     max_kv_tokens=args.max_kv_tokens, heads=heads)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this "
               "port can use the model", file=sys.stderr)
-    print(f"models: {[reg.base_name, *reg.names()]} on http://{args.host}:{args.port}/v1",
-          flush=True)
+    models = [reg.base_name, *reg.names(), *heads.names()]
+    print(f"models: {models} on http://{args.host}:{args.port}/v1", flush=True)
     serve(app, args.host, args.port)
     return 0
 

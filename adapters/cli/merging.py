@@ -6,7 +6,7 @@ import argparse
 
 from ..combine import METHODS, combine
 from ..data.sources import read_rows
-from ..merge import AGAINST, merge_adapter, merge_streaming_verified
+from ..merge import AGAINST, HeadVerification, merge_adapter, merge_streaming_verified
 from .common import DTYPES, adapter_path, add_base_flag, data_source, positive_float, unit_interval
 
 _CHECK_TEXTS = 64  # held-out texts the merge check runs on
@@ -25,9 +25,14 @@ def _add_merge(p: argparse.ArgumentParser) -> None:
                    help="held-out text for the check (.txt/.csv/.jsonl; the first column or "
                         "'text')")
     p.add_argument("--max-kl", type=positive_float, default=0.05,
-                   help="fail above this mean KL(base+adapter || merged) (default 0.05)")
+                   help="fail above this mean KL(base+adapter || merged) (default 0.05; for a "
+                        "classification head: of its class probabilities)")
+    p.add_argument("--max-diff", type=positive_float, default=0.01,
+                   help="regression heads: fail when the predicted value moves by more than "
+                        "this (default 0.01)")
     p.add_argument("--stream", action="store_true",
-                   help="merge tensor by tensor from the base's safetensors (low memory)")
+                   help="merge tensor by tensor from the base's safetensors (low memory; "
+                        "causal-LM adapters only: task heads merge in memory)")
     p.add_argument("--no-verify", action="store_true", help="skip the check")
 
 
@@ -43,8 +48,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
                                                not args.no_verify, data, args.max_kl)
     else:
         out, result = merge_adapter(args.adapter, args.out, args.base, args.dtype,
-                                    args.against, not args.no_verify, data, args.max_kl)
-    if result is not None:
+                                    args.against, not args.no_verify, data, args.max_kl,
+                                    max_diff=args.max_diff)
+    if isinstance(result, HeadVerification):
+        print(f"verified: {result.summary()}")
+    elif result is not None:
         print(f"verified: max logit difference {result.max_logit_diff:.3g}, mean KL "
               f"{result.mean_kl:.3g}, perplexity base+adapter {result.ppl_reference:.3f} vs "
               f"merged {result.ppl_merged:.3f}")

@@ -125,7 +125,10 @@ class Registry:
         """Check the adapter and put it beside the others: (its slot, or its peft name)."""
         path = resolve_adapter(folder)
         manifest = check_files(path)
-        refuse_task_head(manifest, path, "the server")  # /v1/classify: not yet
+        # The server routes task heads to serving/classify.py before they reach here.
+        refuse_task_head(manifest, path, "generation",
+                         "classify with `adapters serve` (POST /v1/classify) or `adapters "
+                         "predict`")
         config = read_config(path)
         if not self.fast or not lora_batch.batchable(config):
             return None, self._attach(path)
@@ -169,7 +172,7 @@ class Registry:
             self.model = load_adapter(self.model, folder, self.tok, adapter_name=internal,
                                       allow_base_mismatch=self.allow_base_mismatch)
         except BaseException:
-            self.model = _without(self.model, internal)
+            self.model = without_adapter(self.model, internal)
             raise
         self.model.eval()
         return internal
@@ -268,7 +271,7 @@ class Registry:
         return [o.text for o in self.run(reqs)]
 
 
-def _without(model, internal: str):
+def without_adapter(model, internal: str):
     """`model` with no trace of a failed load under peft's adapter name `internal`.
 
     peft wraps layers in place before it reads the weights, so a load that fails on a bad

@@ -3,6 +3,7 @@
 `model` in a request is the base's name or an adapter's; requests for different adapters
 run together in one batch (engine.py). What a request may ask for, the error shape and the
 stream's events are protocol.py; here are the routes, the adapter root and hot loads.
+Task-head adapters (classification, regression) are served by /v1/classify (classify.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..adapter import CARD_FILE, CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
 from ..errors import AdaptersError
+from . import classify
+from .classify import Heads
 from .decode import Output, Request, Sampling
 from .engine import Engine, QueueFull
 from .protocol import (
@@ -70,10 +73,13 @@ def inside_root(root: Path, path: str) -> Path:
 
 
 class Service:
-    """What the routes share: the registry, the batching engine, the limits, the root."""
+    """What the routes share: the registry, the task heads, the batching engine, the limits,
+    the root."""
 
-    def __init__(self, registry: Registry, engine: Engine, limits: Limits, root: Path | None):
+    def __init__(self, registry: Registry, heads: Heads, engine: Engine, limits: Limits,
+                 root: Path | None):
         self.registry, self.engine, self.limits, self.root = registry, engine, limits, root
+        self.heads = heads
         self.created = int(time.time())
         # No token decodes to more characters than the longest entry of the vocabulary, so a
         # prompt far longer than that x the token limit is refused before it is tokenized
@@ -83,10 +89,20 @@ class Service:
         self.max_prompt_chars = 4 * cap * max(map(len, vocab), default=2**62)
 
     def model_ids(self) -> list[str]:
-        return [self.registry.base_name, *self.registry.names()]
+        return [self.registry.base_name, *self.registry.names(), *self.heads.names()]
+
+    def folder(self, name: str) -> Path:
+        return (self.heads if name in self.heads.names() else self.registry).folder(name)
+
+    def unload(self, name: str) -> None:
+        (self.heads if name in self.heads.names() else self.registry).unload(name)
 
     def prepare(self, body, prompts: list, chat: bool) -> list[Request]:
         """One decode request per prompt and per `n`, after every check (nothing runs yet)."""
+        head = classify.wrong_endpoint(self.heads, body.model,
+                                       "/v1/chat/completions" if chat else "/v1/completions")
+        if head is not None:
+            raise head
         if body.model not in self.model_ids():
             raise ApiError(404, f"model {short(body.model)} does not exist; available: "
                                 f"{self.model_ids()}", kind="not_found_error", param="model")
@@ -167,12 +183,14 @@ class Service:
 def create_app(registry: Registry, adapter_root: str | Path | None = None,
                api_key: str | None = None, limits: Limits | None = None,
                max_batch: int = 16, max_queue: int = 64, max_kv_tokens: int | None = None,
-               continuous: bool = True):
-    """The FastAPI app; its engine starts now and stops with the app."""
+               continuous: bool = True, heads: Heads | None = None):
+    """The FastAPI app; its engine starts now and stops with the app. `heads`: task-head
+    adapters for /v1/classify (default: none yet, on the registry's base)."""
     engine = Engine(registry, max_batch=max_batch, max_queue=max_queue,
                     max_kv_tokens=max_kv_tokens, continuous=continuous)
     limits = limits or Limits(context=context_len(registry.model))
-    svc = Service(registry, engine, limits, Path(adapter_root) if adapter_root else None)
+    heads = Heads.like(registry) if heads is None else heads
+    svc = Service(registry, heads, engine, limits, Path(adapter_root) if adapter_root else None)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -184,6 +202,7 @@ def create_app(registry: Registry, adapter_root: str | Path | None = None,
     app.state.engine = engine
     _error_handlers(app)
     _inference_routes(app, svc)
+    classify.install(app, svc)
     _adapter_routes(app, svc)
     install_ui(app, svc.root, registry)  # the web page at /, runs from --adapter-root
     return app
@@ -229,7 +248,7 @@ def _inference_routes(app: FastAPI, svc: Service) -> None:
     async def list_models():
         base = svc.registry.base_name
         data = [{"id": m, "object": "model", "created": svc.created, "owned_by": "adapters",
-                 "root": base if m == base else str(svc.registry.folder(m))}
+                 "root": base if m == base else str(svc.folder(m))}
                 for m in svc.model_ids()]
         return {"object": "list", "data": data}
 
@@ -272,7 +291,7 @@ def _adapter_routes(app: FastAPI, svc: Service) -> None:
         folder = inside_root(svc.root, body.path)
         try:
             evicted = await asyncio.wrap_future(svc.engine.call(
-                lambda: svc.registry.load(body.name, folder)))
+                lambda: classify.load_into(svc.registry, svc.heads, body.name, folder)))
         except QueueFull as e:
             raise ApiError(429, str(e), kind="rate_limit_error") from None
         except RegistryError as e:  # every slot busy: nothing was loaded or evicted
@@ -286,10 +305,10 @@ def _adapter_routes(app: FastAPI, svc: Service) -> None:
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str):
-        if name not in svc.registry.names():
+        if name not in (*svc.registry.names(), *svc.heads.names()):
             raise ApiError(404, f"no adapter named {short(name)}", kind="not_found_error")
         try:
-            await asyncio.wrap_future(svc.engine.call(lambda: svc.registry.unload(name)))
+            await asyncio.wrap_future(svc.engine.call(lambda: svc.unload(name)))
         except AdaptersError as e:
             raise ApiError(409, str(e)) from None
         return {"id": name, "object": "model", "deleted": True}
