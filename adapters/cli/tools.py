@@ -10,10 +10,12 @@ from pathlib import Path
 
 from ..adapter import inspect_adapter
 from ..config import load_recipe
+from ..data import check_data
 from ..data.preview import preview
 from ..demo import run_demo
 from ..demo.datasets import build_pydoc_qa, build_stdlib_code
 from ..model import default_model_dir
+from ..training.heads import targets_for
 from .common import adapter_path, positive_int
 
 
@@ -38,7 +40,9 @@ def cmd_data(args: argparse.Namespace) -> int:
         return 0
     cfg = load_recipe(args.recipe, args.overrides)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    print(preview(cfg, n=args.n, color=color))
+    check_data(cfg.data)  # a missing file is named before the label column is read
+    # the class names (and the task/format checks) exactly as `adapters train` makes them
+    print(preview(cfg, n=args.n, color=color, targets=targets_for(cfg)))
     return 0
 
 
