@@ -49,16 +49,24 @@ def wait_until(condition, timeout: float = 60.0, what: str = "condition"):
         time.sleep(0.05)
 
 
-def hold(engine) -> threading.Event:
-    """Keep the engine's worker busy until the returned event is set: requests sent meanwhile
-    queue up (deterministically, whatever the machine's speed)."""
+def block(engine) -> tuple[threading.Event, threading.Event]:
+    """Queue a call that keeps the engine's worker busy from when `started` is set until
+    `release` is; returns (started, release) at once. Requests queued before it join the batch
+    (and make their first token) before it runs."""
     started, release = threading.Event(), threading.Event()
 
-    def block():
+    def wait():
         started.set()
         release.wait(120)
 
-    engine.call(block)
+    engine.call(wait)
+    return started, release
+
+
+def hold(engine) -> threading.Event:
+    """Keep the engine's worker busy until the returned event is set: requests sent meanwhile
+    queue up (deterministically, whatever the machine's speed)."""
+    started, release = block(engine)
     assert started.wait(60), "the engine's worker never picked up the blocking call"
     return release
 

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 from conftest import trained_adapter
-from live_server import Running, adapter_root, hold, http, wait_until
+from live_server import Running, adapter_root, block, hold, http, wait_until
 
 from adapters.adapter import build_manifest, save_adapter
 from adapters.config import LoraConfig, ModelConfig
@@ -143,6 +143,42 @@ def test_a_client_that_goes_away_mid_stream_frees_its_row(tiny_gpt2, root):
         assert engine.cancelled == 1
         # the adapter is no longer in use: it unloads (a row still running would make it 409)
         assert http("DELETE", s.url + "/v1/adapters/a1")[0] == 200
+        r = s.client().completions.create(model="a0", prompt="x", max_tokens=3)
+        assert r.choices[0].finish_reason in ("stop", "length")
+    finally:
+        s.close()
+
+
+def test_a_client_that_goes_away_before_a_plain_reply_frees_its_row(tiny_gpt2, root):
+    """Not streamed: nothing is written to the client until the end, so the server watches for
+    the disconnect itself; the row leaves long before its max_tokens."""
+    s = start(tiny_gpt2, root)
+    try:
+        engine = s.server.config.app.state.engine
+        before = engine.generated
+        parts = urlsplit(s.url)
+        conn = httpc.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        release = hold(engine)
+        try:
+            conn.request("POST", "/v1/completions", json.dumps({
+                "model": "a1", "prompt": PROMPTS[0], "max_tokens": 240, "ignore_eos": True}),
+                {"Content-Type": "application/json"})
+            wait_until(lambda: engine.waiting() == 1)
+            joined, frozen = block(engine)  # runs once the request joined: its first token
+        finally:
+            release.set()
+        try:
+            assert joined.wait(60), "the engine never reached the second hold"
+            assert [r.adapter for r in engine.running()] == ["a1"]  # mid-decode
+            conn.sock.close()
+            conn.close()
+            wait_until(lambda: all(r.cancelled for r in engine.running()), what="cancelled")
+        finally:
+            frozen.set()
+        wait_until(lambda: not engine.running(), what="the row left")
+        assert engine.cancelled == 1
+        assert engine.generated - before < 10  # of the 240 it would have made
+        assert http("DELETE", s.url + "/v1/adapters/a1")[0] == 200  # no longer in use
         r = s.client().completions.create(model="a0", prompt="x", max_tokens=3)
         assert r.choices[0].finish_reason in ("stop", "length")
     finally:

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -119,6 +120,64 @@ def test_hot_load_is_confined_to_the_adapter_root(server, root, tmp_path):
     assert http("DELETE", server.url + "/v1/adapters/hot")[0] == 404
     code, text = post({"name": "bad", "path": "."})  # no adapter files there
     assert code == 400 and "adapter" in json.loads(text)["error"]["message"]
+
+
+def test_replies_name_models_never_where_their_files_lie(server, root, tmp_path_factory):
+    where = {str(root), str(root.resolve()), str(tmp_path_factory.getbasetemp().resolve())}
+    replies = [http("GET", server.url + "/v1/models")[1]]
+    loaded = http("POST", server.url + "/v1/adapters", {"name": "where", "path": "a3"})
+    replies += [loaded[1], http("GET", server.url + "/v1/models")[1]]
+    assert loaded[0] == 200 and json.loads(loaded[1])["root"] == "a3"  # relative to the root
+    models = json.loads(replies[-1])["data"]
+    assert [m["root"] for m in models] == [m["id"] for m in models]
+    assert {m["parent"] for m in models[1:]} == {BASE_NAME}
+    # failed loads: the message names the folder as the client did, relative to the root
+    (root / "empty").mkdir(exist_ok=True)
+    for path in (".", "empty", str(root / "empty"), "a0/adapter_config.json"):
+        code, text = http("POST", server.url + "/v1/adapters", {"name": "x", "path": path})
+        assert code == 400 and json.loads(text)["error"]["message"], text
+        replies.append(text)
+    replies += [http("DELETE", server.url + "/v1/adapters/where")[1],
+                http("GET", server.url + "/ui/api/info")[1],
+                http("GET", server.url + "/ui/api/runs")[1]]
+    leaks = [r for r in replies if any(w in r for w in where)]
+    assert not leaks, leaks
+
+
+def test_tokenizing_never_holds_the_event_loop(server):
+    """A prompt being tokenized (a huge one, or a slow chat template) is held here on an event:
+    meanwhile the server answers other requests."""
+    reg = server.server.config.app.state.engine.reg
+    entered, release = threading.Event(), threading.Event()
+    encode = reg.encode
+
+    def held_encode(prompt, chat=False):
+        if "HOLD" in str(prompt):
+            entered.set()
+            assert release.wait(120), "never released"
+        return encode(prompt, chat=chat)
+
+    reg.encode = held_encode
+    c = server.client()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            try:
+                plain = pool.submit(c.completions.create, model="a0", prompt="HOLD x",
+                                    max_tokens=2)
+                chat = pool.submit(c.chat.completions.create, model="a1", max_tokens=2,
+                                   messages=[{"role": "user", "content": "HOLD"}])
+                assert entered.wait(60), "the prompt never reached the tokenizer"
+                # the event loop is free: a listing, and a request the tokenizer never sees
+                assert {BASE_NAME, "a0", "a1"} <= {m.id for m in c.models.list()}
+                with pytest.raises(openai.NotFoundError):
+                    c.completions.create(model="nope", prompt="x", max_tokens=2)
+                assert not plain.done() and not chat.done()
+            finally:
+                release.set()
+            assert plain.result().usage.completion_tokens <= 2
+            assert chat.result().choices[0].message.role == "assistant"
+    finally:
+        del reg.encode  # the registry's own method again
 
 
 def test_full_queue_answers_429_at_once(tiny_gpt2, root):

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from .detok import Detokenizer
+
 log = logging.getLogger("adapters")
 PEFT_NO_ADAPTER = "__base__"  # peft's own key for "no adapter" in `adapter_names`
 # Below this a temperature is greedy: logits / 1e-40 overflow to inf and softmax gives NaN
@@ -57,8 +59,9 @@ class _Row:
     """Per-request decoding state: tokens so far, text released to the stream, stop checks."""
 
     def __init__(self, req: Request, tokenizer, device):
-        self.req, self.tok = req, tokenizer
-        self.ids: list[int] = []
+        self.req = req
+        self.detok = Detokenizer(tokenizer)
+        self.ids = self.detok.ids  # the tokens generated so far (EOS not included)
         self.sent = 0  # characters of text already passed to on_text
         self.checked = 0  # characters of text already searched for stop strings
         self.text = ""
@@ -77,14 +80,15 @@ class _Row:
         s = self.req.sampling
         if token in eos_ids and not s.ignore_eos:
             self.finish = "stop"
+            self.text += self.detok.flush()
         else:
-            self.ids.append(token)
-            self.text = self.tok.decode(self.ids, skip_special_tokens=True)
+            self.text += self.detok.push(token)  # a few tokens decoded, not all of them
+            if len(self.ids) >= s.max_new_tokens:
+                self.finish = "length"
+                self.text += self.detok.flush()
             cut = self._find_stop()
             if cut >= 0:
                 self.text, self.finish = self.text[:cut], "stop"
-            elif len(self.ids) >= s.max_new_tokens:
-                self.finish = "length"
         self._stream()
         self._done()
 
@@ -118,9 +122,8 @@ class _Row:
             return
         end = len(self.text)
         if self.finish is None:
-            # Hold back an unfinished UTF-8 character and any tail that may begin a stop string.
-            if self.text.endswith("\ufffd"):
-                end -= 1
+            # Hold back any tail that may begin a stop string (the detokenizer already holds
+            # back an unfinished UTF-8 character).
             for stop in self.stops:
                 for k in range(min(len(stop) - 1, end), 0, -1):
                     if self.text.endswith(stop[:k], 0, end):  # no copy of the text

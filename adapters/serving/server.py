@@ -12,7 +12,9 @@ import asyncio
 import os
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request as HttpRequest
 
 from ..adapter import CARD_FILE, CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
 from ..errors import AdaptersError
@@ -81,9 +84,13 @@ class Service:
         self.registry, self.engine, self.limits, self.root = registry, engine, limits, root
         self.heads = heads
         self.created = int(time.time())
+        # Tokenizing (and rendering a chat template) takes time in proportion to the prompt:
+        # on the event loop a huge prompt would stall every other request. One thread keeps
+        # two encodes from sharing the tokenizer at once.
+        self.tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="adapters-tokenize")
         # No token decodes to more characters than the longest entry of the vocabulary, so a
         # prompt far longer than that x the token limit is refused before it is tokenized
-        # (tokenizing 2 MB holds the event loop for seconds). x4: normalizers may fold text.
+        # (tokenizing 2 MB takes the tokenizer thread seconds). x4: normalizers may fold text.
         cap = min(x for x in (limits.max_prompt_tokens, limits.context, 2**62) if x)
         vocab = registry.tok.get_vocab() if hasattr(registry.tok, "get_vocab") else {}
         self.max_prompt_chars = 4 * cap * max(map(len, vocab), default=2**62)
@@ -91,14 +98,25 @@ class Service:
     def model_ids(self) -> list[str]:
         return [self.registry.base_name, *self.registry.names(), *self.heads.names()]
 
-    def folder(self, name: str) -> Path:
-        return (self.heads if name in self.heads.names() else self.registry).folder(name)
+    def close(self) -> None:
+        self.tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+
+    def public(self, message: str) -> str:
+        """`message` with the adapter root's location on this machine taken out: replies name
+        folders relative to --adapter-root, never where the root lies."""
+        if self.root is not None:
+            # the longer first: one may be the other's suffix (a root reached through a link)
+            for where in sorted({str(self.root.resolve()), str(self.root.absolute())},
+                                key=len, reverse=True):
+                message = message.replace(where + os.sep, "").replace(where, ".")
+        return message
 
     def unload(self, name: str) -> None:
         (self.heads if name in self.heads.names() else self.registry).unload(name)
 
-    def prepare(self, body, prompts: list, chat: bool) -> list[Request]:
-        """One decode request per prompt and per `n`, after every check (nothing runs yet)."""
+    async def prepare(self, body, prompts: list, chat: bool) -> list[Request]:
+        """One decode request per prompt and per `n`, after every check (nothing runs yet).
+        The prompts are tokenized off the event loop."""
         head = classify.wrong_endpoint(self.heads, body.model,
                                        "/v1/chat/completions" if chat else "/v1/completions")
         if head is not None:
@@ -109,29 +127,34 @@ class Service:
         if len(prompts) * body.n > self.engine.max_batch:
             raise ApiError(400, f"{len(prompts)} prompt(s) x n={body.n} is more than this "
                                 f"server's batch of {self.engine.max_batch}", param="n")
-        stop = self.limits.stops(body.stop)
-        max_tokens = next((x for x in (getattr(body, "max_completion_tokens", None),
-                                       body.max_tokens) if x is not None),
-                          self.limits.max_new_tokens if chat else 16)
-        temperature = 1.0 if body.temperature is None else body.temperature
-        top_p = 1.0 if body.top_p is None else body.top_p
-        reqs = []
-        for p in prompts:
+        sampling = self.sampling(body, chat)
+        for p in prompts:  # before any tokenizing: the cheap check first
             chars = len(p) if isinstance(p, str) else sum(len(m["content"]) for m in p)
             if chars > self.max_prompt_chars:
                 raise ApiError(400, f"the prompt is {chars} characters, more than the token "
                                     "limit allows whatever the text", param="prompt")
-            ids = self.registry.encode(p, chat=chat)
-            self.limits.check(len(ids), max_tokens)
+        encoded = await asyncio.get_running_loop().run_in_executor(
+            self.tokenizer_thread, lambda: [self.registry.encode(p, chat=chat) for p in prompts])
+        reqs = []
+        for ids in encoded:
+            self.limits.check(len(ids), sampling.max_new_tokens)
             for k in range(body.n):
                 seed = None if body.seed is None else (body.seed + k) % 2**64
-                reqs.append(Request(ids, body.model, Sampling(
-                    max_tokens, temperature, top_p, seed, stop, body.ignore_eos)))
+                reqs.append(Request(ids, body.model, replace(sampling, seed=seed)))
         if not self.engine.fits_alone(reqs):
             raise ApiError(400, f"{len(reqs)} x (prompt + max_tokens) is more KV cache than this "
                                 f"server's budget of {self.engine.max_kv_tokens} tokens "
                                 "(--max-kv-tokens)", param="max_tokens")
         return reqs
+
+    def sampling(self, body, chat: bool) -> Sampling:
+        """The body's sampling settings with this server's defaults (seed: set per row)."""
+        max_tokens = next((x for x in (getattr(body, "max_completion_tokens", None),
+                                       body.max_tokens) if x is not None),
+                          self.limits.max_new_tokens if chat else 16)
+        return Sampling(max_tokens, 1.0 if body.temperature is None else body.temperature,
+                        1.0 if body.top_p is None else body.top_p, None,
+                        self.limits.stops(body.stop), body.ignore_eos)
 
     def submit(self, reqs: list[Request]):
         try:
@@ -139,8 +162,23 @@ class Service:
         except QueueFull as e:
             raise ApiError(429, str(e), kind="rate_limit_error") from None
 
-    async def run(self, reqs: list[Request]) -> list[Output]:
-        outs = await self.wait(self.submit(reqs))
+    async def run(self, reqs: list[Request], http: HttpRequest) -> list[Output]:
+        """The outputs of a request that is not streamed. A client that goes away meanwhile
+        cancels its rows: they leave the batch at the next step, freeing their places."""
+        outcome = asyncio.ensure_future(self.wait(self.submit(reqs)))
+        gone = asyncio.ensure_future(_client_gone(http))
+        try:
+            await asyncio.wait({outcome, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this handler is cancelled (the server stopping)
+            gone.cancel()
+            abandoned = not outcome.done()
+            if abandoned:
+                for r in reqs:
+                    r.cancelled = True
+                outcome.cancel()
+        if abandoned:  # nobody reads this reply; 499 as nginx logs it
+            raise ApiError(499, "the client closed the connection", kind="client_closed")
+        outs = outcome.result()
         for i, o in enumerate(outs):
             if o.error:
                 raise ApiError(500, f"choice {i}: {o.error}", kind="server_error")
@@ -180,6 +218,14 @@ class Service:
         return StreamingResponse(send(), media_type="text/event-stream")
 
 
+async def _client_gone(http: HttpRequest) -> None:
+    """Return once the client has gone away. The body is read by now, so the server's next
+    message is the disconnect (uvicorn sends it when the connection closes or the reply is
+    complete): awaited, not polled."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(registry: Registry, adapter_root: str | Path | None = None,
                api_key: str | None = None, limits: Limits | None = None,
                max_batch: int = 16, max_queue: int = 64, max_kv_tokens: int | None = None,
@@ -196,6 +242,7 @@ def create_app(registry: Registry, adapter_root: str | Path | None = None,
     async def lifespan(app):
         yield
         engine.close()
+        svc.close()
 
     app = FastAPI(title="adapters", lifespan=lifespan)
     app.add_middleware(Guard, api_key=api_key, max_body=limits.max_body_bytes)
@@ -246,33 +293,34 @@ def _error_handlers(app: FastAPI) -> None:
 def _inference_routes(app: FastAPI, svc: Service) -> None:
     @app.get("/v1/models")
     async def list_models():
+        # Names only: where an adapter's folder lies on this machine is no client's business.
         base = svc.registry.base_name
         data = [{"id": m, "object": "model", "created": svc.created, "owned_by": "adapters",
-                 "root": base if m == base else str(svc.folder(m))}
+                 "root": m, "parent": None if m == base else base}
                 for m in svc.model_ids()]
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
+    async def completions(body: CompletionBody, http: HttpRequest):
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        reqs = svc.prepare(body, prompts, chat=False)
+        reqs = await svc.prepare(body, prompts, chat=False)
         head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
                 "created": int(time.time()), "model": body.model}
         if body.stream:
             return svc.stream(reqs, head, chat=False)
-        outs = await svc.run(reqs)
+        outs = await svc.run(reqs, http)
         return {**head, "choices": [{"index": i, "text": o.text, "logprobs": None,
                                      "finish_reason": o.finish_reason}
                                     for i, o in enumerate(outs)], "usage": usage(outs)}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody):
-        reqs = svc.prepare(body, [[m.model_dump() for m in body.messages]], chat=True)
+    async def chat(body: ChatBody, http: HttpRequest):
+        reqs = await svc.prepare(body, [[m.model_dump() for m in body.messages]], chat=True)
         head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion",
                 "created": int(time.time()), "model": body.model}
         if body.stream:
             return svc.stream(reqs, {**head, "object": "chat.completion.chunk"}, chat=True)
-        outs = await svc.run(reqs)
+        outs = await svc.run(reqs, http)
         return {**head, "choices": [{"index": i, "finish_reason": o.finish_reason,
                                      "message": {"role": "assistant", "content": o.text}}
                                     for i, o in enumerate(outs)], "usage": usage(outs)}
@@ -295,13 +343,14 @@ def _adapter_routes(app: FastAPI, svc: Service) -> None:
         except QueueFull as e:
             raise ApiError(429, str(e), kind="rate_limit_error") from None
         except RegistryError as e:  # every slot busy: nothing was loaded or evicted
-            raise ApiError(409, str(e), param="name") from None
-        except AdaptersError as e:
-            raise ApiError(400, str(e), param="path") from None
+            raise ApiError(409, svc.public(str(e)), param="name") from None
+        except AdaptersError as e:  # its messages name the folder: relative to the root here
+            raise ApiError(400, svc.public(str(e)), param="path") from None
         except OSError as e:
             raise ApiError(400, f"path {short(body.path)} cannot be read: {e.strerror}",
                            param="path") from None
-        return {"id": body.name, "object": "model", "root": str(folder), "evicted": evicted}
+        return {"id": body.name, "object": "model", "evicted": evicted,
+                "root": folder.relative_to(svc.root.resolve()).as_posix()}
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str):
@@ -310,7 +359,7 @@ def _adapter_routes(app: FastAPI, svc: Service) -> None:
         try:
             await asyncio.wrap_future(svc.engine.call(lambda: svc.unload(name)))
         except AdaptersError as e:
-            raise ApiError(409, str(e)) from None
+            raise ApiError(409, svc.public(str(e))) from None
         return {"id": name, "object": "model", "deleted": True}
 
 
