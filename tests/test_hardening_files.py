@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli, trained_adapter
+from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -93,10 +94,14 @@ def test_a_malformed_config_is_one_line_in_every_command(good, base, tiny_gpt2, 
     assert "FAILED" in inspect_adapter(bad)["integrity"]
     assert run_cli("inspect", bad, capsys=capsys)[0] == 1
     model, tok = base
-    t0 = time.perf_counter()
-    with pytest.raises(AdapterFileError, match=re.escape(where) + ".*" + re.escape(field)):
-        load_adapter(model, bad, tok)  # what `generate` and the server's registry call
-    assert time.perf_counter() - t0 < 10  # refused before peft allocates anything
+    def peft_load(*a, **k):  # refused before peft builds or allocates anything
+        raise AssertionError("peft was asked to load a malformed adapter")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PeftModel, "from_pretrained", peft_load)
+        mp.setattr(PeftModel, "load_adapter", peft_load)
+        with pytest.raises(AdapterFileError, match=re.escape(where) + ".*" + re.escape(field)):
+            load_adapter(model, bad, tok)  # what `generate` and the server's registry call
     with pytest.raises(AdapterFileError, match=re.escape(field)):
         convert(bad, tmp_path / "converted")
     for argv in (("convert", bad, "--out", tmp_path / "c2"),
@@ -151,7 +156,7 @@ def test_the_bounded_matcher_agrees_with_re():
             assert compiled.fullmatch(n) == (re.fullmatch(p, n) is not None), (p, n)
     t0 = time.perf_counter()
     assert not Pattern(HANG).fullmatch("a" * 2000)
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 60  # a hang guard: Python's re runs for hours on this
     for bad, why in ((r"(a)\1", "back-reference"), (r"(?=a)a", "look-ahead"),
                      (r"(?i)a", "flags"), (r"a++", "possessive"), ("(", "not a valid"),
                      (r"((a{100}){100}){100}", "expands to more than")):
