@@ -93,6 +93,12 @@ class TrainConfig:
     offload_checkpoints: bool = False  # with gradient_checkpointing: block inputs kept on CPU
     compile: bool | str = "auto"  # auto | true | false: compiled decoder blocks (regional)
     fused_lora: bool = True  # one autograd op per LoRA projection group (peft's path if false)
+    # auto: on CPU, short rows (<= kernels/attention.py MAX_LEN tokens) attend through plain
+    # matmuls (faster there than SDPA's flash kernel), SDPA elsewhere; sdpa / matmul: always.
+    attention: str = field(default="auto", metadata=_choice("auto", "sdpa", "matmul"))
+    # auto: Liger's RMSNorm, RoPE and SwiGLU kernels on CUDA when liger-kernel is installed
+    # (the `gpu` extra; kernels/liger.py); true: required (an error where they cannot run).
+    liger: bool | str = "auto"
     eval_every: int = 0  # 0: only at the end (when there is eval data)
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
@@ -110,6 +116,11 @@ class TrainConfig:
     objective: str = field(default="sft", metadata=_choice("sft", "dpo", "orpo"))
     dpo_beta: float = 0.1  # DPO's KL strength (IPO's tau)
     dpo_loss: str = field(default="sigmoid", metadata=_choice("sigmoid", "ipo"))
+    # DPO's reference log-probs. cached: every pair's, computed once before the first step (a
+    # forward per pair, no graph) and kept next to the run (reference_logps.safetensors,
+    # reused on resume), so a step runs one forward instead of two; in_step: in every step.
+    # The same losses either way; the eval split's are always computed once per run.
+    dpo_reference: str = field(default="cached", metadata=_choice("cached", "in_step"))
     orpo_lambda: float = 0.1  # weight of ORPO's odds-ratio term next to the NLL of chosen
 
 

@@ -1,6 +1,9 @@
 """Preference training (DPO sigmoid/IPO, ORPO): losses equal TRL's, training, resume, eval."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +12,14 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 import adapters.training.objectives as objectives
-from adapters.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, load_recipe
+from adapters.config import (
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    TrainConfig,
+    dump_recipe,
+    load_recipe,
+)
 from adapters.data import build
 from adapters.data.packing import Batcher
 from adapters.data.preview import preview
@@ -17,7 +27,7 @@ from adapters.errors import TrainingError
 from adapters.kernels.logprobs import reference_token_logprobs, token_logprobs
 from adapters.lora import attach_lora
 from adapters.model import load_base
-from adapters.training import train
+from adapters.training import reference, train
 from adapters.training.trainer import setup, step
 
 PROMPT = "What is {i} plus {i}?"
@@ -225,21 +235,113 @@ def test_dpo_and_orpo_runs_log_rewards_and_learn_the_pairs(tiny_llama, tmp_path)
         assert (out / "adapter_model.safetensors").is_file()
 
 
-def test_dpo_resume_equals_uninterrupted(tiny_llama, tmp_path):
-    common = ["train.steps=6", "train.save_every=2", "lora.dropout=0.1"]
+def _rows_equal(a, b, keys, tol):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in keys:
+            assert (ra.get(k) is None) == (rb.get(k) is None), (ra["step"], k)
+            if ra.get(k) is not None:
+                assert ra[k] == pytest.approx(rb[k], rel=tol, abs=tol), (ra["step"], k)
+
+
+def _same_adapter(a, b, tol):
+    wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=tol, msg=k)
+
+
+PAIR_KEYS = ("loss", "eval_loss", "reward_margin", "reward_accuracy", "logps_chosen",
+             "logps_rejected", "ref_logps_chosen", "ref_logps_rejected")
+
+
+def test_cached_reference_equals_in_step_with_one_forward_per_step(tiny_llama, tmp_path,
+                                                                    monkeypatch):
+    calls = []  # sequences through the reference forward, per call
+    real = objectives.reference_logprobs
+    monkeypatch.setattr(objectives, "reference_logprobs",
+                        lambda model, batch: calls.append(int(batch["seq"].max()) + 1)
+                        or real(model, batch))
+    common = ["train.steps=4", "train.grad_accum=2", "data.eval_fraction=0.25",
+              "train.eval_every=2"]
+    outs, seqs = {}, {}
+    for mode in ("in_step", "cached"):
+        calls.clear()
+        outs[mode] = train(pref_recipe(tiny_llama, tmp_path / mode, *common,
+                                       f"train.dpo_reference={mode}", n=12))
+        seqs[mode] = sum(calls)
+    # 12 pairs: 9 train, 3 eval. Evaluations (step 2, the end) never recompute: the eval
+    # split's 6 sequences go through the base once per run in both modes; in_step then runs
+    # a reference forward in every micro-batch (4 steps x 2 x 2 pairs x 2 sides), cached
+    # computes the train split's 18 sequences once before the first step.
+    assert seqs == {"in_step": 6 + 32, "cached": 6 + 18}
+    a, b = metrics(outs["in_step"]), metrics(outs["cached"])
+    assert len(a) == 4 and a[0]["loss"] != a[-1]["loss"]
+    assert [r.get("eval_loss") is not None for r in a] == [False, True, False, False]
+    _rows_equal(a, b, PAIR_KEYS, 1e-5)
+    _same_adapter(outs["in_step"], outs["cached"], 1e-5)
+    ends = [json.loads((outs[m] / "manifest.json").read_text())["training"]["final_eval_loss"]
+            for m in ("in_step", "cached")]
+    assert ends[0] == pytest.approx(ends[1], abs=1e-5)
+    # the log-probs kept next to the run, by example index: train's only when cached
+    kept = {m: load_file(outs[m] / reference.FILE) for m in outs}
+    assert {k: tuple(v.shape) for k, v in kept["cached"].items()} == {"train": (18,),
+                                                                      "eval": (6,)}
+    assert set(kept["in_step"]) == {"eval"}
+    torch.testing.assert_close(kept["in_step"]["eval"], kept["cached"]["eval"])
+
+
+@pytest.mark.parametrize("mode", ["cached", "in_step"])
+def test_dpo_resume_equals_uninterrupted(tiny_llama, tmp_path, monkeypatch, mode):
+    common = ["train.steps=6", "train.save_every=2", "lora.dropout=0.1",
+              "data.eval_fraction=0.25", "train.eval_every=3", f"train.dpo_reference={mode}"]
     full = train(pref_recipe(tiny_llama, tmp_path / "a", *common))
     cfg = pref_recipe(tiny_llama, tmp_path / "b", *common)
     train(cfg, stop_after=3)
+    kept = (tmp_path / "b" / "out" / reference.FILE).read_bytes()
+    computed = []
+    real = reference.split_logprobs
+    monkeypatch.setattr(reference, "split_logprobs",
+                        lambda *a, **k: computed.append(1) or real(*a, **k))
     resumed = train(cfg, resume="latest")
+    assert computed == []  # read back from the run's folder, never computed again
+    assert (resumed / reference.FILE).read_bytes() == kept
     a, b = metrics(full), metrics(resumed)
     assert [r["step"] for r in b] == list(range(1, 7))
-    for ra, rb in zip(a, b):
-        for k in ("loss", "reward_margin", "logps_chosen"):
-            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+    _rows_equal(a, b, PAIR_KEYS, 1e-5)
     wa = load_file(full / "adapter_model.safetensors")
     wb = load_file(resumed / "adapter_model.safetensors")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7)
+
+
+def _train_cli(recipe_file, *args):
+    # one thread per rank (two ranks share two cores); CPU and gloo even where a GPU is present
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, "-m", "adapters", "train", str(recipe_file), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+@pytest.mark.parametrize("mode", ["cached", "in_step"])
+def test_dpo_two_ranks_equal_one_rank_with_twice_the_batch(tiny_llama, tmp_path, mode):
+    common = ["train.steps=4", "data.eval_fraction=0.25", "train.eval_every=2",
+              f"train.dpo_reference={mode}"]
+    one = train(pref_recipe(tiny_llama, tmp_path / "one", *common, "train.batch_size=4", n=16))
+    rec = tmp_path / "two" / "recipe.yaml"
+    rec.parent.mkdir()
+    rec.write_text(dump_recipe(pref_recipe(tiny_llama, tmp_path / "two", *common,
+                                           "train.batch_size=2", n=16)))
+    r = _train_cli(rec, "--nproc", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = tmp_path / "two" / "out"
+    a, b = metrics(one), metrics(two)
+    assert len(b) == 4 and b[0]["pairs"] == a[0]["pairs"] >= 4  # pairs of the global batch
+    _rows_equal(a, b, (*PAIR_KEYS, "pairs"), 1e-4)
+    _same_adapter(one, two, 1e-4)
+    # each rank computed half of the pairs; every rank ends up with all of them
+    for k, v in load_file(one / reference.FILE).items():
+        torch.testing.assert_close(load_file(two / reference.FILE)[k], v, rtol=0, atol=1e-5)
 
 
 def test_dpo_nan_guard_skips_a_bad_step(tiny_gpt2, tmp_path, monkeypatch, caplog):

@@ -5,14 +5,16 @@ import json
 
 import pytest
 import torch
-from conftest import recipe
+from conftest import head_recipe, recipe, toy_rows
 from peft import PeftModel
 from safetensors.torch import load_file
 from test_distributed import _adapters, _assert_same_adapter, _losses, _recipe_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from adapters.adapter import read_manifest
+from adapters.config import dump_recipe
 from adapters.errors import TrainingError
+from adapters.model import load_tokenizer
 from adapters.training import fsdp, train
 from adapters.training.distributed import Dist
 
@@ -90,17 +92,52 @@ def test_two_sharded_ranks_equal_one_rank_with_twice_the_batch(arch, tiny_llama,
     assert summary["global_batch"] == 4 and summary["ranks"] == 2
 
 
-def test_a_4bit_base_sharded_on_two_ranks(tiny_llama, tmp_path):
-    """bitsandbytes' packed 4-bit weights shard like any tensor (CPU here)."""
-    q = ["model.quantization=4bit", "train.steps=2", "train.lr=2e-2"]
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_a_quantized_base_read_by_rank_0_alone(bits, tiny_llama, tmp_path):
+    """bitsandbytes' packed weights shard like any tensor; rank 1 builds the quantized layers
+    on meta from rank 0's description and receives their quantization states (CPU here)."""
+    q = [f"model.quantization={bits}", "train.steps=2", "train.lr=2e-2"]
     one = train(recipe(tiny_llama, tmp_path / "one", *q, "train.batch_size=4", rows=48))
     rec = _recipe_file(tiny_llama, tmp_path / "two", *q, "train.batch_size=2",
                        "train.parallel=fsdp")
     r = _adapters("train", str(rec), "--nproc", "2")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "the base read by every rank" in r.stderr  # bitsandbytes quantizes as it loads
+    assert "the base read by rank 0 alone" in r.stderr
+    assert "quantization states" in r.stderr
     assert _losses(one) == pytest.approx(_losses(tmp_path / "two" / "out"), abs=1e-4)
     _close_adapters(one, tmp_path / "two" / "out")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_task_head_on_two_ranks(tiny_llama, tmp_path, parallel):
+    """The head (peft's modules_to_save, trained in full) is replicated like LoRA under both
+    ddp and fsdp: its gradient is summed with LoRA's, and rank 0 saves it from its own copy."""
+    steps = ["train.steps=4", "train.lr=1e-2", "train.schedule=constant"]
+    one = train(head_recipe(tiny_llama, tmp_path / "one", *steps, "train.batch_size=4"))
+    rec = tmp_path / "two" / "recipe.yaml"
+    rec.parent.mkdir(parents=True)
+    rec.write_text(dump_recipe(head_recipe(tiny_llama, tmp_path / "two", *steps,
+                                           "train.batch_size=2", f"train.parallel={parallel}")))
+    r = _adapters("train", str(rec), "--nproc", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = tmp_path / "two" / "out"
+    if parallel == "fsdp":
+        assert "the base read by rank 0 alone" in r.stderr and "the task head" in r.stderr
+    assert _losses(one) == pytest.approx(_losses(two), abs=1e-4)
+    _close_adapters(one, two)
+    assert "base_model.model.score.weight" in load_file(two / "adapter_model.safetensors")
+    assert read_manifest(two).extra["task"] == read_manifest(one).extra["task"]
+    # Plain transformers + peft load the folder and compute what the one-rank adapter does.
+    tok = load_tokenizer(str(tiny_llama))  # its pad token is the EOS, as in training
+    enc = tok([x["text"] for x in toy_rows(8, 1)], return_tensors="pt", padding=True)
+
+    def logits(adapter):
+        base = AutoModelForSequenceClassification.from_pretrained(
+            tiny_llama, num_labels=2, pad_token_id=tok.pad_token_id, dtype=torch.float32)
+        with torch.no_grad():
+            return PeftModel.from_pretrained(base, adapter).eval()(**enc).logits
+
+    torch.testing.assert_close(logits(two), logits(one), atol=1e-4, rtol=0)
 
 
 def test_a_lost_peer_during_a_sharded_gather_says_so(monkeypatch):

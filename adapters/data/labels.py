@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import datasets
 
-from ..config import IGNORE_INDEX, DataConfig
+from ..config import IGNORE_INDEX, DataConfig, RunConfig
 from ..errors import DataError
 from .formats import columns_for
-from .sources import Row
+from .sources import Row, read_rows
 
 _FIELD = re.compile(r"\{(\w+)\}")
 MAX_LABELS = 10_000  # more distinct labels than this is a regression column, not classes
@@ -137,3 +137,16 @@ def label_examples(rows: list[Row], cfg: DataConfig, tokenizer, targets: Targets
         out["row"].append(i)
         out["truncated"].append(truncated)
     return datasets.Dataset.from_dict(out), skipped
+
+
+def read_targets(cfg: RunConfig) -> Targets | None:
+    """What a `label` recipe's label column means: class names in id order, read from
+    data.train (classification), or regression values; None for the other formats."""
+    if cfg.data.format != "label":
+        return None
+    if cfg.model.task == "regression":
+        return Targets("regression")
+    if cfg.data.train is None:
+        return Targets("classification", [])  # data.build says what is missing
+    rows, _ = read_rows(cfg.data.train, cfg.data.text_unit)
+    return Targets("classification", label_names(rows, cfg.data, cfg.model.num_labels))

@@ -133,9 +133,11 @@ class Batcher:
         lengths = [len(x) for x in self.ids]
         self.items = pack_bins(lengths, max_len) if packing else [[i] for i in range(len(lengths))]
         self.paired = "pair" in getattr(dataset, "column_names", ())
-        # format label: each example's class id or value, collated as `target` (N,)
-        self.targets = dataset["target"] if "target" in getattr(
-            dataset, "column_names", ()) else None
+        # Per-example values, collated (N,) in the examples' order (row-major; for pairs that
+        # of `seq`): format label's class id or value (`target`), DPO's cached reference
+        # log-prob of each sequence (`ref_logps`, training/reference.py).
+        self.values = {c: dataset[c] for c in ("target", "ref_logps")
+                       if c in getattr(dataset, "column_names", ())}
         if self.paired:  # preference data: a pair's chosen and rejected stay in one batch
             groups = pair_groups(dataset["pair"])
             bins = pack_bins([sum(lengths[i] for i in g) for g in groups], max_len)
@@ -155,9 +157,9 @@ class Batcher:
 
     def _collate(self, chosen: list[list[int]]) -> dict:
         out = self._collate_ids(chosen)
-        if self.targets is not None:  # in the order of the examples' markers (row-major)
-            out["target"] = torch.tensor([self.targets[i] for item in chosen for i in item],
-                                         dtype=torch.float32)
+        for name, values in self.values.items():
+            out[name] = torch.tensor([values[i] for item in chosen for i in item],
+                                     dtype=torch.float32)
         return out
 
     def _collate_ids(self, chosen: list[list[int]]) -> dict:

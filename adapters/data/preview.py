@@ -14,9 +14,8 @@ from collections import Counter
 from ..config import IGNORE_INDEX, RunConfig
 from ..model import load_tokenizer, resolve_model_path
 from . import build, check_data
-from .labels import Targets, label_names
+from .labels import Targets, read_targets
 from .packing import pack_bins
-from .sources import read_rows
 
 _ON, _OFF = "\x1b[1;32m", "\x1b[0m"
 
@@ -53,22 +52,6 @@ def summary(stats: dict, lengths: list[int], max_len: int, packing: bool) -> dic
             "packing_efficiency": round(sum(lengths) / max(slots, 1), 4)}
 
 
-def data_targets(cfg: RunConfig) -> Targets | None:
-    """What a `label` recipe's label column means, read from data.train: class names in id
-    order (classification) or regression values; None for the other formats.
-
-    The CLI passes training's own `targets_for` instead, which also checks the recipe.
-    """
-    if cfg.data.format != "label":
-        return None
-    if cfg.model.task == "regression":
-        return Targets("regression")
-    if cfg.data.train is None:
-        return Targets("classification", [])  # data.build says what is missing
-    rows, _ = read_rows(cfg.data.train, cfg.data.text_unit)
-    return Targets("classification", label_names(rows, cfg.data, cfg.model.num_labels))
-
-
 def _header(row: dict, i: int, paired: bool, targets: Targets | None) -> str:
     trunc = ", truncated" if row["truncated"] else ""
     n = len(row["input_ids"])
@@ -100,7 +83,7 @@ def preview(cfg: RunConfig, n: int = 3, color: bool = False,
     """
     check_data(cfg.data)  # before the tokenizer: a data mistake costs no model conversion
     if targets is None:
-        targets = data_targets(cfg)
+        targets = read_targets(cfg)
     tok = load_tokenizer(resolve_model_path(cfg.model.name))
     data = build(cfg.data, tok, seed=cfg.train.seed, targets=targets)
     ds = data.train.dataset

@@ -9,6 +9,7 @@ loaded with code execution: optimiser state goes through `torch.load(weights_onl
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
@@ -25,6 +26,7 @@ from ..io import atomic_dir, clean_stale_tmp
 STATE_FILE = "state.json"
 OPTIM_FILE = "optimizer.pt"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
+log = logging.getLogger(__name__)
 
 # Recipe keys whose change does not alter the trajectory of the run: logging, saving, and the
 # speed options (they change how a step is computed, not what: at most float rounding).
@@ -32,7 +34,8 @@ HARMLESS = {"train.steps", "train.epochs", "train.eval_every", "train.save_every
             "train.keep_checkpoints", "train.log_every", "train.max_bad_steps", "output.dir",
             "data.eval", "train.dist_timeout_s", "output.license", "output.datasets",
             "train.compile", "train.fused_lora", "train.gradient_checkpointing",
-            "train.offload_checkpoints", "train.report_to"}
+            "train.offload_checkpoints", "train.report_to", "train.dpo_reference",
+            "train.attention", "train.liger"}
 
 
 def rng_state() -> dict[str, Any]:
@@ -140,3 +143,23 @@ def recipe_changes(old: dict, new: RunConfig) -> tuple[list[str], list[str]]:
             line = f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
             (harmless if key in HARMLESS else matter).append(line)
     return matter, harmless
+
+
+def resumable(cfg: RunConfig, resume: str, world: int) -> tuple[Path, dict]:
+    """The checkpoint to continue and its state; refused (saying why and what to do) when this
+    run cannot continue it exactly."""
+    path = find_resume(Path(cfg.output.dir), resume)
+    state = load_state(path)
+    matter, harmless = recipe_changes(state["recipe"], cfg)
+    if matter:
+        raise TrainingError(f"{path}: cannot resume, the recipe changed in ways that alter the "
+                            "run:\n  " + "\n  ".join(matter))
+    saved_world = state.get("world_size", 1)
+    if saved_world != world:
+        raise TrainingError(
+            f"{path}: written by a run on {saved_world} rank(s), this one has {world}: the "
+            f"data shards and the global batch would differ. Resume with --nproc {saved_world} "
+            f"(torchrun --nproc_per_node {saved_world})")
+    for line in harmless:
+        log.info("resume: allowed change %s", line)
+    return path, state

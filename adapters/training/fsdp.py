@@ -14,19 +14,23 @@ What is not sharded, and why:
   * the lm_head: the fused loss reads `lm_head.weight` directly (no module forward that
     FSDP could hook to gather it), so it stays whole on every rank; a tied head (GPT-2) keeps
     the tied embedding whole too.
-4-bit bases: bitsandbytes' packed weights shard like any tensor (all parameters of a block
-have one dtype when `bnb_4bit_quant_storage` is the compute dtype); the quantization state
-(absmax, code; a few % of the packed size) stays whole on every rank and is handed back to
-the gathered weight before each block runs.
+  * a task head (`model.task`, peft's modules_to_save): trained in full like LoRA, so it is
+    replicated like LoRA (hidden x num_labels: smaller than one LoRA layer), its gradient
+    summed with LoRA's, saved by rank 0 from its own copy. The loss applies it to the
+    decoder's output outside any sharded module.
+Quantized bases: bitsandbytes' packed weights (4-bit, in `bnb_4bit_quant_storage`) and int8
+weights (8-bit) shard like any tensor (FSDP gathers a block's mixed dtypes as bytes); the
+quantization state (4-bit: absmax, quant_map, the nested double-quant state; 8-bit: the row
+scales; a few % of the packed size) stays whole on every rank and is handed back to the
+gathered weights before each block runs.
 
-Loading: only rank 0 reads the base (onto the host: `load_device`); the other ranks build the same
-model on the meta device (shapes and dtypes, no storage), attach LoRA and shard it the same
-way, then `shard` sends rank 0's weights one tensor at a time into every rank's shards
-(`set_model_state_dict(..., broadcast_from_rank0=True)`): the host holds one whole base on
-rank 0 and the shards, never a whole base per rank, and rank 0's LoRA initialisation reaches
-every rank with the same broadcast. Quantized bases still load whole on every rank: a
-bitsandbytes weight is quantized as it loads onto its device and carries its quantization
-state as attributes of the tensor, which a state dict broadcast does not rebuild.
+Loading (fsdp_load.py): only rank 0 reads the base, quantized or not, with or without a task
+head, onto the host; the other ranks build the same model on the meta device (shapes and
+dtypes, no storage) from rank 0's description, its quantization states included, attach LoRA
+and shard it the same way, then `shard` sends rank 0's weights one tensor at a time into every
+rank's shards (`set_model_state_dict(..., broadcast_from_rank0=True)`): the host holds one
+whole base on rank 0 and the shards, never a whole base per rank, and rank 0's LoRA (and head)
+initialisation reaches every rank with the same broadcast.
 
 `shard(model, d, dtype, tokenizer)` does this in place after LoRA is attached and the speed
 options are applied; `model.adapters_fsdp` then holds the base's fingerprint (taken before
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import logging
 
+import bitsandbytes as bnb
 import torch
 import torch.distributed as tdist
 from torch import nn
@@ -45,14 +50,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from ..config import RunConfig
-from ..model import base_fingerprint, default_device
+from ..model import base_fingerprint
 from .distributed import Dist, collective
+from .fsdp_load import from_rank0
 from .offload import decoder_blocks
 
 log = logging.getLogger(__name__)
-
-_FROM_RANK0 = "adapters_fsdp_from_rank0"  # set on a base that only rank 0 has read
 
 
 def _bytes(t: torch.Tensor) -> int:
@@ -60,20 +63,42 @@ def _bytes(t: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
-def _quantized(base: nn.Module) -> dict[nn.Module, object]:
-    """bitsandbytes 4-bit layers and their quantization state (kept whole on every rank)."""
-    return {m: m.weight.quant_state for m in base.modules()
-            if getattr(getattr(m, "weight", None), "quant_state", None) is not None}
+def _quantized(base: nn.Module, device: str) -> dict[nn.Module, object]:
+    """bitsandbytes layers and their quantization state, moved to `device` and kept whole on
+    every rank: a 4-bit layer's QuantState, an 8-bit layer's row scales (SCB)."""
+    found = {}
+    for m in base.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.weight.quant_state.to(device)  # in place
+            found[m] = m.weight.quant_state
+        elif isinstance(m, bnb.nn.Linear8bitLt):
+            scb = getattr(m.weight, "SCB", None)
+            found[m] = (scb if scb is not None else m.state.SCB).to(device)
+    return found
 
 
 def _give_back_quant_state(layers: dict[nn.Module, object]):
-    """A block pre-forward hook (after FSDP's gather): the gathered weight is a plain tensor,
-    so its 4-bit layers get their quantization state attached again."""
+    """A block pre-forward hook (after FSDP's gather): the gathered weight is a plain tensor
+    without bitsandbytes' attributes, so each layer gets its state back. A 4-bit layer reads
+    it from its weight; an 8-bit layer multiplies with the int8 matrix and scales held in its
+    matmul state, so both go there (the gathered weight's storage, refilled by FSDP before
+    backward and freed after, so holding it keeps nothing alive)."""
     def hook(_module, _args):
         for layer, state in layers.items():
-            if getattr(layer.weight, "quant_state", None) is None:
+            if isinstance(layer, bnb.nn.Linear8bitLt):
+                layer.weight.CB = None  # its forward would otherwise look for Int8Params' CB
+                layer.state.CB, layer.state.SCB = layer.weight.data, state
+            elif getattr(layer.weight, "quant_state", None) is None:
                 layer.weight.quant_state = state
     return hook
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict's parameters and buffers: without the quantization states bitsandbytes
+    adds to it, which every rank already has (fsdp_load) and no model loads back."""
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    names |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    return {k: v for k, v in model.state_dict().items() if k in names}
 
 
 def _mesh(d: Dist, device: str):
@@ -84,36 +109,6 @@ def _mesh(d: Dist, device: str):
         tdist.init_process_group("nccl" if kind == "cuda" else "gloo", store=tdist.HashStore(),
                                  rank=0, world_size=1)
     return init_device_mesh(kind, (d.world,))
-
-
-def _rank0_loads(cfg: RunConfig) -> bool:
-    """Whether only rank 0 reads the base: fsdp on an unquantized causal LM (a new task head
-    and bitsandbytes' weights still load whole on every rank)."""
-    return (cfg.train.parallel == "fsdp" and cfg.model.quantization == "none"
-            and cfg.model.task == "causal_lm")
-
-
-def load_device(cfg: RunConfig, d: Dist, device: str | None) -> str | None:
-    """Where this rank loads the base: under fsdp rank 0 onto the host and the other ranks
-    on the meta device (shapes and dtypes, nothing read), to be filled by `shard`; else
-    `device`."""
-    if not _rank0_loads(cfg):
-        return device
-    return "cpu" if d.main else "meta"
-
-
-def train_device(cfg: RunConfig, d: Dist, model: nn.Module, device: str | None) -> str:
-    """The device this rank trains on, once `model` is loaded where `load_device` said."""
-    if not _rank0_loads(cfg):
-        return str(model.device)
-    setattr(model, _FROM_RANK0, True)
-    return device or default_device()
-
-
-def from_rank0(model: nn.Module) -> bool:
-    """True when this base's weights (LoRA's too) reach this rank only in `shard`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, _FROM_RANK0, False)
 
 
 class _Gather:
@@ -186,11 +181,12 @@ def shard(model: nn.Module, d: Dist, dtype: torch.dtype, tokenizer, device: str)
         collective(d, lambda: tdist.broadcast_object_list(sent, 0), "the base's fingerprint")
         fingerprint = sent[0]
     # Rank 0's whole weights (references, not copies) outlive the sharding below, to be sent.
-    whole = model.state_dict() if rank0 and d.main else {}
+    whole = _weights(model) if rank0 and d.main else {}
     full = sum(_bytes(p) for p in model.parameters())
-    keep = {p for p in model.parameters() if p.requires_grad}
-    keep |= set(base.get_output_embeddings().parameters())
-    quant = _quantized(base)
+    keep = {p for p in model.parameters() if p.requires_grad}  # LoRA, a task head
+    head = base.get_output_embeddings()  # None with a task head instead of the lm_head
+    keep |= set(head.parameters()) if head is not None else set()
+    quant = _quantized(base, device)
     # The base is already stored in the compute dtype (a 4-bit base's packed weights in their
     # storage dtype): no cast on gather, and none of the frozen weights has a gradient to
     # reduce. LoRA tensors are not FSDP's, so their fp32 master copies stay as they are.
@@ -215,9 +211,11 @@ def shard(model: nn.Module, d: Dist, dtype: torch.dtype, tokenizer, device: str)
     replicated = sum(_bytes(p) for p in model.parameters() if not hasattr(p, "to_local"))
     info = {"fingerprint": fingerprint, "rank_weight_bytes": rank_bytes,
             "full_weight_bytes": full, "replicated_bytes": replicated}
+    whole_too = [what for what, there in (("the task head", head is None), ("the lm_head",
+                 head is not None), ("quantization states", quant)) if there]
     log.info("pre-flight: FSDP over %d rank(s): %.1f MB of weights per rank of %.1f MB "
-             "(%.1f MB replicated: LoRA%s); %s", d.world, rank_bytes / 1e6, full / 1e6,
-             replicated / 1e6, " and the lm_head" if not quant else ", lm_head, 4-bit states",
+             "(%.1f MB replicated: LoRA, %s); %s", d.world, rank_bytes / 1e6, full / 1e6,
+             replicated / 1e6, ", ".join(whole_too),
              "the base read by rank 0 alone" if rank0 else "the base read by every rank")
     model.adapters_fsdp = info
     return info

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import IGNORE_INDEX, RunConfig
-from ..data.labels import Targets, label_names
-from ..data.sources import read_rows
+from ..data.labels import Targets, read_targets
 from ..errors import ConfigError
 from ..heads import head_module, load_head_model, task_section
 from .loss import autocast_for
@@ -49,20 +48,14 @@ def targets_for(cfg: RunConfig) -> Targets | None:
     if cfg.train.objective != "sft":
         problems.append(f"train.objective: {cfg.train.objective} is for causal LMs; a task "
                         "head trains with cross-entropy / MSE (leave train.objective: sft)")
-    if cfg.train.parallel == "fsdp":
-        problems.append("train.parallel: fsdp is not supported with task heads yet; use ddp")
     if task == "regression" and cfg.model.num_labels not in (None, 1):
         problems.append("model.num_labels: regression has one output; drop model.num_labels")
     if problems:
         raise ConfigError("recipe: " + "; ".join(problems))
-    if task == "regression":
-        return Targets("regression")
-    if cfg.data.train is None:
-        return Targets("classification", [])  # data.build says what is missing
-    rows, _ = read_rows(cfg.data.train, cfg.data.text_unit)
-    names = label_names(rows, cfg.data, cfg.model.num_labels)
-    log.info("classification: %d labels %s", len(names), names[:20])
-    return Targets("classification", names)
+    targets = read_targets(cfg)
+    if targets.names:
+        log.info("classification: %d labels %s", len(targets.names), targets.names[:20])
+    return targets
 
 
 def load_head(cfg: RunConfig, device: str | None, targets: Targets):

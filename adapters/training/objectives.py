@@ -5,8 +5,10 @@ rejected one (`seq` (B, T) says which sequence each token is in; data/packing.py
 sequence's log-probability is the sum of its completion tokens' log-probs, computed at label
 positions only, chunked (kernels/logprobs.py): full-vocabulary logits never exist.
 
-DPO's reference is the same model with the adapter switched off, under no_grad, in the same
-step: no second model in memory. With logratios `c = pi(chosen) - ref(chosen)` and
+DPO's reference is the same model with the adapter switched off, under no_grad: no second
+model in memory. With train.dpo_reference: cached its log-probs were computed once before
+training and come with the batch (`ref_logps` (S,), training/reference.py); in_step, they are
+computed in the step, a second forward. With logratios `c = pi(chosen) - ref(chosen)` and
 `r = pi(rejected) - ref(rejected)`:
   sigmoid: -log sigmoid(beta (c - r))
   ipo:     (c / |chosen| - r / |rejected| - 1 / (2 beta))^2   (per-token averages, as TRL)
@@ -103,6 +105,13 @@ def reference_logprobs(model, batch: dict) -> torch.Tensor:
         return sequence_logprobs(model, batch)[0]
 
 
+def batch_reference(model, batch: dict) -> torch.Tensor:
+    """The batch's reference log-probs (S,): cached with the data when there, else computed."""
+    if "ref_logps" in batch:
+        return batch["ref_logps"]
+    return reference_logprobs(model, batch)
+
+
 def step_counts(t: TrainConfig, micro: list[dict]) -> list[int]:
     """The step's normalisers: [] for sft; [pairs, chosen completion tokens] for dpo/orpo."""
     if t.objective == "sft":
@@ -126,7 +135,7 @@ def preference_loss(model, batch: dict, t: TrainConfig, counts: list[int],
     """
     pairs, chosen_tokens = max(counts[0], 1), max(counts[1], 1)
     logps, n = sequence_logprobs(model, batch)
-    ref = reference_logprobs(model, batch) if t.objective == "dpo" else None
+    ref = batch_reference(model, batch) if t.objective == "dpo" else None
     losses, m = pair_losses(t, logps, n, ref)
     part = losses.sum() / pairs
     if t.objective == "orpo":
@@ -167,7 +176,7 @@ def evaluate_pairs(model, batches, t: TrainConfig, device: str, autocast) -> dic
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             logps, n = sequence_logprobs(model, batch)
-            ref = reference_logprobs(model, batch) if t.objective == "dpo" else None
+            ref = batch_reference(model, batch) if t.objective == "dpo" else None
             losses, m = pair_losses(t, logps, n, ref)
             pair_loss += float(losses.sum())
             for k, v in m.items():

@@ -11,7 +11,8 @@ trainable tokens (so accumulation equals one big batch); then clip, a non-finite
 
 Below this story, each module one concern: optim (optimiser, schedule), loss (the fused loss),
 progress (pre-flight, metrics lines, bar, summary), checkpoint (the files of a resumable
-state), distributed (torchrun), runtime (seeds, signals, memory, folder checks), plots.
+state), distributed (torchrun), runtime (seeds, signals, memory, folder checks), plots,
+objectives + reference (DPO/ORPO losses; DPO's reference log-probs, computed once per run).
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ from ..data.sources import expand
 from ..errors import TrainingError
 from ..io import atomic_write_text, sha256_file
 from ..lora import attach_lora, set_adapter_training
-from ..model import load_base, resolve_dtype
+from ..model import resolve_dtype
 from . import checkpoint as ckpt
-from . import distributed, fsdp, heads, objectives
+from . import distributed, fsdp, fsdp_load, heads, objectives, reference
 from .accelerate import accelerate
 from .distributed import Dist
 from .loss import autocast_for
@@ -104,8 +105,8 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = False,
     if not main:  # rank 0 speaks for all; the others only warn
         logging.getLogger("adapters").setLevel(logging.WARNING)
     # A checkpoint that cannot be continued is refused before the model loads.
-    found = _resumable(cfg, resume, distributed.from_env().world) if resume else None
-    run = setup(cfg, device)
+    found = ckpt.resumable(cfg, resume, distributed.from_env().world) if resume else None
+    run = setup(cfg, device, resume=bool(found), progress=progress)
     try:
         if found:
             restore(run, *found)
@@ -122,16 +123,19 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = False,
     return run.out
 
 
-def setup(cfg: RunConfig, device: str | None = None) -> Run:
-    """Base + LoRA, data, batches, optimiser and schedule: a run at step 0."""
+def setup(cfg: RunConfig, device: str | None = None, resume: bool = False,
+          progress: bool = False) -> Run:
+    """Base + LoRA, data, batches, optimiser and schedule: a run at step 0.
+
+    resume: a checkpoint will be restored (DPO's cached reference log-probs are read back).
+    """
     check_output_dir(Path(cfg.output.dir))  # fail before loading anything
     seed_all(cfg.train.seed)
     d = distributed.init(cfg.train.dist_timeout_s)
     device = distributed.device_for(d, device)
     targets = heads.targets_for(cfg)  # model.task: the class names, read before loading
-    model, tok = (load_base(cfg.model, fsdp.load_device(cfg, d, device)) if targets is None
-                  else heads.load_head(cfg, device, targets))  # the base with a new head
-    device = fsdp.train_device(cfg, d, model, device)  # fsdp: only rank 0 read the weights
+    # The base (with a new head for a task); under fsdp only rank 0 reads its weights.
+    model, tok, device = fsdp_load.load(cfg, d, device, targets)
     dtype = resolve_dtype(cfg.model.dtype, device)
     model = attach_lora(model, cfg.lora)
     if dtype != torch.float32:
@@ -141,18 +145,18 @@ def setup(cfg: RunConfig, device: str | None = None) -> Run:
             if hasattr(m, "cast_input_dtype_enabled"):
                 m.cast_input_dtype_enabled = False
     set_adapter_training(model, True)
-    if d.active and not fsdp.from_rank0(model):  # else rank 0's LoRA comes with its base
+    if d.active and not fsdp_load.from_rank0(model):  # else rank 0's LoRA comes with its base
         distributed.broadcast_params(d, [p for p in model.parameters() if p.requires_grad])
     data = build_data(cfg.data, tok, seed=cfg.train.seed, targets=targets)
-    mk = lambda ds, seed, shard=(0, 1): Batcher(  # noqa: E731
-        ds, cfg.train.batch_size, cfg.data.max_seq_len, cfg.data.packing, tok.pad_token_id,
-        seed, shard)
-    batcher = mk(data.train.dataset, cfg.train.seed, (d.rank, d.world))
-    eval_batcher = mk(data.eval.dataset, 0) if data.eval else None
+    batcher, eval_batcher = _batchers(cfg, data, tok.pad_token_id, d)
     steps = total_steps(cfg, batcher.batches_per_epoch())
     accelerate(model, cfg.train, device, steps)  # checkpointing, fused LoRA, compiled blocks
     if cfg.train.parallel == "fsdp":  # the frozen base sharded across ranks
         fsdp.shard(model, d, dtype, tok, device)
+    if cfg.train.objective == "dpo":  # the base's log-probs once per run, not in every step
+        data = reference.cache(model, data, cfg, d, device, dtype, tok.pad_token_id, resume,
+                               progress)
+        batcher, eval_batcher = _batchers(cfg, data, tok.pad_token_id, d)
     opt = make_optimizer(model, cfg.train)
     stats = {"format": cfg.data.format, "files": data_files(cfg.data), "train": data.train.stats,
              "eval": data.eval.stats if data.eval else None}
@@ -303,6 +307,15 @@ def restore(run: Run, path: Path, state: dict) -> None:
 # ---- helpers of the story above ------------------------------------------------------------
 
 
+def _batchers(cfg: RunConfig, data, pad_id: int, d: Dist) -> tuple[Batcher, Batcher | None]:
+    """(this rank's training batches, the whole eval split's batches or None)."""
+    t = cfg.train
+    mk = lambda ds, seed, shard=(0, 1): Batcher(  # noqa: E731
+        ds, t.batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id, seed, shard)
+    return (mk(data.train.dataset, t.seed, (d.rank, d.world)),
+            mk(data.eval.dataset, 0) if data.eval else None)
+
+
 def micro_batches(run: Run, step: int) -> list[dict]:
     """The `grad_accum` batches of optimiser step `step` (a function of the step: resumable)."""
     ga, bpe = run.cfg.train.grad_accum, run.batcher.batches_per_epoch()
@@ -357,26 +370,6 @@ def _stop_requested(run: Run, signals: StopSignals) -> bool:
     if run.dist.active:  # a signal one rank caught stops all of them at this step
         stop = distributed.any_rank(run.dist, stop, run.device)
     return stop
-
-
-def _resumable(cfg: RunConfig, resume: str, world: int) -> tuple[Path, dict]:
-    """The checkpoint to continue and its state; refused (saying why and what to do) when this
-    run cannot continue it exactly."""
-    path = ckpt.find_resume(Path(cfg.output.dir), resume)
-    state = ckpt.load_state(path)
-    matter, harmless = ckpt.recipe_changes(state["recipe"], cfg)
-    if matter:
-        raise TrainingError(f"{path}: cannot resume, the recipe changed in ways that alter the "
-                            "run:\n  " + "\n  ".join(matter))
-    saved_world = state.get("world_size", 1)
-    if saved_world != world:
-        raise TrainingError(
-            f"{path}: written by a run on {saved_world} rank(s), this one has {world}: the "
-            f"data shards and the global batch would differ. Resume with --nproc {saved_world} "
-            f"(torchrun --nproc_per_node {saved_world})")
-    for line in harmless:
-        log.info("resume: allowed change %s", line)
-    return path, state
 
 
 def data_files(dcfg) -> list[dict]:

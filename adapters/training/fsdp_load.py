@@ -1,0 +1,170 @@
+"""Loading the base for a run: under `train.parallel: fsdp` rank 0 alone reads it.
+
+The first step of sharded training (fsdp.py shards what this loads). Without fsdp every rank
+reads the whole base (and its new task head, if any) onto its device. Under fsdp rank 0 reads
+it onto the host and describes it to the others (`_layout`): its config (a task head's label
+names and pad token are in it) and every bitsandbytes layer with its packed weight's shape and
+its quantization state's tensors. The others build the same model on the meta device (shapes
+and dtypes, no storage, nothing read from disk), with each quantized layer in place and its
+quantization state received from rank 0, one tensor at a time. `fsdp.shard` then sends rank 0's
+weights into every rank's shards.
+
+Why the quantization state travels here and not with the weights: bitsandbytes keeps it as an
+attribute of the weight tensor (4-bit: absmax, quant_map and the nested double-quant state,
+`weight.quant_state`; 8-bit: the row scales `weight.SCB`), which a state-dict broadcast does not
+rebuild, and the skeleton needs it before LoRA is attached (peft picks its bitsandbytes LoRA
+layer from the base layer's class). It is small (~3% of the packed weights for nf4 with
+double quant, 1/in_features of int8 weights) and stays whole on every rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+
+import bitsandbytes as bnb
+import torch
+import torch.distributed as tdist
+from torch import nn
+from transformers import AutoModelForSequenceClassification
+
+from ..config import RunConfig
+from ..data.labels import Targets
+from ..model import default_device, load_base, load_tokenizer, resolve_dtype, resolve_model_path
+from .distributed import Dist, collective
+from .heads import load_head
+
+log = logging.getLogger(__name__)
+
+_FROM_RANK0 = "adapters_fsdp_from_rank0"  # set on a base that only rank 0 has read
+
+
+def load(cfg: RunConfig, d: Dist, device: str | None, targets: Targets | None):
+    """(model, tokenizer, train device): the base (with a new head for a task) for this rank.
+
+    Under fsdp rank 0 reads it onto the host and the other ranks build it on the meta device,
+    to be filled by `fsdp.shard`; else every rank reads it onto `device`.
+    """
+    if cfg.train.parallel != "fsdp":
+        model, tok = _read(cfg, device, targets)
+        return model, tok, str(model.device)
+    if d.main:
+        model, tok = _read(cfg, "cpu", targets)
+    if d.active:
+        layout = [_layout(model) if d.main else None]
+        collective(d, lambda: tdist.broadcast_object_list(layout, 0), "the base's layout")
+        if not d.main:
+            model, tok = _skeleton(cfg, targets, layout[0])
+        _send_quant_states(model, layout[0]["quant"], d)
+    setattr(model, _FROM_RANK0, True)
+    return model, tok, device or default_device()
+
+
+def from_rank0(model: nn.Module) -> bool:
+    """True when this base's weights (LoRA's too) reach this rank only in `fsdp.shard`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, _FROM_RANK0, False)
+
+
+def _read(cfg: RunConfig, device: str | None, targets: Targets | None):
+    if targets is None:
+        return load_base(cfg.model, device)
+    return load_head(cfg, device, targets)
+
+
+def _layout(model: nn.Module) -> dict:
+    """What another rank needs to build `model` without reading it: the config and, per
+    bitsandbytes layer, its constructor's arguments and the shapes of its tensors."""
+    quant = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt):
+            continue
+        spec = {"in": m.in_features, "out": m.out_features, "weight": (m.weight.shape,
+                m.weight.dtype), "bias": None if m.bias is None else m.bias.dtype,
+                "state": {k: (v.shape, v.dtype) for k, v in _quant_state(m).items()}}
+        if isinstance(m, bnb.nn.Linear4bit):
+            w = m.weight
+            spec.update(kind="4bit", compute_dtype=m.compute_dtype, quant_type=w.quant_type,
+                        blocksize=w.blocksize, compress=w.compress_statistics,
+                        storage=w.quant_storage)
+        else:
+            spec.update(kind="8bit", threshold=m.state.threshold)
+        quant[name] = spec
+    return {"config": model.config, "quant": quant}
+
+
+def _quant_state(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """A bitsandbytes layer's quantization state as tensors (4-bit: as its state dict has
+    them, the non-tensor fields packed into one uint8 tensor)."""
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return layer.weight.quant_state.as_dict(packed=True)
+    scb = getattr(layer.weight, "SCB", None)
+    return {"SCB": scb if scb is not None else layer.state.SCB}
+
+
+def _skeleton(cfg: RunConfig, targets: Targets | None, layout: dict):
+    """The model rank 0 read, on the meta device: its own config's architecture, with its
+    bitsandbytes layers (`_send_quant_states` gives them their states)."""
+    plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantization="none"))
+    if targets is None:
+        model, tok = load_base(plain.model, "meta")
+    else:
+        # The head model's config carries what rank 0 chose: label names, pad token.
+        config = copy.deepcopy(layout["config"])
+        config.__dict__.pop("quantization_config", None)
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(
+                config, dtype=resolve_dtype(cfg.model.dtype, "cpu"), attn_implementation="sdpa")
+        model.eval()
+        model.config.use_cache = False
+        tok = load_tokenizer(resolve_model_path(cfg.model.name))
+    kinds = {spec["kind"] for spec in layout["quant"].values()}
+    for kind in kinds:  # read by peft (its bitsandbytes LoRA layers) and by attach_lora
+        setattr(model, f"is_loaded_in_{kind}", True)
+    return model, tok
+
+
+def _send_quant_states(model: nn.Module, quant: dict, d: Dist) -> None:
+    """Every bitsandbytes layer's state from rank 0, one tensor at a time; on the other
+    ranks each layer of `quant` is put in place, on meta, with the state it received."""
+    for name, spec in quant.items():
+        if d.main:
+            state = _quant_state(model.get_submodule(name))
+        else:
+            state = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in
+                     spec["state"].items()}
+        for key in sorted(state):
+            collective(d, lambda t=state[key]: tdist.broadcast(t, 0),
+                       "the base's quantization states")
+        if not d.main:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, _quantized_layer(spec, state))
+
+
+def _quantized_layer(spec: dict, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A bitsandbytes layer on meta as rank 0 has it, its quantization state attached."""
+    shape, dtype = spec["weight"]
+    bias = spec["bias"] is not None
+    if spec["kind"] == "4bit":
+        layer = bnb.nn.Linear4bit(spec["in"], spec["out"], bias=bias,
+                                  compute_dtype=spec["compute_dtype"],
+                                  compress_statistics=spec["compress"],
+                                  quant_type=spec["quant_type"],
+                                  quant_storage=spec["storage"], device="meta")
+        qs = bnb.functional.QuantState.from_dict(state, device="cpu")
+        layer.weight = bnb.nn.Params4bit(
+            torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False,
+            quant_state=qs, blocksize=spec["blocksize"], compress_statistics=spec["compress"],
+            quant_type=spec["quant_type"], quant_storage=spec["storage"], module=layer,
+            bnb_quantized=True)
+        layer.quant_state = qs
+    else:
+        layer = bnb.nn.Linear8bitLt(spec["in"], spec["out"], bias=bias, has_fp16_weights=False,
+                                    threshold=spec["threshold"], device="meta")
+        layer.weight = bnb.nn.Int8Params(torch.empty(shape, dtype=dtype, device="meta"),
+                                         requires_grad=False, has_fp16_weights=False,
+                                         SCB=state["SCB"])
+    if bias:
+        layer.bias.data = layer.bias.data.to(spec["bias"])
+    return layer
