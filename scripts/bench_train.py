@@ -9,6 +9,8 @@ learning rate and steps. Like with like:
   - the same clock: wall time between the ends of optimiser steps 1 and N on both sides (ours
     around `trainer.step`, the baseline's `on_step_end`), a device synchronize on CUDA, the
     loss logged every step on both sides;
+  - the same examples in the same order on both sides (the baseline walks our loop's
+    shuffled order sequentially), so the final losses compare;
   - the sides interleaved and repeated (`--repeats`): the median and the spread (min-max) of
     tokens/s are reported, since timings on a shared machine vary by 30% from run to run.
 Cases:
@@ -130,6 +132,17 @@ def full_rows(bundle, seq: int):
     return bundle
 
 
+def our_order(ds, seq: int, packed: bool) -> list[int]:
+    """The example indices in the order our loop's first epoch takes them (data/packing.py:
+    packed rows in a seeded shuffled order, examples in source order inside a row), so both
+    sides see the same examples in the same order and their losses compare."""
+    from adapters.data.packing import epoch_order, pack_bins
+
+    lengths = [len(x) for x in ds["input_ids"]]
+    items = pack_bins(lengths, seq) if packed else [[i] for i in range(len(lengths))]
+    return [i for item in epoch_order(len(items), 0, 0) for i in items[item]]
+
+
 def _sync():
     import torch
 
@@ -182,6 +195,7 @@ def worker_baseline(args: dict) -> dict:
     """HF Trainer + peft on exactly our tokenised examples (prompt tokens masked alike)."""
     import torch
     from peft import LoraConfig, get_peft_model
+    from torch.utils.data import SequentialSampler
     from transformers import (
         AutoModelForCausalLM,
         BitsAndBytesConfig,
@@ -206,11 +220,13 @@ def worker_baseline(args: dict) -> dict:
     if fixed_length(args["case"]):
         bundle = full_rows(bundle, seq)
     ds = bundle.train.dataset.select_columns(["input_ids", "labels"])
+    ds = ds.select(our_order(ds, seq, packed=not fixed_length(args["case"])))
     kw = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
     if quant == "4bit":
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
+    torch.manual_seed(0)  # as our loop seeds before it loads the base and draws LoRA's A
     model = AutoModelForCausalLM.from_pretrained(args["model_path"], **kw)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM",
                                              target_modules=PRESETS[model.config.model_type]))
@@ -230,8 +246,12 @@ def worker_baseline(args: dict) -> dict:
                               gradient_checkpointing=bool(args.get("ckpt")),
                               logging_steps=1, report_to=[], save_strategy="no",
                               dataloader_num_workers=0, seed=0, remove_unused_columns=False)
-    tr = Trainer(model=model, args=targs, train_dataset=ds, data_collator=coll,
-                 callbacks=[Clock()])
+    class InOurOrder(Trainer):  # the examples in the order our loop takes them (our_order)
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)
+
+    tr = InOurOrder(model=model, args=targs, train_dataset=ds, data_collator=coll,
+                    callbacks=[Clock()])
     per_step: list[int] = []
     orig = coll.__call__
 
@@ -353,9 +373,10 @@ def main() -> None:
 LIKE_WITH_LIKE = (
     "Like with like: the same rows (fixed-length cases: only full rows, no packing on either "
     "side; variable-length: the baseline gets as many examples per step as our packed rows "
-    "hold), wall time between the ends of steps 1 and N on both sides, the loss logged every "
-    "step on both sides, sides interleaved and repeated; tok/s is the median over repeats "
-    "with the spread (min-max) beside it.")
+    "hold), the examples in the same order on both sides, wall time between the ends of "
+    "steps 1 and N on both sides, the loss logged every step on both sides, sides "
+    "interleaved and repeated; tok/s is the median over repeats with the spread (min-max) "
+    "beside it.")
 
 
 def worker_main(kind: str, raw: str) -> None:

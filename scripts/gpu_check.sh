@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks, as one script for a lent GPU machine (its results: README "Training").
-# Expects wheels in .whl/ (bitsandbytes, peft, datasets, dill, multiprocess, transformers)
+# Expects wheels in .whl/ (bitsandbytes, peft, datasets, dill, multiprocess, transformers,
+# liger-kernel: Triton comes with CUDA builds of torch)
 # and .gpu/smollm2/ holding SmolLM2-135M's config and tokenizer (no weights: the machine
 # has no hub access, so the benchmarks run a random model of that exact shape).
 # Writes logs and benchmark tables to $OUT (default runs/gpu).
@@ -30,9 +31,10 @@ for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
     shutil.copy(f".gpu/smollm2/{f}", "/tmp/smol/")
 print("random SmolLM2-135M-shaped model in /tmp/smol")
 EOF
-# 1. The test files whose code paths differ on CUDA (fused CE, autocast, 4-bit, decoding).
+# 1. The test files whose code paths differ on CUDA (fused CE, autocast, 4-bit, decoding,
+#    Liger's kernels against the plain step).
 timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-  tests/test_train.py tests/test_infer.py tests/test_merge.py 2>&1 | tee "$OUT/pytest.log" | tail -25
+  tests/test_liger.py tests/test_train.py tests/test_infer.py tests/test_merge.py 2>&1 | tee "$OUT/pytest.log" | tail -25
 # 2. Training speed and memory against HF Trainer + peft, same tokens (CUDA memory).
 timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench_train.py --models smollm2 \
   --model-path /tmp/smol --cases a-256 a-1024 b-padded b-flat c-qlora --steps 30 \

@@ -57,10 +57,17 @@ def test_loss_and_lora_gradients_equal_transformers(tiny_model, tmp_path, packed
     assert (batch["labels"][:, 0] == IGNORE_INDEX).all() and _counted(batch["labels"]) > 0
     if packed:
         assert len(_documents(batch)) > len(batch["input_ids"])
+    # transformers' reference through its own SDPA attention; our step through ours (on CPU
+    # `train.attention: auto` takes the matmul path of kernels/attention.py).
+    base = run.model.get_base_model()
+    ours = base.config._attn_implementation
+    assert ours == "adapters_auto"
+    base.set_attn_implementation("sdpa")
     want_loss = _transformers_loss(run.model, batch, packed)
     want_loss.backward()
     want = {n: p.grad.clone() for n, p in lora.items()}
     run.model.zero_grad(set_to_none=True)
+    base.set_attn_implementation(ours)
 
     got = {}
 

@@ -33,10 +33,13 @@ def test_offloaded_checkpointing_equals_plain_checkpointing(tiny_gpt2, tiny_llam
 
 
 def test_fused_lora_loop_equals_peft_loop(tiny_llama, tmp_path):
-    run, fused, p_fused = _run(tiny_llama, tmp_path / "a")
+    # One variable changes: the attention path is checked on its own (test_attention.py), and
+    # Adam turns float-rounding differences in near-zero gradients into lr-sized steps.
+    run, fused, p_fused = _run(tiny_llama, tmp_path / "a", "train.attention=sdpa")
     assert run.model.adapters_speed["fused_lora_layers"] == 14
     assert all(is_fused(m) for n, m in run.model.named_modules() if n.endswith("q_proj"))
-    _, plain, p_plain = _run(tiny_llama, tmp_path / "b", "train.fused_lora=false")
+    _, plain, p_plain = _run(tiny_llama, tmp_path / "b", "train.fused_lora=false",
+                             "train.attention=sdpa")
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
     for n in p_plain:
         torch.testing.assert_close(p_fused[n], p_plain[n], atol=1e-5, rtol=1e-5, msg=n)

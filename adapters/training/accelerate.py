@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 
 from ..config import TrainConfig
+from ..kernels.attention import attention_choice, install_attention
+from ..kernels.liger import apply_liger
+from ..kernels.liger import choose as choose_liger
 from ..kernels.lora import install_fused_lora
 from .compile import choose, compile_blocks
 from .offload import offload_checkpointing
@@ -18,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def accelerate(model, t: TrainConfig, device: str, steps: int) -> dict:
-    """Apply `train.gradient_checkpointing / offload_checkpoints / fused_lora / compile`.
+    """Apply `train.gradient_checkpointing / offload_checkpoints / fused_lora / attention /
+    liger / compile`.
 
     Logs the pre-flight line that says whether blocks are compiled and why; returns what was
     done: {"compile": bool, "compile_reason": str, "fused_lora_layers": int, ...}.
@@ -39,10 +43,16 @@ def accelerate(model, t: TrainConfig, device: str, steps: int) -> dict:
         # Under compile each projection is its own op: the shared-input bookkeeping of a
         # group is Python state that a tracer should not have to guard on.
         done["fused_lora_layers"] = install_fused_lora(model, group=not compiled)
+    done["attention"] = install_attention(model, t.attention)
+    done["liger"], liger_why = choose_liger(t.liger, device,
+                                            model.get_base_model().config.model_type)
+    if done["liger"]:
+        apply_liger(model)
     if compiled:
         done["compiled_blocks"] = compile_blocks(model)
-    log.info("pre-flight: compile %s (%s); fused LoRA on %d layers%s", "on" if compiled else
-             "off", why, done["fused_lora_layers"],
+    log.info("pre-flight: compile %s (%s); fused LoRA on %d layers; attention %s; liger %s%s",
+             "on" if compiled else "off", why, done["fused_lora_layers"],
+             attention_choice(t.attention, device), liger_why,
              f"; {done['offloaded_blocks']} blocks checkpointed with inputs offloaded"
              if done["offloaded_blocks"] else "")
     model.adapters_speed = done  # fit reads whether the first step included a compile

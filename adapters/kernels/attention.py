@@ -1,0 +1,161 @@
+"""Attention for training rows on CPU: three matmuls and a softmax with a hand-written backward.
+
+Why: PyTorch's SDPA on CPU runs its flash kernel, which tiles for long rows and skips the
+masked half of a causal score matrix; for the short rows much fine-tuning uses it spends more
+time on bookkeeping than on arithmetic, and three plain matmuls win. Past a few hundred tokens
+the full (T, T) score matrices this path writes cost more than the tiling saves, so
+`train.attention: auto` takes this path on CPU for rows up to `MAX_LEN` tokens and SDPA
+everywhere else (CUDA, longer rows). `scripts/bench_attention.py` measures both on the default
+model's shapes; the figures and the command are in the README.
+
+  forward:   s = q k^T * scale + bias        (B, KV, G*T, S) fp32; G query heads per kv head
+             p = softmax(s)                  saved in the compute dtype
+             o = p v                         (B, KV, G*T, D)
+  backward:  dv = p^T do;  dp = do v^T
+             ds = p * (dp - rowsum(do * o)) * scale    (rowsum(dp * p) == rowsum(do * o))
+             dq = ds k;  dk = ds^T q
+
+The G query heads that share a key/value head (grouped-query attention) are stacked along the
+rows, so k and v are never repeated and the sums over G happen inside the matmuls. The softmax
+runs in fp32 as transformers' eager attention does. A boolean mask (the padding or packing mask
+transformers or our packer builds) becomes an additive bias of 0 and the most negative fp32
+(not -inf: a row with nothing to attend to gets a uniform softmax, no NaN).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+MAX_LEN = 256  # auto: longer rows go to SDPA (scripts/bench_attention.py)
+MODES = ("auto", "sdpa", "matmul")
+NAME = "adapters_{}"  # the name each mode is registered under in transformers' interfaces
+
+
+class MatmulAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale: float, groups: int):
+        # q (B, KV, G*T, D): the G query heads of each kv head stacked along the rows, so one
+        # plain batched matmul per product and the sums over G fall out of the backward's
+        # matmuls; k, v (B, KV, S, D); bias fp32, broadcastable to (B, KV, G, T, S).
+        b, kv, gt, _ = q.shape
+        qk = torch.matmul(q, k.transpose(-1, -2))  # (B, KV, G*T, S)
+        # bias + scale * qk in one pass, widened to fp32 (at least) for the softmax
+        s = torch.add(bias.to(torch.promote_types(q.dtype, torch.float32)),
+                      qk.view(b, kv, groups, gt // groups, -1), alpha=scale)
+        p = torch.softmax(s, dim=-1).to(q.dtype).view(b, kv, gt, -1)
+        o = torch.matmul(p, v)  # (B, KV, G*T, D)
+        ctx.save_for_backward(q, k, v, p, o)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, p, o = ctx.saved_tensors
+        do = do.to(q.dtype).contiguous()  # an upcast loss can send an fp32 gradient
+        wide = torch.promote_types(q.dtype, torch.float32)
+        dv = torch.matmul(p.transpose(-1, -2), do)  # (B, KV, S, D), summed over the G heads
+        dp = torch.matmul(do, v.transpose(-1, -2))  # (B, KV, G*T, S)
+        delta = (do.to(wide) * o.to(wide)).sum(-1, keepdim=True)  # (B, KV, G*T, 1)
+        # the softmax's backward, widened; the scale is applied to the (rows, D) results,
+        # not to this (rows, S) matrix
+        ds = dp.to(wide).sub_(delta).mul_(p).to(q.dtype)
+        dq = torch.matmul(ds, k).mul_(ctx.scale)  # (B, KV, G*T, D)
+        dk = torch.matmul(ds.transpose(-1, -2), q).mul_(ctx.scale)  # (B, KV, S, D)
+        return dq, dk, dv, None, None, None
+
+
+@functools.lru_cache(maxsize=8)
+def _causal_bias(t: int, s: int, device: torch.device) -> torch.Tensor:
+    """(T, S) fp32: 0 where query t may see key j (j <= t + S - T), the most negative else."""
+    allowed = torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
+    return _bias(allowed)
+
+
+def _bias(allowed: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill_(
+        ~allowed, torch.finfo(torch.float32).min)
+
+
+def matmul_attention(query, key, value, attention_mask, scaling: float) -> torch.Tensor:
+    """(B, T, H, D) attention output, as transformers' attention functions return it.
+
+    query (B, H, T, D); key, value (B, KV, S, D); attention_mask None (causal) or boolean
+    (B | 1, 1, T, S) with True = may attend. Query head h reads kv head h // (H / KV), as
+    transformers' repeat_kv pairs them.
+    """
+    b, h, t, d = query.shape
+    kv = key.shape[1]
+    q = query.reshape(b, kv, (h // kv) * t, d)
+    if attention_mask is None:
+        bias = _causal_bias(t, key.shape[2], query.device)
+    elif attention_mask.dtype == torch.bool:
+        bias = _bias(attention_mask)[:, :, None]  # (B|1, 1, 1, T, S)
+    else:  # an additive float mask
+        bias = attention_mask.float()[:, :, None]
+    device = query.device.type
+    dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+             else query.dtype)  # one compute dtype for the op; autocast stays out of it
+    with torch.autocast(device_type=device, enabled=False):
+        out = MatmulAttention.apply(q.to(dtype), key.to(dtype).contiguous(),
+                                    value.to(dtype).contiguous(), bias, scaling,
+                                    h // kv)  # (B, KV, G*T, D)
+    return out.reshape(b, h, t, d).transpose(1, 2).contiguous()
+
+
+def usable(mode: str, query, key, attention_mask, dropout: float, kwargs: dict) -> bool:
+    """Whether this call takes the matmul path under `mode` (else SDPA)."""
+    if mode == "sdpa" or dropout or kwargs.get("softcap") is not None \
+            or kwargs.get("position_bias") is not None or kwargs.get("output_attentions"):
+        return False
+    if attention_mask is None and query.shape[2] > key.shape[2]:
+        return False  # no causal alignment to infer
+    if attention_mask is not None and attention_mask.dim() != 4:
+        return False
+    if query.shape[1] % key.shape[1]:
+        return False
+    return mode == "matmul" or (query.device.type == "cpu" and key.shape[2] <= MAX_LEN)
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                      scaling: float | None = None, is_causal: bool | None = None, *,
+                      mode: str, **kwargs):
+    """A transformers attention function: the matmul path where `usable`, SDPA otherwise."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if causal and usable(mode, query, key, attention_mask, dropout, kwargs):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return matmul_attention(query, key, value, attention_mask, scale), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                  scaling=scaling, is_causal=is_causal, **kwargs)
+
+
+def attention_choice(mode: str, device: str) -> str:
+    """What `mode` runs on `device`, in words, for the pre-flight line."""
+    if mode == "auto":
+        return (f"auto (matmul path for rows <= {MAX_LEN} tokens, SDPA above)"
+                if torch.device(device).type == "cpu" else "auto (SDPA)")
+    return mode
+
+
+def install_attention(model, mode: str) -> str:
+    """Point `model`'s attention at `mode` (auto | sdpa | matmul); returns what it runs now.
+
+    The masks are built as for SDPA (None when causal alone is enough), so everything but the
+    attention call itself is transformers' SDPA path. Models whose attention does not go
+    through transformers' attention interface keep their own.
+    """
+    if mode not in MODES:
+        raise ValueError(f"attention mode {mode!r}: expected one of {', '.join(MODES)}")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if mode == "sdpa" or not getattr(base, "_supports_attention_backend", False) \
+            or base.config._attn_implementation != "sdpa":
+        return base.config._attn_implementation
+    name = NAME.format(mode)
+    AttentionInterface.register(name, functools.partial(attention_forward, mode=mode))
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    base.set_attn_implementation(name)
+    return name
