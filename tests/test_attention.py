@@ -48,6 +48,29 @@ def test_output_and_gradients_equal_sdpa(mask, dtype):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=name)
 
 
+def test_in_bf16_as_close_to_the_fp64_answer_as_sdpa_is():
+    """bf16 scores and probabilities (fp32 accumulation inside): errors of SDPA's own size."""
+    torch.manual_seed(0)
+    b, h, kv, t, d = 2, 9, 3, 128, 64
+    q0, k0, v0 = (torch.randn(b, n, t, d, dtype=torch.float64) for n in (h, kv, kv))
+    grad = torch.randn(b, t, h, d, dtype=torch.float64)
+
+    def run(fn, dtype):
+        q, k, v = (x.to(dtype, copy=True).requires_grad_() for x in (q0, k0, v0))
+        out = fn(q, k, v)
+        out.backward(grad.to(dtype))
+        return [x.double() for x in (out, q.grad, k.grad, v.grad)]
+
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+    exact = run(sdpa, torch.float64)
+    ours = run(lambda q, k, v: matmul_attention(q, k, v, None, d ** -0.5), torch.bfloat16)
+    theirs = run(sdpa, torch.bfloat16)
+    for name, a, r, x in zip(("out", "dq", "dk", "dv"), ours, theirs, exact):
+        err, ref_err = ((y - x).norm() / x.norm() for y in (a, r))
+        assert err < 2 * ref_err and err < 1e-2, (name, float(err), float(ref_err))
+
+
 def test_a_row_with_nothing_to_attend_to_stays_finite():
     q, k, v = (torch.randn(1, 2, 4, 8, requires_grad=True) for _ in range(3))
     mask = torch.ones(1, 1, 4, 4, dtype=torch.bool).tril()

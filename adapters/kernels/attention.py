@@ -8,18 +8,19 @@ the full (T, T) score matrices this path writes cost more than the tiling saves,
 everywhere else (CUDA, longer rows). `scripts/bench_attention.py` measures both on the default
 model's shapes; the figures and the command are in the README.
 
-  forward:   s = q k^T * scale + bias        (B, KV, G*T, S) fp32; G query heads per kv head
-             p = softmax(s)                  saved in the compute dtype
-             o = p v                         (B, KV, G*T, D)
+  forward:   s = (q * scale) k^T, masked       (B, KV, G*T, S); G query heads per kv head
+             p = softmax(s)                     accumulated in fp32, kept in the compute dtype
+             o = p v                            (B, KV, G*T, D)
   backward:  dv = p^T do;  dp = do v^T
-             ds = p * (dp - rowsum(do * o)) * scale    (rowsum(dp * p) == rowsum(do * o))
-             dq = ds k;  dk = ds^T q
+             ds = p * (dp - rowsum(dp * p))     one native pass (softmax's own backward)
+             dq = ds k * scale;  dk = ds^T (q * scale)
 
 The G query heads that share a key/value head (grouped-query attention) are stacked along the
-rows, so k and v are never repeated and the sums over G happen inside the matmuls. The softmax
-runs in fp32 as transformers' eager attention does. A boolean mask (the padding or packing mask
-transformers or our packer builds) becomes an additive bias of 0 and the most negative fp32
-(not -inf: a row with nothing to attend to gets a uniform softmax, no NaN).
+rows, so k and v are never repeated and the sums over G happen inside the matmuls. Everything
+stays in the compute dtype (bf16 under autocast) with fp32 accumulation inside the matmuls and
+the softmax, as SDPA's math path. A mask (the padding or packing mask transformers or our
+packer builds, boolean) blocks with the dtype's most negative value, not -inf: a row with
+nothing to attend to gets a uniform softmax, no NaN.
 """
 
 from __future__ import annotations
@@ -31,54 +32,44 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-MAX_LEN = 256  # auto: longer rows go to SDPA (scripts/bench_attention.py)
+MAX_LEN = 512  # auto: longer rows go to SDPA (scripts/bench_attention.py)
 MODES = ("auto", "sdpa", "matmul")
 NAME = "adapters_{}"  # the name each mode is registered under in transformers' interfaces
 
 
 class MatmulAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, scale: float, groups: int):
+    def forward(ctx, q, k, v, blocked, scale: float, groups: int):
         # q (B, KV, G*T, D): the G query heads of each kv head stacked along the rows, so one
         # plain batched matmul per product and the sums over G fall out of the backward's
-        # matmuls; k, v (B, KV, S, D); bias fp32, broadcastable to (B, KV, G, T, S).
+        # matmuls; k, v (B, KV, S, D); blocked: bool, broadcastable to (B, KV, G, T, S),
+        # True where a query may not see a key.
         b, kv, gt, _ = q.shape
-        qk = torch.matmul(q, k.transpose(-1, -2))  # (B, KV, G*T, S)
-        # bias + scale * qk in one pass, widened to fp32 (at least) for the softmax
-        s = torch.add(bias.to(torch.promote_types(q.dtype, torch.float32)),
-                      qk.view(b, kv, groups, gt // groups, -1), alpha=scale)
-        p = torch.softmax(s, dim=-1).to(q.dtype).view(b, kv, gt, -1)
-        o = torch.matmul(p, v)  # (B, KV, G*T, D)
-        ctx.save_for_backward(q, k, v, p, o)
+        qs = q * scale  # scaled on the small side, once, as SDPA's math path does
+        s = torch.matmul(qs, k.transpose(-1, -2))  # (B, KV, G*T, S)
+        s.view(b, kv, groups, gt // groups, -1).masked_fill_(blocked, torch.finfo(s.dtype).min)
+        p = torch.softmax(s, dim=-1)  # accumulates in fp32 for bf16 scores
+        ctx.save_for_backward(qs, k, v, p)
         ctx.scale = scale
-        return o
+        return torch.matmul(p, v)  # (B, KV, G*T, D)
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, p, o = ctx.saved_tensors
-        do = do.to(q.dtype).contiguous()  # an upcast loss can send an fp32 gradient
-        wide = torch.promote_types(q.dtype, torch.float32)
+        qs, k, v, p = ctx.saved_tensors
+        do = do.to(qs.dtype).contiguous()  # an upcast loss can send an fp32 gradient
         dv = torch.matmul(p.transpose(-1, -2), do)  # (B, KV, S, D), summed over the G heads
         dp = torch.matmul(do, v.transpose(-1, -2))  # (B, KV, G*T, S)
-        delta = (do.to(wide) * o.to(wide)).sum(-1, keepdim=True)  # (B, KV, G*T, 1)
-        # the softmax's backward, widened; the scale is applied to the (rows, D) results,
-        # not to this (rows, S) matrix
-        ds = dp.to(wide).sub_(delta).mul_(p).to(q.dtype)
+        # p * (dp - rowsum(dp * p)) in one native pass, accumulated in fp32
+        ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)
         dq = torch.matmul(ds, k).mul_(ctx.scale)  # (B, KV, G*T, D)
-        dk = torch.matmul(ds.transpose(-1, -2), q).mul_(ctx.scale)  # (B, KV, S, D)
+        dk = torch.matmul(ds.transpose(-1, -2), qs)  # (B, KV, S, D)
         return dq, dk, dv, None, None, None
 
 
 @functools.lru_cache(maxsize=8)
-def _causal_bias(t: int, s: int, device: torch.device) -> torch.Tensor:
-    """(T, S) fp32: 0 where query t may see key j (j <= t + S - T), the most negative else."""
-    allowed = torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
-    return _bias(allowed)
-
-
-def _bias(allowed: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill_(
-        ~allowed, torch.finfo(torch.float32).min)
+def _causal_blocked(t: int, s: int, device: torch.device) -> torch.Tensor:
+    """(T, S) bool: True where query t may not see key j (j > t + S - T)."""
+    return torch.ones(t, s, dtype=torch.bool, device=device).triu(diagonal=s - t + 1)
 
 
 def matmul_attention(query, key, value, attention_mask, scaling: float) -> torch.Tensor:
@@ -92,17 +83,15 @@ def matmul_attention(query, key, value, attention_mask, scaling: float) -> torch
     kv = key.shape[1]
     q = query.reshape(b, kv, (h // kv) * t, d)
     if attention_mask is None:
-        bias = _causal_bias(t, key.shape[2], query.device)
-    elif attention_mask.dtype == torch.bool:
-        bias = _bias(attention_mask)[:, :, None]  # (B|1, 1, 1, T, S)
-    else:  # an additive float mask
-        bias = attention_mask.float()[:, :, None]
+        blocked = _causal_blocked(t, key.shape[2], query.device)
+    else:
+        blocked = ~attention_mask[:, :, None]  # (B|1, 1, 1, T, S)
     device = query.device.type
     dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
              else query.dtype)  # one compute dtype for the op; autocast stays out of it
     with torch.autocast(device_type=device, enabled=False):
         out = MatmulAttention.apply(q.to(dtype), key.to(dtype).contiguous(),
-                                    value.to(dtype).contiguous(), bias, scaling,
+                                    value.to(dtype).contiguous(), blocked, scaling,
                                     h // kv)  # (B, KV, G*T, D)
     return out.reshape(b, h, t, d).transpose(1, 2).contiguous()
 
@@ -114,8 +103,9 @@ def usable(mode: str, query, key, attention_mask, dropout: float, kwargs: dict) 
         return False
     if attention_mask is None and query.shape[2] > key.shape[2]:
         return False  # no causal alignment to infer
-    if attention_mask is not None and attention_mask.dim() != 4:
-        return False
+    if attention_mask is not None and (attention_mask.dim() != 4
+                                       or attention_mask.dtype != torch.bool):
+        return False  # additive float masks go to SDPA
     if query.shape[1] % key.shape[1]:
         return False
     return mode == "matmul" or (query.device.type == "cpu" and key.shape[2] <= MAX_LEN)
