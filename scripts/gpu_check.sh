@@ -32,9 +32,11 @@ for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
 print("random SmolLM2-135M-shaped model in /tmp/smol")
 EOF
 # 1. The test files whose code paths differ on CUDA (fused CE, autocast, 4-bit, decoding,
-#    Liger's kernels against the plain step).
+#    Liger's kernels against the plain step, one-rank FSDP against plain training on CUDA).
 timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-  tests/test_liger.py tests/test_train.py tests/test_infer.py tests/test_merge.py 2>&1 | tee "$OUT/pytest.log" | tail -25
+  tests/test_liger.py tests/test_train.py tests/test_infer.py tests/test_merge.py \
+  "tests/test_fsdp.py::test_fsdp_on_one_process_equals_plain_training" \
+  2>&1 | tee "$OUT/pytest.log" | tail -25
 # 2. Training speed and memory against HF Trainer + peft, same tokens (CUDA memory).
 timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench_train.py --models smollm2 \
   --model-path /tmp/smol --cases a-256 a-1024 b-padded b-flat c-qlora --steps 30 \
