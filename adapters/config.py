@@ -96,7 +96,7 @@ class TrainConfig:
     # auto: on CPU, short rows (<= kernels/attention.py MAX_LEN tokens) attend through plain
     # matmuls (faster there than SDPA's flash kernel), SDPA elsewhere; sdpa / matmul: always.
     attention: str = field(default="auto", metadata=_choice("auto", "sdpa", "matmul"))
-    # auto: Liger's RMSNorm, RoPE and SwiGLU kernels on CUDA when liger-kernel is installed
+    # auto: Liger's RMSNorm and SwiGLU kernels on CUDA when liger-kernel is installed
     # (the `gpu` extra; kernels/liger.py); true: required (an error where they cannot run).
     liger: bool | str = "auto"
     eval_every: int = 0  # 0: only at the end (when there is eval data)

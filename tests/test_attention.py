@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import recipe
+from transformers import AutoModelForCausalLM
 
 from adapters.kernels import attention
 from adapters.kernels.attention import MAX_LEN, install_attention, matmul_attention, usable
@@ -143,3 +144,39 @@ def test_a_4bit_bf16_base_trains_through_the_matmul_path(tiny_llama, tmp_path):
     assert run.model.get_base_model().config._attn_implementation == "adapters_matmul"
     m = step(run)
     assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
+
+
+def test_a_value_head_size_other_than_the_query_s():
+    """DeepSeek-style attention: q/k heads of 12, v heads of 8."""
+    torch.manual_seed(0)
+    q0, k0 = torch.randn(1, 4, 6, 12), torch.randn(1, 2, 6, 12)
+    v0 = torch.randn(1, 2, 6, 8)
+    grad = torch.randn(1, 6, 4, 8)
+
+    def run(fn):
+        q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
+        out = fn(q, k, v)
+        out.backward(grad)
+        return out, q.grad, k.grad, v.grad
+
+    ours = run(lambda q, k, v: matmul_attention(q, k, v, None, 12 ** -0.5))
+    ref = run(lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6, msg=name)
+
+
+def test_a_prefill_into_a_static_cache_goes_to_sdpa(tiny_llama):
+    """No mask, several queries, more key slots (an empty static cache): SDPA aligns that
+    top-left, so the matmul path declines it, and generation with the installed path gives
+    SDPA's tokens."""
+    q, k = torch.zeros(1, 4, 5, 2), torch.zeros(1, 2, 32, 2)
+    assert not usable("matmul", q, k, None, 0.0, {})
+    assert usable("matmul", q[:, :, :1], k, None, 0.0, {})  # one query sees every key
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    kw = dict(max_new_tokens=6, do_sample=False, cache_implementation="static")
+    want = model.generate(ids, **kw)
+    install_attention(model, "matmul")
+    assert model.config._attn_implementation == "adapters_matmul"
+    assert torch.equal(model.generate(ids, **kw), want)

@@ -4,10 +4,14 @@ The choice rules run on any machine; the equality of a Liger-patched step with t
 needs CUDA and liger-kernel (scripts/gpu_check.sh runs this file on a lent GPU)."""
 
 import logging
+import sys
+import types
 
 import pytest
 import torch
 from conftest import recipe
+from transformers import AutoModelForCausalLM
+from transformers.models.llama import modeling_llama
 
 from adapters.errors import ConfigError
 from adapters.kernels import liger
@@ -75,3 +79,28 @@ def test_liger_step_equals_the_plain_step_on_cuda(tiny_llama, tmp_path, dtype, t
     assert ll == pytest.approx(lp, rel=tol)
     for n in gp:
         torch.testing.assert_close(gl[n], gp[n], atol=tol, rtol=tol, msg=n)
+
+
+def test_apply_patches_this_model_only(tiny_llama, monkeypatch):
+    """Liger's apply functions also rebind names in the architecture's modeling module (its
+    RMSNorm class, its rotary function): apply_liger puts them back, so a model built later in
+    the process (a merge check on CPU) is transformers' own. Stood in for by a function that
+    does what Liger's does to the module and to the instance."""
+    seen = {}
+
+    def fake_apply(model, **kwargs):
+        seen.update(kwargs)
+        modeling_llama.LlamaRMSNorm = object  # what Liger does at module level
+        modeling_llama.apply_rotary_pos_emb = None
+        model.model.norm.forward = lambda x: x  # and on the instance
+
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake._apply_liger_kernel_to_instance = fake_apply
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    norm_cls, rope = modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    liger.apply_liger(model)
+    assert modeling_llama.LlamaRMSNorm is norm_cls
+    assert modeling_llama.apply_rotary_pos_emb is rope
+    assert model.model.norm.forward(3) == 3  # the instance keeps its patch
+    assert seen["rope"] is False and seen["fused_linear_cross_entropy"] is False

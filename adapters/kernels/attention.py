@@ -73,9 +73,10 @@ def _causal_blocked(t: int, s: int, device: torch.device) -> torch.Tensor:
 
 
 def matmul_attention(query, key, value, attention_mask, scaling: float) -> torch.Tensor:
-    """(B, T, H, D) attention output, as transformers' attention functions return it.
+    """(B, T, H, Dv) attention output, as transformers' attention functions return it.
 
-    query (B, H, T, D); key, value (B, KV, S, D); attention_mask None (causal) or boolean
+    query (B, H, T, D); key (B, KV, S, D); value (B, KV, S, Dv) (Dv may differ from D, as in
+    DeepSeek's attention); attention_mask None (causal, T == S or T == 1) or boolean
     (B | 1, 1, T, S) with True = may attend. Query head h reads kv head h // (H / KV), as
     transformers' repeat_kv pairs them.
     """
@@ -92,8 +93,8 @@ def matmul_attention(query, key, value, attention_mask, scaling: float) -> torch
     with torch.autocast(device_type=device, enabled=False):
         out = MatmulAttention.apply(q.to(dtype), key.to(dtype).contiguous(),
                                     value.to(dtype).contiguous(), blocked, scaling,
-                                    h // kv)  # (B, KV, G*T, D)
-    return out.reshape(b, h, t, d).transpose(1, 2).contiguous()
+                                    h // kv)  # (B, KV, G*T, Dv)
+    return out.reshape(b, h, t, value.shape[-1]).transpose(1, 2).contiguous()
 
 
 def usable(mode: str, query, key, attention_mask, dropout: float, kwargs: dict) -> bool:
@@ -101,8 +102,10 @@ def usable(mode: str, query, key, attention_mask, dropout: float, kwargs: dict) 
     if mode == "sdpa" or dropout or kwargs.get("softcap") is not None \
             or kwargs.get("position_bias") is not None or kwargs.get("output_attentions"):
         return False
-    if attention_mask is None and query.shape[2] > key.shape[2]:
-        return False  # no causal alignment to infer
+    if attention_mask is None and 1 < query.shape[2] != key.shape[2]:
+        # no mask and several queries against another number of keys: a prefill into an empty
+        # static cache, which SDPA aligns top-left; only square or one-query calls come here
+        return False
     if attention_mask is not None and (attention_mask.dim() != 4
                                        or attention_mask.dtype != torch.bool):
         return False  # additive float masks go to SDPA

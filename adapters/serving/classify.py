@@ -100,8 +100,11 @@ class Heads:
     def folder(self, name: str) -> Path:
         return self._lru[name].folder
 
-    def task(self, name: str) -> dict:
-        return self._lru[name].task
+    def task(self, name: str) -> dict | None:
+        """The adapter's task section; None when no head of that name is loaded (one read:
+        the event loop asks while the engine's thread may be unloading it)."""
+        entry = self._lru.get(name)
+        return entry.task if entry is not None else None
 
     def load(self, name: str, folder: str | Path) -> list[str]:
         """Load (or replace) task-head adapter `name`; return the names evicted for room.
@@ -191,9 +194,10 @@ def results(logits: torch.Tensor, task: dict) -> list[dict]:
 
 def wrong_endpoint(heads: Heads, model: str, route: str) -> ApiError | None:
     """The 400 for a task head asked on a generation route (None when `model` is not one)."""
-    if model not in heads.names():
+    task = heads.task(model)
+    if task is None:
         return None
-    return ApiError(400, f"model {short(model)} is a {heads.task(model)['type']} adapter (a "
+    return ApiError(400, f"model {short(model)} is a {task['type']} adapter (a "
                          f"task head): {route} generates text; use POST /v1/classify",
                     param="model")
 

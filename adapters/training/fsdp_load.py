@@ -135,11 +135,19 @@ def _send_quant_states(model: nn.Module, quant: dict, d: Dist) -> None:
             state = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in
                      spec["state"].items()}
         for key in sorted(state):
-            collective(d, lambda t=state[key]: tdist.broadcast(t, 0),
-                       "the base's quantization states")
+            state[key] = _broadcast(state[key], d)
         if not d.main:
             owner, _, attr = name.rpartition(".")
             setattr(model.get_submodule(owner), attr, _quantized_layer(spec, state))
+
+
+def _broadcast(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Rank 0's `t` on every rank, kept on the host. NCCL (several GPUs) moves only CUDA
+    tensors, so the tensor travels through this rank's GPU there and comes back."""
+    nccl = tdist.get_backend() == "nccl"
+    moving = t.to(torch.device("cuda", torch.cuda.current_device())) if nccl else t
+    collective(d, lambda: tdist.broadcast(moving, 0), "the base's quantization states")
+    return moving.cpu() if nccl else t
 
 
 def _quantized_layer(spec: dict, state: dict[str, torch.Tensor]) -> nn.Module:
