@@ -11,6 +11,7 @@ from conftest import recipe, run_cli, write_jsonl
 from datasets import Dataset
 from safetensors.torch import load_file
 
+import adapters.eval.preference as preference
 import adapters.training.objectives as objectives
 from adapters.config import (
     DataConfig,
@@ -403,16 +404,26 @@ def test_data_preview_shows_both_sides(tiny_gpt2, tmp_path):
     assert "[[0.<|endoftext|>]]" in text and "[[1, surely not 0.<|endoftext|>]]" in text
 
 
-def test_eval_reports_preference_accuracy_for_base_and_adapter(tiny_gpt2, tmp_path, capsys):
+def test_eval_reports_preference_accuracy_for_base_and_adapter(tiny_gpt2, tmp_path, capsys,
+                                                              monkeypatch):
     out = train(pref_recipe(tiny_gpt2, tmp_path, "train.steps=15"))
     data = tmp_path / "pref.jsonl"
-    code, text, err = run_cli("eval", "--base", tiny_gpt2, "--adapter", f"dpo={out}", "--data",
-                              data, "--format", "preference", "--out", tmp_path / "ev",
-                              capsys=capsys)
+    calls = []
+    counted = preference.sequence_logprobs
+    monkeypatch.setattr(preference, "sequence_logprobs",
+                        lambda *a, **k: calls.append(1) or counted(*a, **k))
+    code, text, err = run_cli("eval", "--base", tiny_gpt2, "--adapter", f"dpo={out}",
+                              "--adapter", f"again={out}", "--data", data, "--format",
+                              "preference", "--out", tmp_path / "ev", capsys=capsys)
     assert code == 0, err
+    # 8 pairs = one eval batch; the base's log-probs are computed in its own row and reused by
+    # both adapter rows: 3 passes, not 1 + 2 x 2.
+    assert len(calls) == 3
     rows = {r["model"]: r for r in json.loads((tmp_path / "ev" / "results.json").read_text())}
     assert rows["base"]["reward_accuracy"] == 0.5  # the base gains nothing over itself
     assert rows["dpo"]["reward_accuracy"] == 1.0  # learnt all 8 training pairs
+    assert {k: v for k, v in rows["again"].items() if k != "model"} == \
+        {k: v for k, v in rows["dpo"].items() if k != "model"}
     assert 0 <= rows["base"]["preference_accuracy"] <= 1
     assert rows["dpo"]["preference_accuracy"] >= rows["base"]["preference_accuracy"]
     assert "| preference_accuracy" in text and "| reward_accuracy" in text

@@ -156,7 +156,7 @@ def evaluate(base: str, adapters: dict[str, str | Path], datasets: dict[str, Dat
             ds = ds.select(range(min(max_rows, len(ds))))
         batchers[name] = Batcher(ds, 8, dcfg.max_seq_len, dcfg.packing, tok.pad_token_id)
         tokenised[name] = ds
-    rows = []
+    rows, base_logps = [], {}
     bar = tqdm(total=(len(adapters) + 1) * len(datasets), disable=not progress, desc="eval")
     for mname, m, ctx in _models(model, tok, {k: Path(v) for k, v in adapters.items()}):
         with ctx:
@@ -167,8 +167,11 @@ def evaluate(base: str, adapters: dict[str, str | Path], datasets: dict[str, Dat
                 if accuracy:
                     row["token_accuracy"] = token_accuracy(m, b.iter_all(), device, compute)
                 if "pair" in tokenised[dname].column_names:  # preference data
-                    row.update(preference_scores(m, b.iter_all(), device, compute,
-                                                 adapter=mname != BASE_NAME))
+                    scores, lps = preference_scores(m, b.iter_all(), device, compute,
+                                                    mname != BASE_NAME, base_logps.get(dname))
+                    row.update(scores)
+                    if mname == BASE_NAME:  # the adapters' reference, computed once
+                        base_logps[dname] = lps
                 mc = choice_accuracy(m, tok, raw[dname], datasets[dname])
                 if mc is not None:
                     row["choice_accuracy"] = mc

@@ -23,25 +23,34 @@ def _wins(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def preference_scores(model, batches, device: str, dtype: torch.dtype,
-                      adapter: bool) -> dict[str, float]:
-    """Preference and reward accuracy over batches of preference pairs.
+def preference_scores(model, batches, device: str, dtype: torch.dtype, adapter: bool,
+                      base_logps: list[torch.Tensor] | None = None
+                      ) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """Preference and reward accuracy over batches of preference pairs, and this model's
+    sequence log-probs per batch.
 
     adapter: the model is a PeftModel with an adapter active; for the base row (False) the
     reward (a gain over itself) is 0 for both sides: reward accuracy 0.5, chance.
+    base_logps: the base row's log-probs of the same batches (what this returned for it), so
+    the base runs once per dataset, not once per adapter; None: computed here with the
+    adapter switched off.
     """
     right = reward_right = 0.0
     pairs = 0
-    for batch in batches:
+    mine = []
+    for i, batch in enumerate(batches):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast_for(device, dtype):
-            lp = sequence_logprobs(model, batch)[0]
+            lp = sequence_logprobs(model, batch)[0]  # (2P,) chosen, rejected, ...
             gain = torch.zeros_like(lp)
-            if adapter:
+            if adapter and base_logps is not None:
+                gain = lp - base_logps[i]
+            elif adapter:
                 with model.disable_adapter():
                     gain = lp - sequence_logprobs(model, batch)[0]
+        mine.append(lp)
         right += _wins(lp[0::2], lp[1::2])
         reward_right += _wins(gain[0::2], gain[1::2])
         pairs += len(lp) // 2
-    return {"preference_accuracy": right / max(pairs, 1),
-            "reward_accuracy": reward_right / max(pairs, 1)}
+    return ({"preference_accuracy": right / max(pairs, 1),
+             "reward_accuracy": reward_right / max(pairs, 1)}, mine)
