@@ -38,6 +38,7 @@ from .adapter import (
     check_base,
     check_files,
     load_adapter,
+    open_with_base,
     read_base_name,
 )
 from .adapter.archive import resolve_adapter
@@ -115,11 +116,7 @@ class _Source:
 
 
 def _open(adapter: str | Path, base: str | None) -> _Source:
-    folder = resolve_adapter(adapter)
-    manifest = check_files(folder)
-    spec = base or (manifest.base.name if manifest else None)
-    if not spec:
-        raise AdaptersError(f"{adapter}: no manifest names the base; pass --base")
+    folder, manifest, spec = open_with_base(adapter, base)
     return _Source(folder, manifest, spec, task_of(manifest))
 
 

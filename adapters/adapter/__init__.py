@@ -41,8 +41,8 @@ from .peftconfig import for_peft, read_config
 
 __all__ = ["CARD_FILE", "CONFIG_FILE", "FORMAT", "MANIFEST_FILE", "WEIGHTS_FILE", "Manifest",
            "build_manifest", "check_base", "check_files", "inspect_adapter", "load_adapter",
-           "new_manifest", "package_versions", "read_base_name", "read_manifest", "save_adapter",
-           "write_card", "write_manifest"]
+           "new_manifest", "open_with_base", "package_versions", "read_base_name",
+           "read_manifest", "save_adapter", "write_card", "write_manifest"]
 
 
 def build_manifest(model, tokenizer, base_spec: str, model_cfg=None, lora_cfg=None,
@@ -142,6 +142,17 @@ def load_adapter(model, folder: str | Path, tokenizer=None, adapter_name: str = 
         if added:
             model.delete_adapter(adapter_name)
         raise AdapterFileError(f"{folder}: does not fit this base model: {str(e)[:300]}") from e
+
+
+def open_with_base(adapter: str | Path, base: str | None) -> tuple[Path, Manifest | None, str]:
+    """(folder, manifest, base spec) of an adapter folder or archive, its files checked: the
+    base is `base`, else the one its manifest names (an error naming --base when neither)."""
+    folder = resolve_adapter(adapter)
+    manifest = check_files(folder)
+    spec = base or (manifest.base.name if manifest else None)
+    if not spec:
+        raise AdapterFileError(f"{adapter}: no manifest names the base; pass --base")
+    return folder, manifest, spec
 
 
 def read_base_name(adapter: str | Path) -> str | None:

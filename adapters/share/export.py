@@ -22,8 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..adapter import Manifest, check_files, load_adapter
-from ..adapter.archive import resolve_adapter
+from ..adapter import Manifest, load_adapter, open_with_base
 from ..config import ModelConfig
 from ..io import atomic_dir, atomic_write_text
 from ..merge import SAMPLE_TEXT, merge_adapter
@@ -72,12 +71,7 @@ class _Adapter:
 
 
 def _open(adapter: str | Path, base: str | None) -> _Adapter:
-    folder = resolve_adapter(adapter)
-    manifest = check_files(folder)
-    spec = base or (manifest.base.name if manifest else None)
-    if not spec:
-        raise ExportError(f"{adapter}: no manifest names the base; pass --base")
-    return _Adapter(folder, manifest, spec)
+    return _Adapter(*open_with_base(adapter, base))
 
 
 @contextlib.contextmanager
