@@ -20,7 +20,8 @@ rows, so k and v are never repeated and the sums over G happen inside the matmul
 stays in the compute dtype (bf16 under autocast) with fp32 accumulation inside the matmuls and
 the softmax, as SDPA's math path. A mask (the padding or packing mask transformers or our
 packer builds, boolean) blocks with the dtype's most negative value, not -inf: a row with
-nothing to attend to gets a uniform softmax, no NaN.
+nothing to attend to gets a uniform softmax, no NaN. With no mask (causal alone) the same value
+enters as an additive bias inside the score matmul (baddbmm), which saves the masking pass.
 """
 
 from __future__ import annotations
@@ -42,12 +43,18 @@ class MatmulAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, blocked, scale: float, groups: int):
         # q (B, KV, G*T, D): the G query heads of each kv head stacked along the rows, so one
         # plain batched matmul per product and the sums over G fall out of the backward's
-        # matmuls; k, v (B, KV, S, D); blocked: bool, broadcastable to (B, KV, G, T, S),
-        # True where a query may not see a key.
-        b, kv, gt, _ = q.shape
+        # matmuls; k, v (B, KV, S, D); blocked: either bool, broadcastable to
+        # (B, KV, G, T, S), True where a query may not see a key, or (causal alone) an
+        # additive (G*T, S) bias of 0 and the dtype's most negative value.
+        b, kv, gt, d = q.shape
         qs = q * scale  # scaled on the small side, once, as SDPA's math path does
-        s = torch.matmul(qs, k.transpose(-1, -2))  # (B, KV, G*T, S)
-        s.view(b, kv, groups, gt // groups, -1).masked_fill_(blocked, torch.finfo(s.dtype).min)
+        if blocked.dtype == torch.bool:
+            s = torch.matmul(qs, k.transpose(-1, -2))  # (B, KV, G*T, S)
+            s.view(b, kv, groups, gt // groups, -1).masked_fill_(blocked,
+                                                                  torch.finfo(s.dtype).min)
+        else:  # the bias goes in as the matmul's C (beta 1): no masking pass (3x faster)
+            s = torch.baddbmm(blocked, qs.reshape(b * kv, gt, d),
+                              k.reshape(b * kv, -1, d).transpose(1, 2)).view(b, kv, gt, -1)
         p = torch.softmax(s, dim=-1)  # accumulates in fp32 for bf16 scores
         ctx.save_for_backward(qs, k, v, p)
         ctx.scale = scale
@@ -67,9 +74,14 @@ class MatmulAttention(torch.autograd.Function):
 
 
 @functools.lru_cache(maxsize=8)
-def _causal_blocked(t: int, s: int, device: torch.device) -> torch.Tensor:
-    """(T, S) bool: True where query t may not see key j (j > t + S - T)."""
-    return torch.ones(t, s, dtype=torch.bool, device=device).triu(diagonal=s - t + 1)
+def _causal_bias(groups: int, t: int, s: int, dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+    """(G*T, S) additive causal mask: the dtype's most negative value where query t may not
+    see key j (j > t + S - T), 0 elsewhere; repeated for the G stacked query heads."""
+    blocked = torch.ones(t, s, dtype=torch.bool, device=device).triu(diagonal=s - t + 1)
+    bias = torch.zeros(t, s, dtype=dtype, device=device).masked_fill_(
+        blocked, torch.finfo(dtype).min)
+    return bias.repeat(groups, 1)
 
 
 def matmul_attention(query, key, value, attention_mask, scaling: float) -> torch.Tensor:
@@ -83,13 +95,13 @@ def matmul_attention(query, key, value, attention_mask, scaling: float) -> torch
     b, h, t, d = query.shape
     kv = key.shape[1]
     q = query.reshape(b, kv, (h // kv) * t, d)
-    if attention_mask is None:
-        blocked = _causal_blocked(t, key.shape[2], query.device)
-    else:
-        blocked = ~attention_mask[:, :, None]  # (B|1, 1, 1, T, S)
     device = query.device.type
     dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
              else query.dtype)  # one compute dtype for the op; autocast stays out of it
+    if attention_mask is None:
+        blocked = _causal_bias(h // kv, t, key.shape[2], dtype, query.device)  # (G*T, S)
+    else:
+        blocked = ~attention_mask[:, :, None]  # (B|1, 1, 1, T, S)
     with torch.autocast(device_type=device, enabled=False):
         out = MatmulAttention.apply(q.to(dtype), key.to(dtype).contiguous(),
                                     value.to(dtype).contiguous(), blocked, scaling,

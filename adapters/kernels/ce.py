@@ -10,7 +10,7 @@ is the plain two-step computation the tests compare both against.
 
 Memory: a chunk holds at most `rows_per_chunk(V)` rows of vocabulary-wide values, so that its
 fp32 logits stay within `MAX_CHUNK_BYTES` whatever the batch (64 rows for a 128k vocabulary),
-and the softmax is taken in place in the logits' own buffer.
+and the softmax is the exponential of log_softmax's output, taken in place.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 _HAS_TORCH_LCE = hasattr(F, "linear_cross_entropy") and hasattr(
     torch.nn, "LinearCrossEntropyOptions")
-MAX_CHUNK_BYTES = 32 << 20  # fp32 logits of one chunk: 32 MiB (170 rows of a 49k vocabulary)
+MAX_CHUNK_BYTES = 32 << 20  # one fp32 (chunk, V) block: 32 MiB (170 rows of a 49k vocabulary)
 
 
 def rows_per_chunk(vocab: int, chunk: int = 1024, max_bytes: int = MAX_CHUNK_BYTES) -> int:
@@ -38,9 +38,12 @@ def reference_sum(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
 class ChunkedLinearCE(torch.autograd.Function):
     """Chunked forward that also computes the input/weight gradients, so backward is a scale.
 
-    Peak extra memory is one (chunk, V) fp32 block instead of (N, V). Gradients are computed
-    in forward (the Liger-kernel approach) because the loss is a scalar: backward only
-    multiplies them by the incoming gradient.
+    Peak extra memory is three (chunk, V) blocks (logits in h's dtype, reused for the
+    gradient; fp32 logits; fp32 log-probabilities) instead of (N, V). They are allocated once
+    and reused by every chunk: fresh 32 MiB tensors per chunk cost page faults that measured
+    more than the softmax itself on CPU. Gradients are computed in forward (the Liger-kernel
+    approach) because the loss is a scalar: backward only multiplies them by the incoming
+    gradient.
     """
 
     @staticmethod
@@ -51,20 +54,33 @@ class ChunkedLinearCE(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        rows, vocab = min(chunk, h.shape[0]), weight.shape[0]
+        logits_buf = h.new_empty(rows, vocab)  # (c, V) h's dtype; later the chunk's gradient
+        f32 = torch.float32
+        float_buf = (None if h.dtype == f32
+                     else torch.empty(rows, vocab, dtype=f32, device=h.device))
+        logp_buf = torch.empty(rows, vocab, dtype=f32, device=h.device)
         for s in range(0, h.shape[0], chunk):
             hc, tc = h[s:s + chunk], target[s:s + chunk]  # (c, H), (c,)
-            logits = F.linear(hc, weight, bias).float()  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            # d loss / d logits = softmax - onehot, computed in the logits' buffer
-            probs = logits.sub_(lse[:, None]).exp_()
-            del logits
+            n = hc.shape[0]
+            logits = logits_buf[:n]
+            if bias is None:
+                torch.mm(hc, weight.t(), out=logits)
+            else:
+                torch.addmm(bias, hc, weight.t(), out=logits)
+            wide = logits if float_buf is None else float_buf[:n].copy_(logits)  # (c, V) fp32
+            # One fused row-wise kernel (log_softmax) instead of logsumexp's four passes and a
+            # subtraction: 6 ms instead of 30 ms per 170 x 49152 chunk on a 2-core CPU.
+            logp = torch.log_softmax(wide, dim=-1, out=logp_buf[:n])  # (c, V)
+            total -= logp.gather(1, tc[:, None]).sum()
+            # d loss / d logits = softmax - onehot, computed in log_softmax's buffer
+            probs = logp.exp_()
             probs.scatter_add_(1, tc[:, None], -torch.ones_like(tc[:, None], dtype=probs.dtype))
-            g = probs.to(h.dtype)  # (c, V)
             if grad_h is not None:
-                grad_h[s:s + chunk] = g @ weight.to(h.dtype)  # (c, H)
+                g = logits.copy_(probs)  # (c, V) in h's dtype; the logits are done with
+                torch.mm(g, weight, out=grad_h[s:s + n])  # (c, H)
             if need_w:
-                grad_w += (probs.T @ hc.float())  # (V, H)
+                grad_w.addmm_(probs.T, hc.float())  # (V, H)
             if need_b:
                 grad_b += probs.sum(0)
         ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0),

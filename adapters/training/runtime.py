@@ -1,7 +1,9 @@
-"""Process-level concerns of a run: seeds, stop signals, memory figures, output folder checks."""
+"""Process-level concerns of a run: seeds, stop signals, memory figures, output folder checks,
+the host allocator."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import random
@@ -26,6 +28,34 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_BYTES = 32 << 20  # glibc's largest mmap threshold (HEAP_MAX_SIZE / 2 on 64-bit)
+_TRIM_BYTES = 1 << 30
+
+
+def keep_freed_host_memory() -> bool:
+    """Let glibc's malloc keep freed blocks for reuse instead of handing them back to the OS.
+
+    A training step allocates and frees the same tens of MB of activations every step. By
+    default glibc serves big blocks with mmap and gives them back on free (and trims the top of
+    its heap), so next step's tensors fault their pages in afresh: with blocks up to 32 MiB
+    kept in the heap and trimming at 1 GiB, a CPU step of the default model ran 5-7% faster
+    and spent half the system time (README, Speed). Peak memory is what the step needs either
+    way; the process just keeps it until it exits. Linux with glibc only, and not when the
+    user tuned malloc already (GLIBC_TUNABLES, MALLOC_*_ variables, a preloaded allocator).
+    Returns whether the setting was made.
+    """
+    if not sys.platform.startswith("linux") or "malloc" in os.environ.get("LD_PRELOAD", "") \
+            or any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl or another libc: leave it alone
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES) and mallopt(_M_TRIM_THRESHOLD, _TRIM_BYTES))
 
 
 def peak_memory_bytes(device: str = "cpu") -> int:

@@ -52,6 +52,7 @@ from .runtime import (
     StopSignals,
     check_disk,
     check_output_dir,
+    keep_freed_host_memory,
     prepare_output,
     seed_all,
 )
@@ -100,6 +101,7 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = False,
     """
     if isinstance(cfg, dict):
         cfg = from_dict(cfg)
+    keep_freed_host_memory()  # every step reuses the last one's pages (runtime.py)
     main = distributed.from_env().main
     prepare_output(Path(cfg.output.dir), fresh=not resume, main=main)
     if not main:  # rank 0 speaks for all; the others only warn
