@@ -12,7 +12,13 @@ learning rate and steps. Like with like:
   - the same examples in the same order on both sides (the baseline walks our loop's
     shuffled order sequentially), so the final losses compare;
   - the sides interleaved and repeated (`--repeats`): the median and the spread (min-max) of
-    tokens/s are reported, since timings on a shared machine vary by 30% from run to run.
+    tokens/s are reported, since timings on a shared machine vary by 30% from run to run;
+  - the loss compared is each side's adapter scored by the same code on the same held-out
+    examples (the data's eval split), next to the base model's; the last steps' training
+    losses are of differently grouped batches when our rows are packed;
+  - `adapters train` keeps freed host memory for reuse (a glibc malloc setting, part of our
+    loop); the baseline runs with the defaults, as a user's script would, unless
+    `--same-allocator` gives it the same setting.
 Cases:
   a-256, a-1024  fixed-length text: stdlib source in windows of 256 / 1024 tokens, bf16
   b-padded       variable-length pydoc Q&A, baseline with its padding collator
@@ -57,6 +63,7 @@ GPU_SHAPES = {  # the real shapes of the Llama 3 family, random weights
                          tie_word_embeddings=False),
 }
 ALL_CASES = {**CASES, **GPU_CASES}
+HELDOUT = 24  # held-out examples (eval split) each side's adapter is scored on, CPU runs
 
 
 def model_path(name: str, work: Path, override: str | None = None) -> str:
@@ -106,6 +113,66 @@ def data_cfg(case: str, work: Path) -> dict:
     files = build_pydoc_qa(work / "pydoc-qa")
     return {"train": str(files["train"]), "format": "prompt_completion", "max_seq_len": seq,
             "prompt_template": "Question: {prompt}\nAnswer: "}
+
+
+def heldout_examples(args: dict) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of the first HELDOUT examples of the case's eval split (source
+    files / modules neither side trains on), tokenised as the training data is."""
+    from adapters.config import from_dict
+    from adapters.data import build
+    from adapters.model import load_tokenizer
+
+    case, work = args["case"], Path(args["work"])
+    cfg = recipe(args, case, work)
+    train = Path(cfg["data"]["train"])
+    cfg["data"]["train"] = str(train.with_name("eval" + train.suffix))
+    bundle = build(from_dict(cfg).data, load_tokenizer(args["model_path"]))
+    if fixed_length(case):
+        bundle = full_rows(bundle, ALL_CASES[case][1])
+    ds = bundle.train.dataset
+    return [(ds[i]["input_ids"], ds[i]["labels"]) for i in range(min(HELDOUT, len(ds)))]
+
+
+def base_kwargs(quant: str) -> dict:
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    kw = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
+    if quant == "4bit":
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    return kw
+
+
+def heldout_loss(args: dict, adapter: Path, with_base: bool = False) -> dict:
+    """Token-weighted mean loss of base + `adapter` on the held-out examples, by transformers'
+    own loss (the same code for both sides); with_base: the base's too (adapter off)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if torch.cuda.is_available():  # random-initialised GPU shapes: no meaningful loss
+        return {}
+    examples = heldout_examples(args)
+    base = AutoModelForCausalLM.from_pretrained(args["model_path"],
+                                                **base_kwargs(ALL_CASES[args["case"]][3]))
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+
+    def mean() -> float:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for ids, labels in examples:
+                n = sum(1 for x in labels[1:] if x != -100)
+                out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+                total, count = total + float(out.loss) * n, count + n
+        return total / max(count, 1)
+
+    res = {"heldout_loss": mean(), "heldout_examples": len(examples)}
+    if with_base:
+        with model.disable_adapter():
+            res["base_heldout_loss"] = mean()
+    return res
 
 
 def fixed_length(case: str) -> bool:
@@ -188,7 +255,8 @@ def worker_ours(args: dict) -> dict:
     return {"tokens": sum(tokens[1:]), "seconds": ends[-1] - ends[0],
             "rows_per_step": cfg["train"]["batch_size"], "mean_example_len": mean_len,
             "tokens_per_step": sum(tokens[1:]) / len(tokens[1:]),
-            "final_loss": sum(losses[-3:]) / 3}
+            "final_loss": sum(losses[-3:]) / 3, "peak_rss_bytes": peak_rss(),
+            **heldout_loss(args, out, with_base=True)}
 
 
 def worker_baseline(args: dict) -> dict:
@@ -198,7 +266,6 @@ def worker_baseline(args: dict) -> dict:
     from torch.utils.data import SequentialSampler
     from transformers import (
         AutoModelForCausalLM,
-        BitsAndBytesConfig,
         DataCollatorForSeq2Seq,
         DataCollatorWithFlattening,
         Trainer,
@@ -221,11 +288,11 @@ def worker_baseline(args: dict) -> dict:
         bundle = full_rows(bundle, seq)
     ds = bundle.train.dataset.select_columns(["input_ids", "labels"])
     ds = ds.select(our_order(ds, seq, packed=not fixed_length(args["case"])))
-    kw = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
-    if quant == "4bit":
-        kw["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+    if args.get("same_allocator"):
+        from adapters.training.runtime import keep_freed_host_memory
+
+        keep_freed_host_memory()
+    kw = base_kwargs(quant)
     torch.manual_seed(0)  # as our loop seeds before it loads the base and draws LoRA's A
     model = AutoModelForCausalLM.from_pretrained(args["model_path"], **kw)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM",
@@ -263,8 +330,11 @@ def worker_baseline(args: dict) -> dict:
     tr.train()
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
     counted = per_step[1:args["steps"]]
+    adapter = work / f"hf-adapter-{args['model']}-{args['case']}"
+    tr.model.save_pretrained(adapter)
     return {"tokens": sum(counted), "tokens_per_step": sum(counted) / len(counted),
-            "seconds": ends[-1] - ends[0], "final_loss": sum(losses[-3:]) / 3}
+            "seconds": ends[-1] - ends[0], "final_loss": sum(losses[-3:]) / 3,
+            "peak_rss_bytes": peak_rss(), **heldout_loss(args, adapter)}
 
 
 def worker_longest(args: dict) -> dict:
@@ -340,6 +410,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--model-path", help="use this folder as the smollm2 model (e.g. a random "
                                         "model of its shape on a machine without the weights)")
+    p.add_argument("--same-allocator", action="store_true",
+                   help="give the baseline our loop's malloc setting too (runtime.py)")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -358,7 +430,7 @@ def main() -> None:
         path = model_path(model, out, a.model_path if model == "smollm2" else None)
         for case in a.cases:
             args = {"model": model, "model_path": path, "case": case, "steps": a.steps,
-                    "work": str(out), "ckpt": a.gpu}
+                    "work": str(out), "ckpt": a.gpu, "same_allocator": a.same_allocator}
             row = compare(args, a.repeats)
             if a.longest and a.gpu:
                 for side in ("ours", "baseline"):
@@ -376,19 +448,26 @@ LIKE_WITH_LIKE = (
     "hold), the examples in the same order on both sides, wall time between the ends of "
     "steps 1 and N on both sides, the loss logged every step on both sides, sides "
     "interleaved and repeated; tok/s is the median over repeats with the spread (min-max) "
-    "beside it.")
+    "beside it. Loss: each side's adapter (and the base) scored by transformers' own loss on "
+    f"the same {HELDOUT} held-out examples. Ours keeps freed host memory for reuse (a glibc "
+    "malloc setting `adapters train` makes); the baseline has glibc's defaults unless "
+    "--same-allocator.")
+
+
+def peak_rss() -> int:
+    """Peak memory of this worker so far: host RSS on CPU, device memory on a GPU (where it
+    is the figure that matters). Taken when training ends, before the held-out scoring."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker_main(kind: str, raw: str) -> None:
     fn = {"ours": worker_ours, "baseline": worker_baseline, "longest": worker_longest}[kind]
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     res = fn(json.loads(raw))
-    res["peak_rss_bytes"] = max(peak_before, resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss) * 1024
-    import torch
-
-    if torch.cuda.is_available():  # on a GPU the figure that matters is device memory
-        res["peak_rss_bytes"] = torch.cuda.max_memory_allocated()
+    res.setdefault("peak_rss_bytes", peak_rss())
     print(json.dumps(res))
 
 
@@ -429,7 +508,8 @@ def summarise(model, case, base, ours, peak, params) -> dict:
         side["peak_fraction"] = side["tokens_per_s"] * 4 * params / peak
     row["speedup"] = ours["tokens_per_s"] / base["tokens_per_s"]
     row["memory_ratio"] = ours["peak_rss_bytes"] / base["peak_rss_bytes"]
-    row["loss_delta"] = ours["final_loss"] / base["final_loss"] - 1
+    if "heldout_loss" in ours and "heldout_loss" in base:
+        row["loss_delta"] = ours["heldout_loss"] / base["heldout_loss"] - 1
     row["tokens_per_step"] = (base["tokens_per_step"], ours["tokens_per_step"])
     return row
 
@@ -446,17 +526,20 @@ def format_row(r: dict) -> str:
     b, o = r["baseline"], r["ours"]
     longest = (f" | {b.get('longest_seq')} | {o.get('longest_seq')}"
                if "longest_seq" in o else "")
+    loss = (f"{o['base_heldout_loss']:.3f} / {b['heldout_loss']:.3f} / "
+            f"{o['heldout_loss']:.3f} | {100 * r['loss_delta']:+.2f}%"
+            if "loss_delta" in r else "- | -")
     return (f"| {r['model']} | {r['case']} | {b['tokens_per_step']:.0f} / "
             f"{o['tokens_per_step']:.0f} | {_spread(b)} | {_spread(o)} "
             f"| **{r['speedup']:.2f}x** | {b['peak_rss_bytes'] / 1e9:.2f} | "
-            f"{o['peak_rss_bytes'] / 1e9:.2f} | **{r['memory_ratio']:.2f}** | "
-            f"{b['final_loss']:.3f} | {o['final_loss']:.3f} | {100 * r['loss_delta']:+.1f}% | "
+            f"{o['peak_rss_bytes'] / 1e9:.2f} | **{r['memory_ratio']:.2f}** | {loss} | "
             f"{100 * o['peak_fraction']:.0f}%{longest} |")
 
 
 HEADER = ("| model | case | tokens/step base / ours | baseline tok/s (min-max) | "
           "ours tok/s (min-max) | speed-up (medians) | baseline peak GB | ours peak GB | "
-          "memory ratio | baseline loss | ours loss | loss delta | ours % of bf16 peak |\n|"
+          "memory ratio | held-out loss base model / baseline / ours | loss delta | "
+          "ours % of bf16 peak |\n|"
           + "---|" * 13)
 
 

@@ -1,6 +1,7 @@
 """LoRA attach: presets per architecture, frozen base, exact trainable counts."""
 
 import pytest
+import torch
 
 from adapters.config import LoraConfig, ModelConfig
 from adapters.errors import ModelError
@@ -50,3 +51,38 @@ def test_target_that_matches_nothing_lists_the_linear_layers(tiny_gpt2):
     with pytest.raises(ModelError) as e:
         attach_lora(model, LoraConfig(targets=["q_proj"]))
     assert "['q_proj']" in str(e.value) and "c_attn" in str(e.value) and "c_fc" in str(e.value)
+
+
+@pytest.mark.parametrize(("dtype", "kept"), [("bf16", torch.bfloat16), ("fp16", torch.float32)])
+def test_a_quantized_base_keeps_bf16_weights_and_lifts_fp16_ones(tiny_llama, dtype, kept):
+    """The weights bitsandbytes does not quantize (embeddings, norms, lm_head) stay in bf16
+    (fp32's range; the fused loss then multiplies in bf16), fp16 ones go to fp32 as peft's
+    prepare_model_for_kbit_training would; the base is frozen, LoRA is fp32 either way."""
+    model, _ = load_base(ModelConfig(name=str(tiny_llama), dtype=dtype, quantization="4bit"))
+    pm = attach_lora(model, LoraConfig(r=4))
+    base = pm.get_base_model()
+    dense = {base.lm_head.weight.dtype, base.model.embed_tokens.weight.dtype,
+             base.model.norm.weight.dtype, base.model.layers[0].input_layernorm.weight.dtype}
+    assert dense == {kept}
+    assert base.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.uint8
+    assert {p.dtype for n, p in pm.named_parameters() if p.requires_grad} == {torch.float32}
+    assert all("lora_" in n for n, p in pm.named_parameters() if p.requires_grad)
+
+
+def test_the_fused_loss_multiplies_in_the_autocast_dtype(tiny_llama, monkeypatch):
+    """An fp32 lm_head under bf16 autocast: the loss's matmuls see bf16 (not fp32)."""
+    from adapters.training import loss
+
+    seen = []
+
+    def spy(h, weight, target, bias=None, chunk=1024):
+        seen.append((h.dtype, weight.dtype))
+        return (h.float() @ weight.float().t()).logsumexp(-1).sum()
+
+    monkeypatch.setattr(loss, "linear_cross_entropy_sum", spy)
+    model, _ = load_base(ModelConfig(name=str(tiny_llama), dtype="fp32"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss.batch_loss(model, {"input_ids": ids, "labels": ids})
+    loss.batch_loss(model, {"input_ids": ids, "labels": ids})
+    assert seen == [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)]

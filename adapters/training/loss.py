@@ -41,11 +41,11 @@ def batch_loss(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, int
     target = labels[keep]  # (N,)
     head = base.get_output_embeddings()
     weight = head.weight
-    if h.dtype != weight.dtype:
-        # Under autocast the fused op sees one dtype: the compute dtype of the matmuls.
-        dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(
-            h.device.type) else weight.dtype
-        h, weight = h.to(dt), weight.to(dt)
+    # Under autocast the fused op sees one dtype: the compute dtype of the matmuls (an fp32
+    # lm_head next to fp16 compute too: its matmuls are most of the loss's time).
+    dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(
+        h.device.type) else weight.dtype
+    h, weight = h.to(dt), weight.to(dt)
     bias = getattr(head, "bias", None)
     with torch.autocast(device_type=h.device.type, enabled=False):
         total = linear_cross_entropy_sum(h, weight, target, bias, chunk=chunk)
