@@ -5,6 +5,7 @@ where it is the server, real adapter files (links, NaN weights, a base of anothe
 import json
 import shutil
 import socket
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
@@ -229,6 +230,50 @@ def test_every_file_read_must_resolve_inside_the_root(server, root, tmp_path):
     code, text = http("POST", server.url + "/v1/adapters", {"name": "inside", "path": inner.name})
     assert code == 200, text
     assert http("DELETE", server.url + "/v1/adapters/inside")[0] == 200
+
+
+def test_a_link_swapped_in_after_the_check_is_not_followed(server, root, tmp_path,
+                                                           monkeypatch):
+    """The race the path check alone leaves open: the folder is checked, then a file of it is
+    swapped for a link to outside before peft would open it. What is loaded is a copy made
+    from what was opened (rootfs.snapshot): the swap is refused, and once loaded, swapping the
+    card for a link to a secret shows the page the loaded card, not the secret."""
+    from adapters.serving import server as srv
+
+    outside = tmp_path / "outside"
+    trained_adapter(server.server.config.app.state.engine.reg.base().name_or_path, outside,
+                    seed=11)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for clients")
+    inner = root / "swapped"
+    shutil.copytree(root / "a3", inner)
+    checked = srv.inside_root
+
+    def check_then_swap(r, path):
+        target = checked(r, path)  # the check passes on the honest folder ...
+        (inner / "adapter_model.safetensors").unlink()  # ... then the swap
+        (inner / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+        return target
+
+    monkeypatch.setattr(srv, "inside_root", check_then_swap)
+    code, text = http("POST", server.url + "/v1/adapters", {"name": "swap", "path": "swapped"})
+    assert code == 403 and "outside the adapter root" in text, text
+    assert "swap" not in [m.id for m in server.client().models.list()]
+    monkeypatch.setattr(srv, "inside_root", checked)
+
+    shutil.rmtree(inner)
+    shutil.copytree(root / "a3", inner)
+    card = (inner / "README.md").read_text()
+    code, text = http("POST", server.url + "/v1/adapters", {"name": "swap", "path": "swapped"})
+    assert code == 200, text
+    (inner / "README.md").unlink()
+    (inner / "README.md").symlink_to(secret)
+    code, text = http("GET", server.url + "/ui/api/card?model=swap")
+    assert code == 200 and json.loads(text)["card"] == card and "not for clients" not in text
+    copies = Path(server.server.config.app.state.service.copies.name)
+    assert len(list(copies.iterdir())) == 1  # the refused load's copy is gone
+    assert http("DELETE", server.url + "/v1/adapters/swap")[0] == 200
+    assert list(copies.iterdir()) == []  # and an unloaded adapter's copy too
 
 
 @pytest.mark.parametrize("body", [

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -27,7 +29,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
 
-from ..adapter import CARD_FILE, CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
 from ..errors import AdaptersError
 from . import classify
 from .classify import Heads
@@ -46,33 +47,8 @@ from .protocol import (
     usage,
 )
 from .registry import Registry, RegistryError
+from .rootfs import inside_root, snapshot
 from .ui import install as install_ui
-
-# Files that peft or our checks read from an adapter folder: each must resolve inside the root.
-READ_FILES = (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE, CARD_FILE, "adapter_model.bin")
-
-
-def inside_root(root: Path, path: str) -> Path:
-    """The real path of `path` (relative to root, or absolute) if it lies inside root.
-
-    Every file of the adapter that will be read (READ_FILES) must resolve inside root too, so a
-    link inside the root cannot point the load at a file outside it. A path the OS refuses (a
-    NUL byte, a name or path too long) is a 400.
-    """
-    try:
-        real_root = root.resolve()
-        target = (real_root / path).resolve()  # follows every link, collapses ".."
-        if not target.is_relative_to(real_root):
-            raise ApiError(403, f"path {short(path)} is outside the adapter root", param="path")
-        files = [target / f for f in READ_FILES if target.is_dir() and os.path.lexists(target / f)]
-        for f in files:
-            if not f.resolve().is_relative_to(real_root):
-                raise ApiError(403, f"path {short(path)}: {f.name} links to a file outside the "
-                                    "adapter root", param="path")
-    except (OSError, ValueError) as e:  # ENAMETOOLONG, "embedded null byte", ...
-        why = getattr(e, "strerror", None) or str(e)
-        raise ApiError(400, f"path {short(path)} cannot be used: {why}", param="path") from None
-    return target
 
 
 class Service:
@@ -94,12 +70,37 @@ class Service:
         cap = min(x for x in (limits.max_prompt_tokens, limits.context, 2**62) if x)
         vocab = registry.tok.get_vocab() if hasattr(registry.tok, "get_vocab") else {}
         self.max_prompt_chars = 4 * cap * max(map(len, vocab), default=2**62)
+        # Loads from the root read a checked copy of the adapter's files (rootfs.py), kept
+        # here, private to this process, while the adapter is loaded.
+        self.copies = tempfile.TemporaryDirectory(prefix="adapters-serve-")
+        self._copied = 0
 
     def model_ids(self) -> list[str]:
         return [self.registry.base_name, *self.registry.names(), *self.heads.names()]
 
     def close(self) -> None:
         self.tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+        self.copies.cleanup()
+
+    def copy_of(self, folder: Path, shown: str) -> Path:
+        """A checked private copy of the adapter at `folder` (rootfs.snapshot)."""
+        self._copied += 1
+        return snapshot(self.root, folder, Path(self.copies.name) / str(self._copied), shown)
+
+    def load(self, name: str, copy: Path) -> list[str]:
+        """Load adapter `name` from its copy; copies no loaded adapter uses are removed.
+        On the engine's thread."""
+        try:
+            return classify.load_into(self.registry, self.heads, name, copy)
+        finally:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        used = [Path(f) for f in (*map(self.registry.folder, self.registry.names()),
+                                  *map(self.heads.folder, self.heads.names()))]
+        for copy in Path(self.copies.name).iterdir():
+            if not any(f == copy or f.is_relative_to(copy) for f in used):
+                shutil.rmtree(copy, ignore_errors=True)
 
     def public(self, message: str) -> str:
         """`message` with the adapter root's location on this machine taken out: replies name
@@ -112,7 +113,10 @@ class Service:
         return message
 
     def unload(self, name: str) -> None:
-        (self.heads if name in self.heads.names() else self.registry).unload(name)
+        try:
+            (self.heads if name in self.heads.names() else self.registry).unload(name)
+        finally:
+            self._sweep()
 
     async def prepare(self, body, prompts: list, chat: bool) -> list[Request]:
         """One decode request per prompt and per `n`, after every check (nothing runs yet).
@@ -247,6 +251,7 @@ def create_app(registry: Registry, adapter_root: str | Path | None = None,
     app = FastAPI(title="adapters", lifespan=lifespan)
     app.add_middleware(Guard, api_key=api_key, max_body=limits.max_body_bytes)
     app.state.engine = engine
+    app.state.service = svc
     _error_handlers(app)
     _inference_routes(app, svc)
     classify.install(app, svc)
@@ -337,15 +342,21 @@ def _adapter_routes(app: FastAPI, svc: Service) -> None:
         except RegistryError as e:
             raise ApiError(400, str(e), param="name") from None
         folder = inside_root(svc.root, body.path)
+        copy = await asyncio.to_thread(svc.copy_of, folder, body.path)
+
+        def public(e: Exception) -> str:  # messages name the copy: the client's path instead
+            return svc.public(str(e).replace(str(copy), short(body.path)))
+
         try:
             evicted = await asyncio.wrap_future(svc.engine.call(
-                lambda: classify.load_into(svc.registry, svc.heads, body.name, folder)))
+                lambda: svc.load(body.name, copy)))
         except QueueFull as e:
+            shutil.rmtree(copy.parent if copy.is_file() else copy, ignore_errors=True)
             raise ApiError(429, str(e), kind="rate_limit_error") from None
         except RegistryError as e:  # every slot busy: nothing was loaded or evicted
-            raise ApiError(409, svc.public(str(e)), param="name") from None
+            raise ApiError(409, public(e), param="name") from None
         except AdaptersError as e:  # its messages name the folder: relative to the root here
-            raise ApiError(400, svc.public(str(e)), param="path") from None
+            raise ApiError(400, public(e), param="path") from None
         except OSError as e:
             raise ApiError(400, f"path {short(body.path)} cannot be read: {e.strerror}",
                            param="path") from None

@@ -1,0 +1,97 @@
+"""The adapter root of `adapters serve`: what a load may read, read without a window for a swap.
+
+`inside_root` refuses a path (or a file of the adapter behind it) that resolves outside the
+root, with a message that names the path as the client gave it. That check alone leaves a
+window: a link inside the root could be swapped to point outside between the check and the
+moment peft opens the file. So a load reads a `snapshot` instead: each file is opened first,
+the real path of what was opened (the descriptor's, not the name's) is checked against the
+root, and its bytes are copied into a folder of the server's own; peft loads that copy, and the
+model card the page shows later is read from it. A swap after the open changes nothing read.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from ..adapter import CARD_FILE, CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
+from .protocol import ApiError, short
+
+# Files that peft or our checks read from an adapter folder: each must resolve inside the root.
+READ_FILES = (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE, CARD_FILE, "adapter_model.bin")
+_PROC_FD = Path("/proc/self/fd")
+_CHUNK = 1 << 20
+
+
+def inside_root(root: Path, path: str) -> Path:
+    """The real path of `path` (relative to root, or absolute) if it lies inside root.
+
+    Every file of the adapter that will be read (READ_FILES) must resolve inside root too, so a
+    link inside the root cannot point the load at a file outside it. A path the OS refuses (a
+    NUL byte, a name or path too long) is a 400.
+    """
+    try:
+        real_root = root.resolve()
+        target = (real_root / path).resolve()  # follows every link, collapses ".."
+        if not target.is_relative_to(real_root):
+            raise ApiError(403, f"path {short(path)} is outside the adapter root", param="path")
+        files = [target / f for f in READ_FILES if target.is_dir() and os.path.lexists(target / f)]
+        for f in files:
+            if not f.resolve().is_relative_to(real_root):
+                raise _outside(path, f.name)
+    except (OSError, ValueError) as e:  # ENAMETOOLONG, "embedded null byte", ...
+        why = getattr(e, "strerror", None) or str(e)
+        raise ApiError(400, f"path {short(path)} cannot be used: {why}", param="path") from None
+    return target
+
+
+def _outside(path: str, name: str) -> ApiError:
+    return ApiError(403, f"path {short(path)}: {name} links to a file outside the adapter root",
+                    param="path")
+
+
+def _opened_path(fd: int, name: Path) -> Path:
+    """Where the open descriptor really points (Linux: /proc; elsewhere the name, resolved)."""
+    if _PROC_FD.is_dir():
+        return Path(os.readlink(_PROC_FD / str(fd)))
+    return name.resolve()
+
+
+def _copy_checked(src: Path, dst: Path, real_root: Path, shown: str) -> None:
+    """Copy `src` to `dst` if what opening `src` reached is a regular file inside real_root."""
+    # O_NONBLOCK: a FIFO planted under the name must not block the open; reads of a regular
+    # file ignore the flag.
+    fd = os.open(src, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not _opened_path(fd, src).is_relative_to(real_root):
+            raise _outside(shown, src.name)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ApiError(400, f"path {short(shown)}: {src.name} is not a regular file",
+                           param="path")
+        with open(dst, "xb") as out:
+            shutil.copyfileobj(f, out, _CHUNK)
+
+
+def snapshot(root: Path, target: Path, into: Path, shown: str) -> Path:
+    """Copy the adapter at `target` (a folder, or an archive file) into the new folder `into`,
+    each file checked by what was opened; returns what to load (`into`, or the archive's copy).
+    `shown`: the path as the client gave it, for messages."""
+    real_root = root.resolve()
+    into.mkdir(mode=0o700)
+    try:
+        if not target.is_dir():
+            _copy_checked(target, into / target.name, real_root, shown)
+            return into / target.name
+        for name in READ_FILES:
+            if os.path.lexists(target / name):
+                _copy_checked(target / name, into / name, real_root, shown)
+    except OSError as e:
+        shutil.rmtree(into, ignore_errors=True)
+        raise ApiError(400, f"path {short(shown)} cannot be read: {e.strerror}",
+                       param="path") from None
+    except BaseException:
+        shutil.rmtree(into, ignore_errors=True)
+        raise
+    return into
