@@ -1,11 +1,26 @@
-"""adapters: train, merge, evaluate and swap LoRA adapters for causal LMs."""
+"""adapters: train, merge, evaluate and swap LoRA adapters for causal LMs.
 
-from .adapter import inspect_adapter, load_adapter, save_adapter
-from .config import RunConfig, load_recipe
-from .errors import AdaptersError
-from .model import load_base
-from .training import train
+The public names below load on first use (PEP 562): `import adapters` (and so the command
+line's `adapters --help`) does not pull in torch, transformers and peft until one is asked for.
+"""
 
-__all__ = ["AdaptersError", "RunConfig", "inspect_adapter", "load_adapter", "load_base",
-           "load_recipe", "save_adapter", "train"]
+from __future__ import annotations
+
+import importlib
+
+# public name -> the module of this package that defines it
+_PUBLIC = {"AdaptersError": "errors", "RunConfig": "config", "load_recipe": "config",
+           "inspect_adapter": "adapter", "load_adapter": "adapter", "save_adapter": "adapter",
+           "load_base": "model", "train": "training"}
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

@@ -6,6 +6,8 @@ fail the test.
 """
 
 import re
+import subprocess
+import sys
 
 import pytest
 import transformers
@@ -149,3 +151,23 @@ def test_eval_runs_and_keeps_only_the_asked_metrics(tiny_gpt2, tmp_path, capsys)
     assert "| qa |" in out and "mine" in out and "loss (lower is better)" in out
     assert "perplexity" not in out and "token_accuracy" not in out
     assert (tmp_path / "ev" / "results.json").is_file()
+
+
+def test_help_and_a_mistyped_command_load_no_ml_library():
+    """`adapters --help` and `adapters trian` answer without importing torch, transformers,
+    peft or datasets (seconds of imports on a small machine); `adapters train --help` does
+    import what train needs, and lists its flags."""
+    probe = ("import sys\nfrom adapters.cli import main\ncode = main(sys.argv[1:])\n"
+             "heavy = [m for m in ('torch', 'transformers', 'peft', 'datasets') "
+             "if m in sys.modules]\nprint('HEAVY', code, *heavy)\n")
+
+    def run(*argv):
+        out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True,
+                             text=True, timeout=300)
+        return out.stdout.splitlines()[-1].split()[1:], out.stdout + out.stderr
+
+    assert run("--help")[0] == ["0"]
+    (code, *heavy), text = run("trian")
+    assert code == "1" and heavy == [] and "invalid choice: 'trian'" in text
+    (code, *heavy), text = run("train", "--help")
+    assert code == "0" and "torch" in heavy and "--resume" in text

@@ -5,8 +5,8 @@ where it is the server, real adapter files (links, NaN weights, a base of anothe
 import json
 import shutil
 import socket
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import openai

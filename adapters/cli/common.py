@@ -25,13 +25,6 @@ FORMATS = field_choices(DataConfig, "format")
 DTYPES = tuple(d for d in field_choices(ModelConfig, "dtype") if d != "auto")  # stored dtypes
 
 
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line and exit code 1, like every other error."""
-
-    def error(self, message: str):  # argparse's default prints the usage and exits with 2
-        raise ConfigError(f"{self.prog}: {message} (see `{self.prog} --help`)")
-
-
 # ---- value types: each raises ArgumentTypeError, which argparse prefixes with the flag ----
 
 def _number(text: str, kind: type, ok, expected: str):

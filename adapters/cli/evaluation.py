@@ -140,7 +140,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# name -> (add its flags, run it); each one's help line is in the table of cli/__init__.py
 COMMANDS = {
-    "eval": ("evaluate the base and adapters side by side", _add_eval, cmd_eval),
-    "predict": ("predict labels or values with a task-head adapter", _add_predict, cmd_predict),
+    "eval": (_add_eval, cmd_eval),
+    "predict": (_add_predict, cmd_predict),
 }

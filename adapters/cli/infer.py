@@ -152,9 +152,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# name -> (add its flags, run it); each one's help line is in the table of cli/__init__.py
 COMMANDS = {
-    "generate": ("answer a prompt with each adapter (and the base), side by side",
-                 _add_generate, cmd_generate),
-    "serve": ("OpenAI-compatible HTTP server over the base and adapters", _add_serve,
-              cmd_serve),
+    "generate": (_add_generate, cmd_generate),
+    "serve": (_add_serve, cmd_serve),
 }

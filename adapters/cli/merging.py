@@ -77,7 +77,8 @@ def cmd_combine(args: argparse.Namespace) -> int:
     return 0
 
 
+# name -> (add its flags, run it); each one's help line is in the table of cli/__init__.py
 COMMANDS = {
-    "merge": ("merge an adapter into its base model, verified", _add_merge, cmd_merge),
-    "combine": ("combine adapters of one base into a new adapter", _add_combine, cmd_combine),
+    "merge": (_add_merge, cmd_merge),
+    "combine": (_add_combine, cmd_combine),
 }

@@ -156,14 +156,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+# name -> (add its flags, run it); each one's help line is in the table of cli/__init__.py
 COMMANDS = {
-    "verify": ("check an adapter folder or archive (hash, finite, shapes, no pickles; "
-               "with --base: fingerprint, load, forward)", _add_verify, cmd_verify),
-    "export": ("write an adapter for llama.cpp / Ollama (GGUF, checked in llama.cpp) or an "
-               "older peft", _add_export, cmd_export),
-    "pack": ("zip an adapter folder into one file to send", _add_pack, cmd_pack),
-    "convert": ("turn a pickle (adapter_model.bin) adapter into safetensors + manifest",
-                _add_convert, cmd_convert),
-    "push": ("upload an adapter folder to the model hub", _add_push, cmd_push),
-    "pull": ("download an adapter from the model hub and verify it", _add_pull, cmd_pull),
+    "verify": (_add_verify, cmd_verify),
+    "export": (_add_export, cmd_export),
+    "pack": (_add_pack, cmd_pack),
+    "convert": (_add_convert, cmd_convert),
+    "push": (_add_push, cmd_push),
+    "pull": (_add_pull, cmd_pull),
 }

@@ -94,10 +94,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# name -> (add its flags, run it); each one's help line is in the table of cli/__init__.py
 COMMANDS = {
-    "inspect": ("show an adapter folder's base, settings, size and integrity", _add_inspect,
-                cmd_inspect),
-    "data": ("data tools: `data preview RECIPE`, `data build`", _add_data, cmd_data),
-    "demo": ("the main job on the embedded default model", _add_demo, cmd_demo),
-    "models": ("model tools: `models default`", _add_models, cmd_models),
+    "inspect": (_add_inspect, cmd_inspect),
+    "data": (_add_data, cmd_data),
+    "demo": (_add_demo, cmd_demo),
+    "models": (_add_models, cmd_models),
 }

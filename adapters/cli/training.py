@@ -62,6 +62,7 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
+# name -> (add its flags, run it); each one's help line is in the table of cli/__init__.py
 COMMANDS = {
-    "train": ("train a LoRA adapter from a recipe", _add_train, cmd_train),
+    "train": (_add_train, cmd_train),
 }

@@ -37,7 +37,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+# name -> (add its flags, run it); each one's help line is in the table of cli/__init__.py
 COMMANDS = {
-    "ui": ("the web page over a folder of training runs (live loss curves, summaries, eval "
-           "reports), without a model", _add_ui, cmd_ui),
+    "ui": (_add_ui, cmd_ui),
 }
