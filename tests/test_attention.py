@@ -180,3 +180,26 @@ def test_a_prefill_into_a_static_cache_goes_to_sdpa(tiny_llama):
     install_attention(model, "matmul")
     assert model.config._attn_implementation == "adapters_matmul"
     assert torch.equal(model.generate(ids, **kw), want)
+
+
+def test_long_causal_rows_use_a_bool_mask_with_the_same_result(monkeypatch):
+    """Past the cached bias's size bound the causal mask is a (T, S) bool built per call:
+    the same outputs and gradients as the bias path and as SDPA."""
+    torch.manual_seed(0)
+    q0, k0, v0 = (torch.randn(B, n, T, D, dtype=torch.float64) for n in (H, KV, KV))
+    grad = torch.randn(B, T, H, D, dtype=torch.float64)
+
+    def run():
+        q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
+        out = matmul_attention(q, k, v, None, D ** -0.5)
+        out.backward(grad)
+        return out, q.grad, k.grad, v.grad
+
+    bias = run()
+    monkeypatch.setattr(attention, "_MAX_BIAS_ELEMENTS", 0)
+    calls = lambda: sum(attention._causal_bias.cache_info()[:2])  # noqa: E731  hits + misses
+    before = calls()
+    bool_mask = run()
+    assert calls() == before  # the bias was not asked for
+    for a, b in zip(bool_mask, bias, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

@@ -69,20 +69,37 @@ def test_a_quantized_base_keeps_bf16_weights_and_lifts_fp16_ones(tiny_llama, dty
     assert all("lora_" in n for n, p in pm.named_parameters() if p.requires_grad)
 
 
-def test_the_fused_loss_multiplies_in_the_autocast_dtype(tiny_llama, monkeypatch):
-    """An fp32 lm_head under bf16 autocast: the loss's matmuls see bf16 (not fp32)."""
-    from adapters.training import loss
+def test_the_fused_losses_multiply_in_the_autocast_dtype(tiny_llama, monkeypatch):
+    """An fp32 lm_head with a bias (as on an fp16 4/8-bit base of Phi-2 or GPT-J) under bf16
+    autocast: the SFT loss and the preference log-probs get h, weight and bias in bf16 and
+    agree with the fp32 computation to bf16's precision."""
+    from adapters.kernels import ce, logprobs
+    from adapters.training import loss, objectives
 
     seen = []
 
-    def spy(h, weight, target, bias=None, chunk=1024):
-        seen.append((h.dtype, weight.dtype))
-        return (h.float() @ weight.float().t()).logsumexp(-1).sum()
+    def spy(real):
+        def wrapped(h, weight, target, bias=None, chunk=1024):
+            seen.append({h.dtype, weight.dtype, bias.dtype})
+            return real(h, weight, target, bias, chunk=chunk)
+        return wrapped
 
-    monkeypatch.setattr(loss, "linear_cross_entropy_sum", spy)
+    monkeypatch.setattr(loss, "linear_cross_entropy_sum", spy(ce.linear_cross_entropy_sum))
+    monkeypatch.setattr(objectives, "token_logprobs", spy(logprobs.token_logprobs))
     model, _ = load_base(ModelConfig(name=str(tiny_llama), dtype="fp32"))
+    torch.manual_seed(0)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    model.lm_head = head  # untied, with a bias
     ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    batch = {"input_ids": ids, "labels": ids, "seq": torch.tensor([[0] * 8, [1] * 8])}
+
+    def both():
+        return (loss.batch_loss(model, batch)[0],
+                objectives.sequence_logprobs(model, batch)[0])
+
+    exact = both()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss.batch_loss(model, {"input_ids": ids, "labels": ids})
-    loss.batch_loss(model, {"input_ids": ids, "labels": ids})
-    assert seen == [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)]
+        fast = both()
+    assert seen == [{torch.float32}] * 2 + [{torch.bfloat16}] * 2
+    for a, b in zip(fast, exact, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=0)

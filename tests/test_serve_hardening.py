@@ -3,10 +3,10 @@ adapter root, hangs, or ends in a traceback. A real uvicorn on loopback, the off
 where it is the server, real adapter files (links, NaN weights, a base of another shape)."""
 
 import json
+import os
 import shutil
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import openai
@@ -270,10 +270,52 @@ def test_a_link_swapped_in_after_the_check_is_not_followed(server, root, tmp_pat
     (inner / "README.md").symlink_to(secret)
     code, text = http("GET", server.url + "/ui/api/card?model=swap")
     assert code == 200 and json.loads(text)["card"] == card and "not for clients" not in text
-    copies = Path(server.server.config.app.state.service.copies.name)
+    copies = server.server.config.app.state.service.copies.path
     assert len(list(copies.iterdir())) == 1  # the refused load's copy is gone
     assert http("DELETE", server.url + "/v1/adapters/swap")[0] == 200
     assert list(copies.iterdir()) == []  # and an unloaded adapter's copy too
+
+
+def test_what_was_opened_is_checked_not_the_name(root, tmp_path, monkeypatch):
+    """A link that points outside while the file is opened and back inside by the time a name
+    could be re-checked: the open descriptor's real path is what counts (rootfs)."""
+    from adapters.serving import rootfs
+
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    inner = tmp_path / "root" / "ad"
+    inner.mkdir(parents=True)
+    honest = inner / "honest.json"
+    honest.write_text("{}")
+    (inner / "adapter_config.json").symlink_to(outside)
+
+    class SwapBackAfterOpen:  # os, with a link swapped back right after each open
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def open(self, path, *a, **k):
+            fd = os.open(path, *a, **k)
+            (inner / "adapter_config.json").unlink()
+            (inner / "adapter_config.json").symlink_to(honest)
+            return fd
+
+    monkeypatch.setattr(rootfs, "os", SwapBackAfterOpen())
+    with pytest.raises(rootfs.ApiError) as e:
+        rootfs.snapshot(tmp_path / "root", inner, tmp_path / "copy", "ad")
+    assert e.value.status == 403 and not (tmp_path / "copy").exists()
+
+
+def test_concurrent_loads_keep_each_others_copies(server):
+    """Loads copy on threads of their own while the engine sweeps unused copies: four at once
+    all load, and unloading them leaves no copy behind."""
+    names = [f"c{i}" for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda n: http("POST", server.url + "/v1/adapters",
+                                                {"name": n, "path": f"a{n[1]}"}), names))
+    assert [code for code, _ in replies] == [200] * 4, replies
+    for n in names:
+        assert http("DELETE", server.url + f"/v1/adapters/{n}")[0] == 200
+    assert list(server.server.config.app.state.service.copies.path.iterdir()) == []
 
 
 @pytest.mark.parametrize("body", [

@@ -34,6 +34,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 MAX_LEN = 512  # auto: longer rows go to SDPA (scripts/bench_attention.py)
+# The cached additive causal bias is (G*T, S) in the compute dtype: up to 8 M elements
+# (16 MiB in bf16, e.g. G=8 at T=S=1024); beyond, a (T, S) bool mask is built per call.
+_MAX_BIAS_ELEMENTS = 8 << 20
 MODES = ("auto", "sdpa", "matmul")
 NAME = "adapters_{}"  # the name each mode is registered under in transformers' interfaces
 
@@ -98,8 +101,11 @@ def matmul_attention(query, key, value, attention_mask, scaling: float) -> torch
     device = query.device.type
     dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
              else query.dtype)  # one compute dtype for the op; autocast stays out of it
-    if attention_mask is None:
+    if attention_mask is None and t * key.shape[2] * h // kv <= _MAX_BIAS_ELEMENTS:
         blocked = _causal_bias(h // kv, t, key.shape[2], dtype, query.device)  # (G*T, S)
+    elif attention_mask is None:  # long rows (forced matmul mode): a small bool mask instead
+        blocked = torch.ones(t, key.shape[2], dtype=torch.bool,
+                             device=query.device).triu(diagonal=key.shape[2] - t + 1)
     else:
         blocked = ~attention_mask[:, :, None]  # (B|1, 1, 1, T, S)
     with torch.autocast(device_type=device, enabled=False):

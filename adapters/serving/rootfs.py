@@ -11,9 +11,13 @@ model card the page shows later is read from it. A swap after the open changes n
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
+import tempfile
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..adapter import CARD_FILE, CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
@@ -53,10 +57,16 @@ def _outside(path: str, name: str) -> ApiError:
 
 
 def _opened_path(fd: int, name: Path) -> Path:
-    """Where the open descriptor really points (Linux: /proc; elsewhere the name, resolved)."""
+    """Where the open descriptor really points. Linux: /proc says. Elsewhere: the name,
+    resolved, and only if it still names the very file that is open (same device and inode),
+    so a link swapped between the open and this check is refused rather than believed."""
     if _PROC_FD.is_dir():
         return Path(os.readlink(_PROC_FD / str(fd)))
-    return name.resolve()
+    real = name.resolve()
+    opened, named = os.fstat(fd), os.stat(real)
+    if (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
+        raise OSError(errno.ESTALE, "the file changed while it was opened")
+    return real
 
 
 def _copy_checked(src: Path, dst: Path, real_root: Path, shown: str) -> None:
@@ -79,7 +89,7 @@ def snapshot(root: Path, target: Path, into: Path, shown: str) -> Path:
     each file checked by what was opened; returns what to load (`into`, or the archive's copy).
     `shown`: the path as the client gave it, for messages."""
     real_root = root.resolve()
-    into.mkdir(mode=0o700)
+    into.mkdir(mode=0o700, exist_ok=True)  # private: mkdtemp's folders are 0700 too
     try:
         if not target.is_dir():
             _copy_checked(target, into / target.name, real_root, shown)
@@ -95,3 +105,52 @@ def snapshot(root: Path, target: Path, into: Path, shown: str) -> Path:
         shutil.rmtree(into, ignore_errors=True)
         raise
     return into
+
+
+class Copies:
+    """The server's private folder of checked copies, one folder per load. A copy stays while
+    its load is under way (`copy_of` .. `done`) or a loaded adapter uses it; `sweep` removes
+    the rest. Loads copy on their own threads, so the bookkeeping is under a lock."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._dir = tempfile.TemporaryDirectory(prefix="adapters-serve-")
+        self.path = Path(self._dir.name)
+        self._pending: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def copy_of(self, target: Path, shown: str) -> Path:
+        """A checked copy of the adapter at `target` (see `snapshot`), in a folder of its own."""
+        into = Path(tempfile.mkdtemp(dir=self.path))
+        with self._lock:
+            self._pending.add(into)
+        try:
+            return snapshot(self.root, target, into, shown)
+        except BaseException:
+            self.discard(into)
+            raise
+
+    def _folder(self, copy: Path) -> Path:  # a folder's copy is its folder; an archive's is in one
+        return copy if copy.parent == self.path else copy.parent
+
+    def done(self, copy: Path) -> None:
+        """The load from `copy` is over; the next sweep removes it unless it is in use."""
+        with self._lock:
+            self._pending.discard(self._folder(copy))
+
+    def discard(self, copy: Path) -> None:
+        """Remove the copy of a load that never ran (nothing was loaded from it)."""
+        self.done(copy)
+        shutil.rmtree(self._folder(copy), ignore_errors=True)
+
+    def sweep(self, used: Iterable[str | Path]) -> None:
+        """Remove every copy that no load under way and no folder in `used` is (or is in)."""
+        used = [Path(f) for f in used]
+        with self._lock:
+            keep = set(self._pending)
+        for copy in self.path.iterdir():
+            if copy not in keep and not any(f == copy or f.is_relative_to(copy) for f in used):
+                shutil.rmtree(copy, ignore_errors=True)
+
+    def close(self) -> None:
+        self._dir.cleanup()

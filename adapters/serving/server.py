@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -47,7 +45,7 @@ from .protocol import (
     usage,
 )
 from .registry import Registry, RegistryError
-from .rootfs import inside_root, snapshot
+from .rootfs import Copies, inside_root
 from .ui import install as install_ui
 
 
@@ -71,36 +69,27 @@ class Service:
         vocab = registry.tok.get_vocab() if hasattr(registry.tok, "get_vocab") else {}
         self.max_prompt_chars = 4 * cap * max(map(len, vocab), default=2**62)
         # Loads from the root read a checked copy of the adapter's files (rootfs.py), kept
-        # here, private to this process, while the adapter is loaded.
-        self.copies = tempfile.TemporaryDirectory(prefix="adapters-serve-")
-        self._copied = 0
+        # private to this process while the adapter is loaded.
+        self.copies = Copies(root) if root is not None else None
 
     def model_ids(self) -> list[str]:
         return [self.registry.base_name, *self.registry.names(), *self.heads.names()]
 
     def close(self) -> None:
         self.tokenizer_thread.shutdown(wait=False, cancel_futures=True)
-        self.copies.cleanup()
+        if self.copies is not None:
+            self.copies.close()
 
-    def copy_of(self, folder: Path, shown: str) -> Path:
-        """A checked private copy of the adapter at `folder` (rootfs.snapshot)."""
-        self._copied += 1
-        return snapshot(self.root, folder, Path(self.copies.name) / str(self._copied), shown)
+    def loaded(self, copy: Path) -> None:
+        """The load from `copy` is over (done or failed): copies no loaded adapter uses go.
+        On the engine's thread (it reads the registry and the heads)."""
+        self.copies.done(copy)
+        self.sweep()
 
-    def load(self, name: str, copy: Path) -> list[str]:
-        """Load adapter `name` from its copy; copies no loaded adapter uses are removed.
-        On the engine's thread."""
-        try:
-            return classify.load_into(self.registry, self.heads, name, copy)
-        finally:
-            self._sweep()
-
-    def _sweep(self) -> None:
-        used = [Path(f) for f in (*map(self.registry.folder, self.registry.names()),
-                                  *map(self.heads.folder, self.heads.names()))]
-        for copy in Path(self.copies.name).iterdir():
-            if not any(f == copy or f.is_relative_to(copy) for f in used):
-                shutil.rmtree(copy, ignore_errors=True)
+    def sweep(self) -> None:
+        if self.copies is not None:
+            self.copies.sweep([*map(self.registry.folder, self.registry.names()),
+                               *map(self.heads.folder, self.heads.names())])
 
     def public(self, message: str) -> str:
         """`message` with the adapter root's location on this machine taken out: replies name
@@ -116,7 +105,7 @@ class Service:
         try:
             (self.heads if name in self.heads.names() else self.registry).unload(name)
         finally:
-            self._sweep()
+            self.sweep()
 
     async def prepare(self, body, prompts: list, chat: bool) -> list[Request]:
         """One decode request per prompt and per `n`, after every check (nothing runs yet).
@@ -342,16 +331,21 @@ def _adapter_routes(app: FastAPI, svc: Service) -> None:
         except RegistryError as e:
             raise ApiError(400, str(e), param="name") from None
         folder = inside_root(svc.root, body.path)
-        copy = await asyncio.to_thread(svc.copy_of, folder, body.path)
+        copy = await asyncio.to_thread(svc.copies.copy_of, folder, body.path)
 
         def public(e: Exception) -> str:  # messages name the copy: the client's path instead
             return svc.public(str(e).replace(str(copy), short(body.path)))
 
+        def load():
+            try:
+                return classify.load_into(svc.registry, svc.heads, body.name, copy)
+            finally:
+                svc.loaded(copy)
+
         try:
-            evicted = await asyncio.wrap_future(svc.engine.call(
-                lambda: svc.load(body.name, copy)))
+            evicted = await asyncio.wrap_future(svc.engine.call(load))
         except QueueFull as e:
-            shutil.rmtree(copy.parent if copy.is_file() else copy, ignore_errors=True)
+            svc.copies.discard(copy)
             raise ApiError(429, str(e), kind="rate_limit_error") from None
         except RegistryError as e:  # every slot busy: nothing was loaded or evicted
             raise ApiError(409, public(e), param="name") from None

@@ -39,17 +39,21 @@ def batch_loss(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, int
     keep = labels != IGNORE_INDEX
     h = hidden[:, :-1][keep]  # (N, H): only positions that predict a counted token
     target = labels[keep]  # (N,)
-    head = base.get_output_embeddings()
-    weight = head.weight
-    # Under autocast the fused op sees one dtype: the compute dtype of the matmuls (an fp32
-    # lm_head next to fp16 compute too: its matmuls are most of the loss's time).
-    dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(
-        h.device.type) else weight.dtype
-    h, weight = h.to(dt), weight.to(dt)
-    bias = getattr(head, "bias", None)
+    h, weight, bias = head_inputs(h, base.get_output_embeddings())
     with torch.autocast(device_type=h.device.type, enabled=False):
         total = linear_cross_entropy_sum(h, weight, target, bias, chunk=chunk)
     return total, int(target.numel())
+
+
+def head_inputs(h: torch.Tensor, head) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(h, weight, bias) of the lm_head in one dtype for the fused ops, which run outside
+    autocast: under autocast its compute dtype (an fp32 lm_head next to fp16 compute too, as
+    on an fp16 4/8-bit base: the head's matmuls are most of the loss's time), else the
+    weight's."""
+    weight, bias = head.weight, getattr(head, "bias", None)
+    dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(
+        h.device.type) else weight.dtype
+    return h.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from ..config import IGNORE_INDEX, TrainConfig
 from ..errors import TrainingError
 from ..kernels.logprobs import token_logprobs
 from .distributed import Dist, all_sum
+from .loss import head_inputs
 
 # Per-step metrics: each is a sum over pairs, divided by the step's pairs when logged.
 PAIR_METRICS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin",
@@ -53,12 +54,7 @@ def sequence_logprobs(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tens
     keep = labels != IGNORE_INDEX
     h, target = hidden[:, :-1][keep], labels[keep]  # (N, H), (N,)
     seq = batch["seq"][:, 1:][keep]  # (N,): the sequence each counted token belongs to
-    head = base.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if h.dtype != weight.dtype:  # under autocast: both in the autocast compute dtype
-        dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(
-            h.device.type) else weight.dtype
-        h, weight = h.to(dt), weight.to(dt)
+    h, weight, bias = head_inputs(h, base.get_output_embeddings())
     with torch.autocast(device_type=h.device.type, enabled=False):
         lp = token_logprobs(h, weight, target, bias, chunk=chunk)  # (N,) fp32
     n_seq = int(batch["seq"].max()) + 1

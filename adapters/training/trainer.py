@@ -52,6 +52,7 @@ from .runtime import (
     StopSignals,
     check_disk,
     check_output_dir,
+    give_back_host_memory,
     keep_freed_host_memory,
     prepare_output,
     seed_all,
@@ -101,7 +102,6 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = False,
     """
     if isinstance(cfg, dict):
         cfg = from_dict(cfg)
-    keep_freed_host_memory()  # every step reuses the last one's pages (runtime.py)
     main = distributed.from_env().main
     prepare_output(Path(cfg.output.dir), fresh=not resume, main=main)
     if not main:  # rank 0 speaks for all; the others only warn
@@ -109,6 +109,7 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = False,
     # A checkpoint that cannot be continued is refused before the model loads.
     found = ckpt.resumable(cfg, resume, distributed.from_env().world) if resume else None
     run = setup(cfg, device, resume=bool(found), progress=progress)
+    keep_freed_host_memory()  # every step reuses the last one's pages (runtime.py)
     try:
         if found:
             restore(run, *found)
@@ -122,6 +123,8 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = False,
     except BaseException:
         distributed.abort(run.dist)
         raise
+    finally:
+        give_back_host_memory()
     return run.out
 
 
