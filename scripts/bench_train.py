@@ -152,11 +152,12 @@ def heldout_loss(args: dict, adapter: Path, with_base: bool = False) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    if args["model"] in GPU_SHAPES:  # random-initialised weights: no meaningful loss
+    if not args.get("heldout", True):  # random-initialised weights: no meaningful loss
         return {}
     examples = heldout_examples(args)
-    base = AutoModelForCausalLM.from_pretrained(args["model_path"],
-                                                **base_kwargs(ALL_CASES[args["case"]][3]))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = AutoModelForCausalLM.from_pretrained(
+        args["model_path"], device_map={"": device}, **base_kwargs(ALL_CASES[args["case"]][3]))
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
 
     def mean() -> float:
@@ -164,7 +165,8 @@ def heldout_loss(args: dict, adapter: Path, with_base: bool = False) -> dict:
         with torch.no_grad():
             for ids, labels in examples:
                 n = sum(1 for x in labels[1:] if x != -100)
-                out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+                out = model(input_ids=torch.tensor([ids], device=device),
+                            labels=torch.tensor([labels], device=device))
                 total, count = total + float(out.loss) * n, count + n
         return total / max(count, 1)
 
@@ -410,6 +412,9 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--model-path", help="use this folder as the smollm2 model (e.g. a random "
                                         "model of its shape on a machine without the weights)")
+    p.add_argument("--no-heldout", action="store_true",
+                   help="skip scoring both adapters on held-out data (random-weight models; "
+                        "always skipped with --gpu)")
     p.add_argument("--same-allocator", action="store_true",
                    help="give the baseline our loop's malloc setting too (runtime.py)")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
@@ -430,7 +435,8 @@ def main() -> None:
         path = model_path(model, out, a.model_path if model == "smollm2" else None)
         for case in a.cases:
             args = {"model": model, "model_path": path, "case": case, "steps": a.steps,
-                    "work": str(out), "ckpt": a.gpu, "same_allocator": a.same_allocator}
+                    "work": str(out), "ckpt": a.gpu, "same_allocator": a.same_allocator,
+                    "heldout": not (a.no_heldout or a.gpu)}
             row = compare(args, a.repeats)
             if a.longest and a.gpu:
                 for side in ("ours", "baseline"):

@@ -39,7 +39,7 @@ timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/te
   2>&1 | tee "$OUT/pytest.log" | tail -25
 # 2. Training speed and memory against HF Trainer + peft, same tokens (CUDA memory).
 timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench_train.py --models smollm2 \
-  --model-path /tmp/smol --cases a-256 a-1024 b-padded b-flat c-qlora --steps 30 \
+  --model-path /tmp/smol --no-heldout --cases a-256 a-1024 b-padded b-flat c-qlora --steps 30 \
   --out "$OUT/bench" 2>&1 | tail -12
 # 3. Mixed-adapter generation on CUDA.
 timeout "${SWAP_TIMEOUT:-90}" python3 scripts/bench_swap.py --base /tmp/smol --device cuda \
