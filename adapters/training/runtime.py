@@ -44,7 +44,7 @@ def keep_freed_host_memory() -> bool:
     its heap), so next step's tensors fault their pages in afresh: with blocks up to 32 MiB
     kept in the heap and trimming at 1 GiB, a CPU step of the default model ran 2-7% faster
     and spent half the system time (README, Speed); the peak memory of a QLoRA run moved by
-    less than run-to-run noise (~0.05 GB of 1.6). Made once the model is loaded (its loading
+    about run-to-run noise (up to ~0.1 GB of 1.6). Made once the model is loaded (its loading
     temporaries keep glibc's default path), and `give_back_host_memory` trims the heap when
     training ends. Linux with glibc only, and not when the user tuned malloc already
     (GLIBC_TUNABLES, MALLOC_*_ variables, a preloaded allocator). Returns whether it was made.
