@@ -305,6 +305,23 @@ def test_what_was_opened_is_checked_not_the_name(root, tmp_path, monkeypatch):
     assert e.value.status == 403 and not (tmp_path / "copy").exists()
 
 
+def test_a_full_queue_refuses_a_load_before_copying_it(tiny_gpt2, root, monkeypatch):
+    """With no room in the queue a load is a 429 at once, and no file of it is copied."""
+    from adapters.serving import rootfs
+
+    def no_copy(*a, **k):
+        raise AssertionError("copied although the queue is full")
+
+    monkeypatch.setattr(rootfs, "snapshot", no_copy)
+    s = start(tiny_gpt2, root, names=(), max_queue=0)
+    try:
+        code, text = http("POST", s.url + "/v1/adapters", {"name": "x", "path": "a0"})
+        assert code == 429 and "busy" in text, text
+        assert list(s.server.config.app.state.service.copies.path.iterdir()) == []
+    finally:
+        s.close()
+
+
 def test_concurrent_loads_keep_each_others_copies(server):
     """Loads copy on threads of their own while the engine sweeps unused copies: four at once
     all load, and unloading them leaves no copy behind."""

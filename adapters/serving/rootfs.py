@@ -130,6 +130,11 @@ class Copies:
             self.discard(into)
             raise
 
+    def busy(self) -> int:
+        """Copies made or being made for loads not finished yet."""
+        with self._lock:
+            return len(self._pending)
+
     def _folder(self, copy: Path) -> Path:  # a folder's copy is its folder; an archive's is in one
         return copy if copy.parent == self.path else copy.parent
 

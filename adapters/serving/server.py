@@ -331,6 +331,10 @@ def _adapter_routes(app: FastAPI, svc: Service) -> None:
         except RegistryError as e:
             raise ApiError(400, str(e), param="name") from None
         folder = inside_root(svc.root, body.path)
+        if svc.engine.waiting() + svc.copies.busy() >= svc.engine.max_queue:
+            # refused before any file is copied: a flood of loads costs no disk
+            raise ApiError(429, f"the server is busy: {svc.engine.max_queue} requests are "
+                                "already waiting; retry later", kind="rate_limit_error")
         copy = await asyncio.to_thread(svc.copies.copy_of, folder, body.path)
 
         def public(e: Exception) -> str:  # messages name the copy: the client's path instead
