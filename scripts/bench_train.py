@@ -290,10 +290,6 @@ def worker_baseline(args: dict) -> dict:
         bundle = full_rows(bundle, seq)
     ds = bundle.train.dataset.select_columns(["input_ids", "labels"])
     ds = ds.select(our_order(ds, seq, packed=not fixed_length(args["case"])))
-    if args.get("same_allocator"):
-        from adapters.training.runtime import keep_freed_host_memory
-
-        keep_freed_host_memory()
     kw = base_kwargs(quant)
     torch.manual_seed(0)  # as our loop seeds before it loads the base and draws LoRA's A
     model = AutoModelForCausalLM.from_pretrained(args["model_path"], **kw)
@@ -329,6 +325,10 @@ def worker_baseline(args: dict) -> dict:
         return orig(features, *a, **k)
 
     tr.data_collator = counting
+    if args.get("same_allocator"):  # as our loop does it: once the model is loaded
+        from adapters.training.runtime import keep_freed_host_memory
+
+        keep_freed_host_memory()
     tr.train()
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
     counted = per_step[1:args["steps"]]

@@ -121,19 +121,14 @@ class Copies:
 
     def copy_of(self, target: Path, shown: str) -> Path:
         """A checked copy of the adapter at `target` (see `snapshot`), in a folder of its own."""
-        into = Path(tempfile.mkdtemp(dir=self.path))
-        with self._lock:
+        with self._lock:  # made and registered at once: a sweep never sees it unregistered
+            into = Path(tempfile.mkdtemp(dir=self.path))
             self._pending.add(into)
         try:
             return snapshot(self.root, target, into, shown)
         except BaseException:
             self.discard(into)
             raise
-
-    def busy(self) -> int:
-        """Copies made or being made for loads not finished yet."""
-        with self._lock:
-            return len(self._pending)
 
     def _folder(self, copy: Path) -> Path:  # a folder's copy is its folder; an archive's is in one
         return copy if copy.parent == self.path else copy.parent
@@ -151,11 +146,11 @@ class Copies:
     def sweep(self, used: Iterable[str | Path]) -> None:
         """Remove every copy that no load under way and no folder in `used` is (or is in)."""
         used = [Path(f) for f in used]
-        with self._lock:
-            keep = set(self._pending)
-        for copy in self.path.iterdir():
-            if copy not in keep and not any(f == copy or f.is_relative_to(copy) for f in used):
-                shutil.rmtree(copy, ignore_errors=True)
+        with self._lock:  # listed and decided together with the registrations
+            doomed = [c for c in self.path.iterdir() if c not in self._pending
+                      and not any(f == c or f.is_relative_to(c) for f in used)]
+        for copy in doomed:
+            shutil.rmtree(copy, ignore_errors=True)
 
     def close(self) -> None:
         self._dir.cleanup()

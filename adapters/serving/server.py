@@ -71,6 +71,7 @@ class Service:
         # Loads from the root read a checked copy of the adapter's files (rootfs.py), kept
         # private to this process while the adapter is loaded.
         self.copies = Copies(root) if root is not None else None
+        self.copying = 0  # loads being copied, not yet in the engine's queue (event loop only)
 
     def model_ids(self) -> list[str]:
         return [self.registry.base_name, *self.registry.names(), *self.heads.names()]
@@ -320,6 +321,22 @@ def _inference_routes(app: FastAPI, svc: Service) -> None:
                                     for i, o in enumerate(outs)], "usage": usage(outs)}
 
 
+def _queue_load(svc: Service, name: str, copy: Path):
+    """Queue loading adapter `name` from its copy on the engine's thread (a future); a full
+    queue is a 429 and the copy goes at once."""
+    def load():
+        try:
+            return classify.load_into(svc.registry, svc.heads, name, copy)
+        finally:
+            svc.loaded(copy)
+
+    try:
+        return svc.engine.call(load)
+    except QueueFull as e:
+        svc.copies.discard(copy)
+        raise ApiError(429, str(e), kind="rate_limit_error") from None
+
+
 def _adapter_routes(app: FastAPI, svc: Service) -> None:
     @app.post("/v1/adapters")
     async def load_adapter(body: LoadAdapterBody):
@@ -331,26 +348,22 @@ def _adapter_routes(app: FastAPI, svc: Service) -> None:
         except RegistryError as e:
             raise ApiError(400, str(e), param="name") from None
         folder = inside_root(svc.root, body.path)
-        if svc.engine.waiting() + svc.copies.busy() >= svc.engine.max_queue:
+        if svc.engine.waiting() + svc.copying >= svc.engine.max_queue:
             # refused before any file is copied: a flood of loads costs no disk
             raise ApiError(429, f"the server is busy: {svc.engine.max_queue} requests are "
                                 "already waiting; retry later", kind="rate_limit_error")
-        copy = await asyncio.to_thread(svc.copies.copy_of, folder, body.path)
+        svc.copying += 1  # counted before the await: loads arriving together see each other
+        try:
+            copy = await asyncio.to_thread(svc.copies.copy_of, folder, body.path)
+            queued = _queue_load(svc, body.name, copy)
+        finally:
+            svc.copying -= 1
 
         def public(e: Exception) -> str:  # messages name the copy: the client's path instead
             return svc.public(str(e).replace(str(copy), short(body.path)))
 
-        def load():
-            try:
-                return classify.load_into(svc.registry, svc.heads, body.name, copy)
-            finally:
-                svc.loaded(copy)
-
         try:
-            evicted = await asyncio.wrap_future(svc.engine.call(load))
-        except QueueFull as e:
-            svc.copies.discard(copy)
-            raise ApiError(429, str(e), kind="rate_limit_error") from None
+            evicted = await asyncio.wrap_future(queued)
         except RegistryError as e:  # every slot busy: nothing was loaded or evicted
             raise ApiError(409, public(e), param="name") from None
         except AdaptersError as e:  # its messages name the folder: relative to the root here

@@ -34,6 +34,7 @@ def seed_all(seed: int) -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _KEEP_BYTES = 32 << 20  # glibc's largest mmap threshold (HEAP_MAX_SIZE / 2 on 64-bit)
 _TRIM_BYTES = 1 << 30
+_DEFAULT_BYTES = 128 << 10  # glibc's starting value of both thresholds
 
 
 def keep_freed_host_memory() -> bool:
@@ -62,14 +63,21 @@ def keep_freed_host_memory() -> bool:
     return made
 
 
-def give_back_host_memory() -> None:
-    """Hand the heap's free memory back to the OS (glibc malloc_trim) once training is over,
-    so a long-lived process (a notebook) does not keep a run's activations."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+def give_back_host_memory(kept: bool) -> None:
+    """Once training is over: the heap's free memory handed back to the OS (malloc_trim) and,
+    if `keep_freed_host_memory` made its setting (`kept`), glibc's thresholds back to their
+    starting values, so a long-lived process (a notebook) keeps neither a run's activations
+    nor the setting."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        if kept:
+            libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_BYTES)
+            libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_BYTES)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def peak_memory_bytes(device: str = "cpu") -> int:

@@ -109,7 +109,7 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = False,
     # A checkpoint that cannot be continued is refused before the model loads.
     found = ckpt.resumable(cfg, resume, distributed.from_env().world) if resume else None
     run = setup(cfg, device, resume=bool(found), progress=progress)
-    keep_freed_host_memory()  # every step reuses the last one's pages (runtime.py)
+    kept = keep_freed_host_memory()  # every step reuses the last one's pages (runtime.py)
     try:
         if found:
             restore(run, *found)
@@ -122,10 +122,12 @@ def train(cfg: RunConfig, resume: str | None = None, progress: bool = False,
         distributed.finish(run.dist)
     except BaseException:
         distributed.abort(run.dist)
+        give_back_host_memory(kept)
         raise
-    finally:
-        give_back_host_memory()
-    return run.out
+    out = run.out
+    del run  # its tensors go before the heap is trimmed
+    give_back_host_memory(kept)
+    return out
 
 
 def setup(cfg: RunConfig, device: str | None = None, resume: bool = False,
