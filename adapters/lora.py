@@ -51,6 +51,14 @@ def resolve_targets(model: nn.Module, targets: str | list[str]) -> str | list[st
         targets = preset
     if isinstance(targets, str):
         targets = [targets]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is head}
+    if head_names & set(targets):
+        # The fused loss multiplies by the head's own weight (training/loss.py): a LoRA
+        # wrapped around it would never see a gradient.
+        raise ModelError(f"lora.targets: {sorted(head_names & set(targets))} is the output "
+                         "head, which LoRA does not adapt here (the fused loss reads its "
+                         "weight directly); leave it out")
     missing = [t for t in targets if t not in available]
     if missing:
         raise ModelError(

@@ -103,3 +103,11 @@ def test_the_fused_losses_multiply_in_the_autocast_dtype(tiny_llama, monkeypatch
     assert seen == [{torch.float32}] * 2 + [{torch.bfloat16}] * 2
     for a, b in zip(fast, exact, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=0)
+
+
+def test_the_output_head_as_a_target_is_refused_by_name(tiny_llama):
+    """LoRA on the lm_head would never train (the fused loss reads the head's own weight):
+    asked for, it is an error that names it, before peft wraps anything."""
+    model, _ = load_base(ModelConfig(name=str(tiny_llama), dtype="fp32"))
+    with pytest.raises(ModelError, match=r"\['lm_head'\] is the output head"):
+        attach_lora(model, LoraConfig(targets=["q_proj", "lm_head"]))
