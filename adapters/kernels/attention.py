@@ -76,14 +76,18 @@ class MatmulAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+def _causal_blocked(t: int, s: int, device: torch.device) -> torch.Tensor:
+    """(T, S) bool: True where query t may not see key j (j > t + S - T)."""
+    return torch.ones(t, s, dtype=torch.bool, device=device).triu(diagonal=s - t + 1)
+
+
 @functools.lru_cache(maxsize=8)
 def _causal_bias(groups: int, t: int, s: int, dtype: torch.dtype,
                  device: torch.device) -> torch.Tensor:
     """(G*T, S) additive causal mask: the dtype's most negative value where query t may not
-    see key j (j > t + S - T), 0 elsewhere; repeated for the G stacked query heads."""
-    blocked = torch.ones(t, s, dtype=torch.bool, device=device).triu(diagonal=s - t + 1)
+    see key j, 0 elsewhere; repeated for the G stacked query heads."""
     bias = torch.zeros(t, s, dtype=dtype, device=device).masked_fill_(
-        blocked, torch.finfo(dtype).min)
+        _causal_blocked(t, s, device), torch.finfo(dtype).min)
     return bias.repeat(groups, 1)
 
 
@@ -104,8 +108,7 @@ def matmul_attention(query, key, value, attention_mask, scaling: float) -> torch
     if attention_mask is None and t * key.shape[2] * h // kv <= _MAX_BIAS_ELEMENTS:
         blocked = _causal_bias(h // kv, t, key.shape[2], dtype, query.device)  # (G*T, S)
     elif attention_mask is None:  # long rows (forced matmul mode): a small bool mask instead
-        blocked = torch.ones(t, key.shape[2], dtype=torch.bool,
-                             device=query.device).triu(diagonal=key.shape[2] - t + 1)
+        blocked = _causal_blocked(t, key.shape[2], query.device)
     else:
         blocked = ~attention_mask[:, :, None]  # (B|1, 1, 1, T, S)
     with torch.autocast(device_type=device, enabled=False):

@@ -1,9 +1,9 @@
 """The adapter root of `adapters serve`: what a load may read, read without a window for a swap.
 
-`inside_root` refuses a path (or a file of the adapter behind it) that resolves outside the
-root, with a message that names the path as the client gave it. That check alone leaves a
-window: a link inside the root could be swapped to point outside between the check and the
-moment peft opens the file. So a load reads a `snapshot` instead: each file is opened first,
+`inside_root` refuses a path that resolves outside the root, with a message that names the
+path as the client gave it. Checking the adapter's files by name would leave a window: a link
+inside the root could be swapped to point outside between the check and the moment peft opens
+the file. So a load reads a `snapshot` instead: each file is opened first,
 the real path of what was opened (the descriptor's, not the name's) is checked against the
 root, and its bytes are copied into a folder of the server's own; peft loads that copy, and the
 model card the page shows later is read from it. A swap after the open changes nothing read.
@@ -30,21 +30,15 @@ _CHUNK = 1 << 20
 
 
 def inside_root(root: Path, path: str) -> Path:
-    """The real path of `path` (relative to root, or absolute) if it lies inside root.
-
-    Every file of the adapter that will be read (READ_FILES) must resolve inside root too, so a
-    link inside the root cannot point the load at a file outside it. A path the OS refuses (a
-    NUL byte, a name or path too long) is a 400.
+    """The real path of `path` (relative to root, or absolute) if it lies inside root. The
+    files in it are checked as they are opened (`snapshot`). A path the OS refuses (a NUL
+    byte, a name or path too long) is a 400.
     """
     try:
         real_root = root.resolve()
         target = (real_root / path).resolve()  # follows every link, collapses ".."
         if not target.is_relative_to(real_root):
             raise ApiError(403, f"path {short(path)} is outside the adapter root", param="path")
-        files = [target / f for f in READ_FILES if target.is_dir() and os.path.lexists(target / f)]
-        for f in files:
-            if not f.resolve().is_relative_to(real_root):
-                raise _outside(path, f.name)
     except (OSError, ValueError) as e:  # ENAMETOOLONG, "embedded null byte", ...
         why = getattr(e, "strerror", None) or str(e)
         raise ApiError(400, f"path {short(path)} cannot be used: {why}", param="path") from None
