@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import importlib
 
+from . import offline
+
+offline.install()  # before anything can import peft, hence bitsandbytes: no hub fetch
+
 # public name -> the module of this package that defines it
 _PUBLIC = {"AdaptersError": "errors", "RunConfig": "config", "load_recipe": "config",
            "inspect_adapter": "adapter", "load_adapter": "adapter", "save_adapter": "adapter",

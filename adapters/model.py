@@ -151,7 +151,7 @@ def load_base(cfg: ModelConfig, device: str | None = None):
     kwargs = dict(dtype=dtype, attn_implementation="sdpa", trust_remote_code=False)
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
-    if qcfg is not None or device == "meta":  # meta: shapes and dtypes only, nothing read
+    if qcfg is not None:
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

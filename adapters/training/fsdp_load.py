@@ -20,14 +20,13 @@ double quant, 1/in_features of int8 weights) and stays whole on every rank.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 
 import bitsandbytes as bnb
 import torch
 import torch.distributed as tdist
 from torch import nn
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from ..config import RunConfig
 from ..data.labels import Targets
@@ -105,20 +104,21 @@ def _quant_state(layer: nn.Module) -> dict[str, torch.Tensor]:
 
 def _skeleton(cfg: RunConfig, targets: Targets | None, layout: dict):
     """The model rank 0 read, on the meta device: its own config's architecture, with its
-    bitsandbytes layers (`_send_quant_states` gives them their states)."""
-    plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantization="none"))
-    if targets is None:
-        model, tok = load_base(plain.model, "meta")
-    else:
-        # The head model's config carries what rank 0 chose: label names, pad token.
-        config = copy.deepcopy(layout["config"])
-        config.__dict__.pop("quantization_config", None)
-        with torch.device("meta"):
-            model = AutoModelForSequenceClassification.from_config(
-                config, dtype=resolve_dtype(cfg.model.dtype, "cpu"), attn_implementation="sdpa")
-        model.eval()
-        model.config.use_cache = False
-        tok = load_tokenizer(resolve_model_path(cfg.model.name))
+    bitsandbytes layers (`_send_quant_states` gives them their states).
+
+    Built from rank 0's config with `from_config` under the meta device, never through
+    `from_pretrained` (which refuses a meta device map in transformers >= 5.25): nothing is
+    read from disk but the tokenizer, and a task head's config carries rank 0's label names.
+    """
+    config = copy.deepcopy(layout["config"])
+    config.__dict__.pop("quantization_config", None)
+    auto = AutoModelForCausalLM if targets is None else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        model = auto.from_config(config, dtype=resolve_dtype(cfg.model.dtype, "cpu"),
+                                 attn_implementation="sdpa")
+    model.eval()
+    model.config.use_cache = False
+    tok = load_tokenizer(resolve_model_path(cfg.model.name))
     kinds = {spec["kind"] for spec in layout["quant"].values()}
     for kind in kinds:  # read by peft (its bitsandbytes LoRA layers) and by attach_lora
         setattr(model, f"is_loaded_in_{kind}", True)
