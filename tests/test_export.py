@@ -1,8 +1,8 @@
 """`adapters export` (GGUF LoRA, merged GGUF, Ollama, older peft) and `verify --target`.
 
 The GGUF files are checked by two readers that are not ours: transformers' GGUF loader (it
-undoes llama.cpp's q/k row order on its own) and, where llama-cpp-python is installed
-(`scripts/check_interop --setup`), llama.cpp itself.
+undoes llama.cpp's q/k row order on its own) and llama.cpp itself (its prebuilt runtime,
+which scripts/setup installs; in CI its absence fails these tests instead of skipping them).
 """
 
 from __future__ import annotations
@@ -28,13 +28,21 @@ from adapters.model import load_base
 from adapters.share.export import export, runtime_report
 from adapters.share.gguf_base import write_hf_gguf
 from adapters.share.gguf_io import ExportError
+from adapters.share.llama_runtime import INSTALL_HINT, have_llama_cpp, llama_cpp_logits
 from adapters.share.peft_fields import LORA_CONFIG_FIELDS
-from adapters.share.runtime_check import gate, have_llama_cpp
+from adapters.share.runtime_check import agreement, gate
 
-needs_llama_cpp = pytest.mark.skipif(
-    not have_llama_cpp(), reason="llama-cpp-python is not installed (it builds llama.cpp from "
-                                 "source): run scripts/check_interop --setup, then "
-                                 "scripts/check_interop")
+
+@pytest.fixture
+def llama_cpp():
+    """llama.cpp's runtime; in CI (CI set) its absence is the test's failure, never a skip."""
+    if not have_llama_cpp():
+        if os.environ.get("CI"):
+            pytest.fail(f"{INSTALL_HINT} (CI is set: this test may not be skipped)")
+        pytest.skip(INSTALL_HINT)
+
+
+needs_llama_cpp = pytest.mark.usefixtures("llama_cpp")
 
 PROMPT = "def join(a, b):\n    return a + b\n"
 
@@ -260,6 +268,18 @@ def test_ollama_without_chat_template_says_so(tiny_llama, tmp_path, capsys):
 # --- llama.cpp itself ----------------------------------------------------------------------
 
 
+def test_without_llama_cpp_the_gguf_is_written_and_says_unchecked(tiny_model, tmp_path, capsys,
+                                                                  monkeypatch):
+    trained_adapter(tiny_model, tmp_path / "ad")
+    monkeypatch.setenv("ADAPTERS_LLAMA_RUNTIME", str(tmp_path / "no-runtime"))
+    code, out, err = run_cli("export", tmp_path / "ad", "--to", "gguf-lora", "--out",
+                             tmp_path / "ad.gguf", capsys=capsys)
+    assert code == 0, err
+    assert "not verified in llama.cpp: it is not installed here" in out
+    reader = gguf.GGUFReader(str(tmp_path / "ad.gguf"))  # a complete file all the same
+    assert any(t.name.endswith("lora_a") for t in reader.tensors)
+
+
 @needs_llama_cpp
 def test_llama_cpp_applies_the_lora_like_ours(tiny_model, tmp_path, capsys):
     trained_adapter(tiny_model, tmp_path / "ad")
@@ -304,7 +324,6 @@ def test_gate_catches_a_lora_llama_cpp_does_not_apply(tiny_llama, tmp_path):
 @needs_llama_cpp
 def test_merged_gguf_equals_base_plus_lora_in_llama_cpp(tiny_model, tmp_path):
     from adapters.share.export import _base_gguf, _open
-    from adapters.share.runtime_check import agreement, llama_cpp_logits
 
     pm, tok = trained_adapter(tiny_model, tmp_path / "ad")
     lora = export(tmp_path / "ad", "gguf-lora", tmp_path / "l.gguf", verify=False).out

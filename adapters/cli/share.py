@@ -83,7 +83,8 @@ def _add_export(p: argparse.ArgumentParser) -> None:
                    help="fail when llama.cpp's mean KL from ours exceeds this "
                         f"(default {DEFAULT_MAX_KL})")
     p.add_argument("--no-verify", action="store_true",
-                   help="skip loading the result in llama.cpp")
+                   help="skip loading the result in llama.cpp (without its runtime installed, "
+                        "the file is written unchecked and the output says so)")
     p.add_argument("--peft-version", help="--to peft: the peft release that will load it, X.Y")
     p.add_argument("--name", help="--to ollama: the model name (default: the adapter's)")
 
@@ -98,7 +99,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"wrote {f}{size}")
     if res.report is not None:
         print("\n".join(res.report.lines()))
-    elif args.to != "peft":
+    elif args.to != "peft" and args.no_verify:
         print("not verified in llama.cpp (--no-verify)")
     for note in res.notes:
         print(note)

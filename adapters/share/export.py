@@ -5,10 +5,12 @@
   ollama     a folder: Modelfile (FROM base GGUF, ADAPTER LoRA GGUF, TEMPLATE, stops) + files
   peft       a copy whose adapter_config.json an older peft constructs (--peft-version)
 
-Every GGUF written is loaded by llama.cpp before it is kept: its next-token distributions on
-held-out text are compared with base + adapter in `adapters` (top-1 agreement and mean KL,
-next to the same figures for the base alone), and a mean KL above `max_kl`, or an adapter
-whose effect does not show in llama.cpp, fails the export with nothing written.
+The GGUF writer needs no llama.cpp, so the files are always written. Where llama.cpp's runtime
+is installed (llama_runtime.py; `scripts/setup` installs it), every GGUF is loaded by llama.cpp
+before it is kept: its next-token distributions on held-out text are compared with base +
+adapter in `adapters` (top-1 agreement and mean KL, next to the same figures for the base
+alone), and a mean KL above `max_kl`, or an adapter whose effect does not show in llama.cpp,
+fails the export with nothing written. Without the runtime the result says it was not checked.
 """
 
 from __future__ import annotations
@@ -36,14 +38,9 @@ from ..model import (
 from .gguf_base import write_hf_gguf
 from .gguf_io import OUT_TYPES, ExportError, atomic_gguf
 from .gguf_lora import write_lora_gguf, write_merged_from_gguf
+from .llama_runtime import INSTALL_HINT, have_llama_cpp, llama_cpp_logits, runtime_name
 from .ollama import modelfile, stop_tokens, template_parts
-from .runtime_check import (
-    RuntimeReport,
-    compare,
-    gate,
-    llama_cpp_logits,
-    torch_logits,
-)
+from .runtime_check import RuntimeReport, compare, gate, torch_logits
 from .targets import export_peft
 
 __all__ = ["FORMATS", "ExportError", "ExportResult", "export"]
@@ -109,7 +106,14 @@ def runtime_report(src: _Adapter, base_gguf: Path, exported: Path, lora: bool,
     rt_base = llama_cpp_logits(base_gguf, prompts)
     rt_adapted = (llama_cpp_logits(base_gguf, prompts, lora=exported) if lora
                   else llama_cpp_logits(exported, prompts))
-    return compare(ours_base, ours_adapted, rt_base, rt_adapted)
+    return compare(ours_base, ours_adapted, rt_base, rt_adapted, runtime_name())
+
+
+def _checked(res: ExportResult, verify: bool) -> bool:
+    """Whether to run the file in llama.cpp: asked for and installed (else a note says so)."""
+    if verify and not have_llama_cpp():
+        res.notes.append(f"not verified in llama.cpp: it is not installed here ({INSTALL_HINT})")
+    return verify and have_llama_cpp()
 
 
 def _gguf_lora(src: _Adapter, out: Path, base_gguf, verify: bool, max_kl: float,
@@ -117,7 +121,7 @@ def _gguf_lora(src: _Adapter, out: Path, base_gguf, verify: bool, max_kl: float,
     res = ExportResult(out)
     with atomic_gguf(out) as tmp:
         write_lora_gguf(src.folder, src.manifest, tmp)
-        if verify:
+        if _checked(res, verify):
             with _base_gguf(src, base_gguf) as bg:
                 res.report = runtime_report(src, bg, tmp, lora=True, data=data)
             gate(res.report, max_kl, str(out))
@@ -138,7 +142,7 @@ def _gguf_merged(src: _Adapter, out: Path, base_gguf, out_type: str, verify: boo
                 merged, _ = merge_adapter(src.folder, Path(folder) / "m", base=src.spec,
                                           verify=False)
                 write_hf_gguf(merged, tmp, out_type)
-        if verify:
+        if _checked(res, verify):
             res.report = runtime_report(src, bg, tmp, lora=False, data=data)
             gate(res.report, max_kl, str(out))
     res.files.append(out)
@@ -167,7 +171,7 @@ def _ollama(src: _Adapter, out: Path, base_gguf, verify: bool, max_kl: float, da
         atomic_write_text(tmp / "Modelfile", modelfile("base.gguf", "adapter.gguf", parts,
                                                        stop_tokens(tok, parts)))
     res = ExportResult(out, [out / "Modelfile", out / "base.gguf", out / "adapter.gguf"],
-                       lora.report)
+                       lora.report, notes=lora.notes)
     if parts is None:
         res.notes.append(note)
     res.commands = [f"ollama create {name} -f {out / 'Modelfile'}", f"ollama run {name}"]

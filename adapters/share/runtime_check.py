@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,11 +18,6 @@ import torch
 from .gguf_io import ExportError
 
 log = logging.getLogger(__name__)
-
-INSTALL_HINT = ("install llama.cpp's Python binding (`scripts/check_interop --setup` builds "
-                "llama-cpp-python once and caches the wheel; `pip install llama-cpp-python` "
-                "also works), or pass --no-verify")
-
 
 @dataclass
 class Agreement:
@@ -52,39 +46,6 @@ class RuntimeReport:
                 f"  base + adapter  : {self.adapted}",
                 f"  adapter effect  : KL from the base {self.effect_runtime:.4f} in "
                 f"{self.runtime}, {self.effect_ours:.4f} in adapters"]
-
-
-def have_llama_cpp() -> bool:
-    try:
-        import llama_cpp  # noqa: F401  (optional runtime; only its presence is asked)
-    except ImportError:
-        return False
-    return True
-
-
-def llama_cpp_logits(model: Path, prompts: list[list[int]], lora: Path | None = None,
-                     threads: int = 2) -> list[np.ndarray]:
-    """Logits (T, V) for every position of each prompt, computed by llama.cpp."""
-    try:
-        from llama_cpp import Llama  # optional runtime, built from source: import on use
-    except ImportError as e:
-        raise ExportError(f"llama.cpp is not installed: {INSTALL_HINT}") from e
-    n_ctx = max(len(p) for p in prompts) + 8
-    kw = {"lora_path": str(lora)} if lora is not None else {}
-    try:
-        llm = Llama(model_path=str(model), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
-                    verbose=False, n_threads=threads, seed=0, **kw)
-    except (ValueError, RuntimeError) as e:
-        raise ExportError(f"{lora or model}: llama.cpp refused to load it: {e}") from e
-    out = []
-    try:
-        for ids in prompts:
-            llm.reset()
-            llm.eval(ids)
-            out.append(np.array(llm.scores[:len(ids)], dtype=np.float32))
-    finally:
-        llm.close()
-    return out
 
 
 @torch.no_grad()
