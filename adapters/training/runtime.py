@@ -42,10 +42,9 @@ def keep_freed_host_memory() -> bool:
 
     A training step allocates and frees the same tens of MB of activations every step. By
     default glibc serves big blocks with mmap and gives them back on free (and trims the top of
-    its heap), so next step's tensors fault their pages in afresh: with blocks up to 32 MiB
-    kept in the heap and trimming at 1 GiB, a CPU step of the default model ran 2-7% faster
-    and spent half the system time (README, Speed); the peak memory of a QLoRA run moved by
-    about run-to-run noise (up to ~0.1 GB of 1.6). Made once the model is loaded (its loading
+    its heap), so next step's tensors fault their pages in afresh: blocks up to 32 MiB are
+    kept in the heap and the top is trimmed only past 1 GiB (what it is worth: the
+    `--same-allocator` row of scripts/bench_train.py). Made once the model is loaded (its loading
     temporaries keep glibc's default path), and `give_back_host_memory` trims the heap when
     training ends. Linux with glibc only, and not when the user tuned malloc already
     (GLIBC_TUNABLES, MALLOC_*_ variables, a preloaded allocator). Returns whether it was made.

@@ -147,7 +147,8 @@ def setup(cfg: RunConfig, device: str | None = None, resume: bool = False,
     model = attach_lora(model, cfg.lora)
     if dtype != torch.float32:
         # Under autocast the matmuls run in bf16 anyway: peft's cast of every LoRA input to
-        # the fp32 adapter dtype would only add a copy per layer (~8% of a step on CPU).
+        # the fp32 adapter dtype would only add a copy per layer (scripts/bench_train.py
+        # measures the switch on the baseline).
         for m in model.modules():
             if hasattr(m, "cast_input_dtype_enabled"):
                 m.cast_input_dtype_enabled = False
