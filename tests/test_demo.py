@@ -2,10 +2,12 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
 from adapters.demo.datasets import build_pydoc_qa, build_stdlib_code
+from adapters.share.llama_runtime import have_llama_cpp
 
 
 def test_dataset_builders_are_deterministic_and_split_by_module(tmp_path):
@@ -24,7 +26,6 @@ def test_dataset_builders_are_deterministic_and_split_by_module(tmp_path):
 
 def test_tiny_demo_end_to_end(tmp_path):
     env_home = {"ADAPTERS_HOME": str(tmp_path / "home")}
-    import os
 
     res = subprocess.run([sys.executable, "-m", "adapters", "demo", "--tiny", "--out",
                           str(tmp_path / "demo")], capture_output=True, text=True, timeout=600,
@@ -39,6 +40,11 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert report.count("verified (sha256, finite, shapes, no pickles)") == 2
     assert "## Evaluation" in (out / "pydoc-qa" / "README.md").read_text()  # eval in the card
     assert (out / "shared" / "stdlib-code.zip").is_file()
+    # Both GGUFs are always written; checked in llama.cpp where its runtime is (CI has it).
+    assert all((out / "gguf" / f"{n}.gguf").is_file() for n in ("pydoc-qa", "stdlib-code"))
+    checked = "verified in llama.cpp" if have_llama_cpp() or os.environ.get("CI") else \
+        "not verified in llama.cpp"
+    assert report.count(checked) == 2, report[report.find("## Run it elsewhere"):]
     rows = json.loads((out / "eval" / "results.json").read_text())
     assert len(rows) == 6  # base + 2 adapters, on 2 held-out sets
     # A second run reuses the trained adapters.
