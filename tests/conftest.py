@@ -108,6 +108,26 @@ def tiny_model(request, tiny_gpt2, tiny_llama) -> Path:
     return {"gpt2": tiny_gpt2, "llama": tiny_llama}[request.param]
 
 
+@pytest.fixture
+def fused_op_calls(monkeypatch) -> dict[str, int]:
+    """How often the fused LoRA op's forward and backward ran; both still run (wrapped).
+
+    A fused layer silently takes peft's forward in any state the op does not cover, and then
+    a "fused" pass and its peft reference are one computation: equal results prove nothing
+    unless the op is seen to run.
+    """
+    from adapters.kernels.lora import FusedLoraFn
+
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        def counted(*args, _orig=getattr(FusedLoraFn, name), _name=name):
+            calls[_name] += 1
+            return _orig(*args)
+
+        monkeypatch.setattr(FusedLoraFn, name, staticmethod(counted))
+    return calls
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                     encoding="utf-8")

@@ -64,11 +64,41 @@ def test_different_weights_same_shapes_refused_unless_allowed(tiny_llama, tiny_t
 
 
 def test_same_base_in_bf16_or_4bit_is_accepted(tiny_llama, tmp_path):
+    """Accepted means loaded: the file's fp32 tensors, adding scale * x A^T B^T per layer."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
     trained_adapter(tiny_llama, tmp_path / "a")
-    for cfg in (ModelConfig(name=str(tiny_llama), dtype="bf16"),
-                ModelConfig(name=str(tiny_llama), dtype="fp32", quantization="4bit")):
+    saved = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    peft_cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    scale = peft_cfg["lora_alpha"] / peft_cfg["r"]
+    assert scale == 8.0  # alpha 32, r 4: the adapter's path is far from negligible
+    for cfg, dtype in ((ModelConfig(name=str(tiny_llama), dtype="bf16"), torch.bfloat16),
+                       (ModelConfig(name=str(tiny_llama), dtype="fp32", quantization="4bit"),
+                        torch.float32)):
         base, tok = load_base(cfg)
-        load_adapter(base, tmp_path / "a", tokenizer=tok)
+        pm = load_adapter(base, tmp_path / "a", tokenizer=tok)
+        # The adapter keeps its own fp32 weights on a bf16 or 4-bit base: bit for bit the file.
+        loaded = get_peft_model_state_dict(pm)
+        assert loaded.keys() == saved.keys() and len(saved) == 28  # 7 projections x 2 layers
+        for k, want in saved.items():
+            assert loaded[k].dtype == torch.float32 and torch.equal(loaded[k].cpu(), want), k
+        # And each LoRA layer adds exactly what the file's tensors say to its base's output.
+        layers = {n: m for n, m in pm.named_modules()
+                  if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+        assert len(layers) == 14
+        with torch.no_grad():
+            for name, layer in layers.items():
+                a, b = saved[f"{name}.lora_A.weight"], saved[f"{name}.lora_B.weight"]
+                x = torch.randn(2, 5, a.shape[1], generator=torch.Generator().manual_seed(0))
+                x = x.to(dtype=dtype, device=pm.device)
+                y, y_base = layer(x).float().cpu(), layer.base_layer(x).float().cpu()
+                want = scale * (x.float().cpu() @ a.t() @ b.t())  # (2, 5, d_out)
+                # bf16 rounds each output to ~2^-8 of its size; the adapter's part is > 1.
+                tol = 2.0 ** -7 * float(y.abs().max()) if dtype == torch.bfloat16 else 1e-5
+                assert want.abs().max() > 10 * tol, name
+                torch.testing.assert_close(y - y_base, want, atol=tol, rtol=0,
+                                           msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_other_architecture_or_shape_refused(tiny_llama, tiny_tok, tmp_path):

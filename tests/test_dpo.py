@@ -1,4 +1,6 @@
-"""Preference training (DPO sigmoid/IPO, ORPO): losses equal TRL's, training, resume, eval."""
+"""Preference training (DPO sigmoid/IPO, ORPO): losses against TRL's (DPO's equal; ORPO's odds
+ratio equal, its NLL over the chosen completion where TRL's also counts the prompt), training,
+resume, eval."""
 
 import json
 import os
@@ -145,7 +147,21 @@ def test_dpo_loss_equals_trl_dpo_trainer(tiny_gpt2, tmp_path, loss_type):
         torch.testing.assert_close(got, want.float(), rtol=0, atol=1e-5)
 
 
-def test_orpo_loss_equals_trl_odds_ratio_and_nll(tiny_gpt2, tmp_path):
+def _lora_grads(pm, loss):
+    pm.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+
+
+def test_orpo_loss_equals_trl_with_the_nll_over_the_chosen_completion(tiny_gpt2, tmp_path):
+    """The full ORPO loss and its gradients against TRL's ORPOTrainer, on TRL's tokens.
+
+    The odds-ratio terms are equal. The NLL terms differ by definition: TRL's averages the
+    chosen sequence's prompt and completion tokens (its "nll_loss"), ours (as the ORPO paper's
+    L_SFT) the chosen completion tokens only, the tokens the odds ratio scores. So: ours equals
+    TRL's own functions with the NLL over the completion, TRL's loss equals ours with the NLL
+    over prompt + completion, and the two full losses are not equal.
+    """
     orpo = pytest.importorskip("trl.experimental.orpo")
     pm, tok = _policy(tiny_gpt2)
     args = orpo.ORPOConfig(output_dir=str(tmp_path / "trl"), beta=0.25,
@@ -155,32 +171,55 @@ def test_orpo_loss_equals_trl_odds_ratio_and_nll(tiny_gpt2, tmp_path):
                                train_dataset=Dataset.from_list(_trl_rows()),
                                processing_class=tok)
     batch = next(iter(trainer.get_train_dataloader()))
+    # TRL's prompt handling: BOS + prompt + answer + EOS, labels -100 on BOS and prompt.
+    assert batch["chosen_input_ids"][0, 0] == tok.bos_token_id
     want, trl_m = trainer.get_batch_loss_metrics(pm, batch)  # nll - beta * log sigmoid(odds)
-    odds_term = float(want.detach()) - float(trl_m["nll_loss"])
+    want = want.detach()
 
-    # Ours on TRL's tokens: chosen (rows 0..3) and rejected (4..7), padded to one length.
-    T = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-    pad = lambda x, v: torch.nn.functional.pad(x, (0, T - x.shape[1]), value=v)  # noqa: E731
-    ids = torch.cat([pad(batch["chosen_input_ids"], tok.pad_token_id),
-                     pad(batch["rejected_input_ids"], tok.pad_token_id)])
-    att = torch.cat([pad(batch["chosen_attention_mask"], 0),
-                     pad(batch["rejected_attention_mask"], 0)])
-    labels = torch.cat([pad(batch["chosen_labels"], -100), pad(batch["rejected_labels"], -100)])
-    seq = torch.cat([torch.arange(4) * 2, torch.arange(4) * 2 + 1])[:, None].repeat(1, T)
+    # Ours, the training path (preference_loss: odds-ratio term + NLL), on TRL's tokens:
+    # chosen (rows 0..3) and rejected (4..7) in TRL's concatenated, padded form.
+    cat = trainer.concatenated_inputs(batch, padding_value=trainer.padding_value)
+    ids, att = cat["concatenated_input_ids"], cat["concatenated_attention_mask"]
+    labels = cat["concatenated_labels"]
+    seq = torch.cat([torch.arange(4) * 2, torch.arange(4) * 2 + 1])[:, None].repeat(
+        1, ids.shape[1])
     seq[att == 0] = -1
     mine = {"input_ids": ids, "attention_mask": att, "labels": labels, "seq": seq}
     t = TrainConfig(objective="orpo", orpo_lambda=0.25)
-    logps, n = objectives.sequence_logprobs(pm, mine)
-    losses, m = objectives.pair_losses(t, logps, n, None)
-    assert float(losses.mean()) == pytest.approx(odds_term, abs=1e-5)  # TRL odds_ratio_loss
-    assert float(m["rewards_chosen"].mean()) == pytest.approx(trl_m["rewards/chosen"], abs=1e-5)
-    assert float(m["rewards_rejected"].mean()) == pytest.approx(trl_m["rewards/rejected"],
-                                                                abs=1e-5)
-    # TRL's NLL counts prompt and answer tokens; with those as labels our log-probs give it.
-    full = {**mine, "labels": ids.masked_fill(att == 0, -100)}
-    lp, cnt = objectives.sequence_logprobs(pm, full)
-    assert float(-lp[0::2].sum() / cnt[0::2].sum()) == pytest.approx(
-        float(trl_m["nll_loss"]), abs=1e-5)
+    sums = {}
+    counts = objectives.step_counts(t, [mine])
+    got = objectives.preference_loss(pm, mine, t, counts, sums)
+    got_grads = _lora_grads(pm, got)
+    got = got.detach()
+
+    # TRL's own functions with the NLL over the chosen completion tokens.
+    logits = pm(ids, attention_mask=att, use_cache=False).logits  # (8, T, V)
+    avg = trainer.get_batch_logps(logits, labels, average_log_prob=True)  # (8,)
+    odds, *_ = trainer.odds_ratio_loss(avg[:4], avg[4:])  # beta * log sigmoid(log odds)
+    completion_tokens = int((labels[:4, 1:] != -100).sum())
+    completion_nll = -trainer.get_batch_logps(logits[:4], labels[:4]).sum() / completion_tokens
+    trl_completion = completion_nll - odds.mean()
+    torch.testing.assert_close(got, trl_completion.detach(), rtol=0, atol=1e-5)
+    for n, g in _lora_grads(pm, trl_completion).items():
+        scale = max(1.0, float(g.abs().max()))
+        torch.testing.assert_close(got_grads[n], g, rtol=1e-5, atol=1e-5 * scale,
+                                   msg=lambda m, n=n: f"{n}: {m}")
+    assert len(got_grads) == 2 * 4 * 2  # A and B of 4 projections in 2 layers, all reached
+
+    # TRL's loss is ours with its NLL definition: prompt and completion tokens as labels.
+    full = {**mine, "labels": ids.masked_fill(att == 0, -100)}  # as TRL's NLL labels them
+    with torch.no_grad():
+        lp, n = objectives.sequence_logprobs(pm, full)
+        odds_ours, m = objectives.pair_losses(t, *objectives.sequence_logprobs(pm, mine), None)
+    trl_nll = -lp[0::2].sum() / n[0::2].sum()
+    assert float(trl_nll) == pytest.approx(trl_m["nll_loss"], abs=1e-5)
+    torch.testing.assert_close(want, trl_nll + odds_ours.mean(), rtol=0, atol=1e-5)
+    # The full losses differ by the prompt tokens' share of TRL's NLL, far above rounding.
+    assert abs(float(want - got)) > 0.1
+    for ours, theirs in (("rewards_chosen", "rewards/chosen"),
+                         ("rewards_rejected", "rewards/rejected")):
+        assert float(m[ours].mean()) == pytest.approx(trl_m[theirs], abs=1e-5), ours
+    assert sums["nll"] == pytest.approx(float(completion_nll), abs=1e-5)
 
 
 # ---- training --------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """Speed and memory options of the loop: compiled blocks, offloaded checkpointing, the
 pre-flight line that names the compile choice, fused LoRA in the loop."""
 
+import ctypes
 import logging
+import mmap
 import os
+import resource
 import subprocess
 import sys
 
@@ -35,14 +38,18 @@ def test_offloaded_checkpointing_equals_plain_checkpointing(tiny_gpt2, tiny_llam
         torch.testing.assert_close(p_off[n], p_plain[n], atol=1e-6, rtol=1e-6, msg=n)
 
 
-def test_fused_lora_loop_equals_peft_loop(tiny_llama, tmp_path):
+def test_fused_lora_loop_equals_peft_loop(tiny_llama, tmp_path, fused_op_calls):
     # One variable changes: the attention path is checked on its own (test_attention.py), and
     # Adam turns float-rounding differences in near-zero gradients into lr-sized steps.
     run, fused, p_fused = _run(tiny_llama, tmp_path / "a", "train.attention=sdpa")
     assert run.model.adapters_speed["fused_lora_layers"] == 14
     assert all(is_fused(m) for n, m in run.model.named_modules() if n.endswith("q_proj"))
+    # Installed does not mean used: each of the 3 steps went through the op in every layer's forward
+    # and backward (2 layers x 4 calls: qkv, o, gate+up, down), none fell back to peft.
+    assert fused_op_calls == {"forward": 3 * 8, "backward": 3 * 8}
     _, plain, p_plain = _run(tiny_llama, tmp_path / "b", "train.fused_lora=false",
                              "train.attention=sdpa")
+    assert fused_op_calls == {"forward": 3 * 8, "backward": 3 * 8}  # the peft loop: none
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
     for n in p_plain:
         torch.testing.assert_close(p_fused[n], p_plain[n], atol=1e-5, rtol=1e-5, msg=n)
@@ -107,11 +114,30 @@ print(made, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+def _minor_faults_touching_fresh_pages(size: int) -> int:
+    """ru_minflt's rise in this process while every page of a fresh anonymous map is written."""
+    with mmap.mmap(-1, size) as m:
+        buf = (ctypes.c_char * size).from_buffer(m)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        ctypes.memset(buf, 1, size)
+        counted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        del buf  # the map cannot close while a view of it is exported
+    return counted
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
 def test_freed_host_memory_is_reused_without_page_faults():
     """The loop's allocator setting: the second 24 MiB block of a process faults no pages in
     (glibc's default gives the first one back to the OS and faults ~6000 pages again); once
     training ends the setting is undone."""
+    pages = (24 << 20) // mmap.PAGESIZE
+    # What this measures is the OS's count of minor faults, one per fresh page. Where it counts
+    # none (some sandboxes) or one per huge page (transparent huge pages on "always"), "no
+    # faults" cannot be told from "not counted": skip, naming what was seen.
+    counted = _minor_faults_touching_fresh_pages(24 << 20)
+    if counted < pages // 2:
+        pytest.skip(f"ru_minflt rose by {counted} while {pages} fresh pages were written: this "
+                    "OS does not count one minor fault per page")
     env = {k: v for k, v in os.environ.items()
            if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD"))}
 
@@ -121,7 +147,6 @@ def test_freed_host_memory_is_reused_without_page_faults():
         made, count = out.stdout.split()
         return made, int(count)
 
-    pages = (24 << 20) // 4096
     assert faults("default")[1] > pages // 2
     made, count = faults("tuned")
     assert made == "True" and count < pages // 20
