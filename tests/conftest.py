@@ -224,5 +224,7 @@ def classifier(tiny_gpt2, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cls")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ADAPTERS_HOME", str(tmp / "home"))
-        cfg = head_recipe(tiny_gpt2, tmp)
+        # lr 3e-3: at the recipe's 1e-2 the toy task is learnt by heart but generalises to
+        # only 14 of 16 eval rows with transformers 5.25 (loss spikes); 3e-3 learns it cleanly.
+        cfg = head_recipe(tiny_gpt2, tmp, "train.lr=3e-3")
         return train(cfg), cfg
