@@ -14,6 +14,13 @@ def test_dataset_builders_are_deterministic_and_split_by_module(tmp_path):
     a = build_pydoc_qa(tmp_path / "a")
     b = build_pydoc_qa(tmp_path / "b")
     assert a["train"].read_text() == b["train"].read_text()
+    # ...and in another process (a default's repr may carry a per-process memory address).
+    subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from "
+                    "adapters.demo.datasets import build_pydoc_qa; "
+                    "build_pydoc_qa(Path(sys.argv[1]))", str(tmp_path / "p")],
+                   check=True, timeout=300)
+    assert (tmp_path / "p" / "train.csv").read_text() == a["train"].read_text()
+    assert " at 0x" not in a["train"].read_text()
     train = list(csv.DictReader(open(a["train"])))
     ev = list(csv.DictReader(open(a["eval"])))
     assert len(train) > 300 and len(ev) > 50

@@ -44,9 +44,24 @@ def _first_paragraph(doc: str, limit: int = 400) -> str:
     return para if len(para) <= limit else para[:limit].rsplit(" ", 1)[0] + " ..."
 
 
+class _Elided:
+    def __repr__(self) -> str:
+        return "..."
+
+
+def _stable(param: inspect.Parameter) -> inspect.Parameter:
+    """A default whose repr shows live state (`<object object at 0x7f...>`, a list of the
+    process's logging handlers) is shown as `...`: the dataset must be the same wherever and
+    whenever it is built."""
+    if param.default is not param.empty and "<" in repr(param.default):
+        return param.replace(default=_Elided())
+    return param
+
+
 def _signature(obj) -> str:
     try:
-        return str(inspect.signature(obj))
+        sig = inspect.signature(obj)
+        return str(sig.replace(parameters=[_stable(p) for p in sig.parameters.values()]))
     except (TypeError, ValueError):
         return "(...)"
 
