@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from conftest import qa_csv
 
 PROBE = """
@@ -58,11 +57,10 @@ def test_the_probe_sees_a_connection_attempt(tmp_path):
     assert attempts and attempts[0][0] in ("socket.getaddrinfo", "socket.connect")
 
 
-@pytest.mark.parametrize("quantization", ["4bit"])
-def test_a_quantized_cpu_training_run_tries_no_connection(tiny_llama, tmp_path, quantization):
+def test_a_quantized_cpu_training_run_tries_no_connection(tiny_llama, tmp_path):
     data = qa_csv(tmp_path / "qa.csv", 8)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {{name: {tiny_llama}, quantization: {quantization}}}\n"
+    recipe.write_text(f"model: {{name: {tiny_llama}, quantization: 4bit}}\n"
                       f"data: {{train: {data}, max_seq_len: 64}}\n"
                       "train: {steps: 2, batch_size: 2}\n"
                       f"output: {{dir: {tmp_path / 'out'}}}\n")

@@ -111,9 +111,12 @@ def runtime_report(src: _Adapter, base_gguf: Path, exported: Path, lora: bool,
 
 def _checked(res: ExportResult, verify: bool) -> bool:
     """Whether to run the file in llama.cpp: asked for and installed (else a note says so)."""
-    if verify and not have_llama_cpp():
+    if not verify:
+        return False
+    if not have_llama_cpp():
         res.notes.append(f"not verified in llama.cpp: it is not installed here ({INSTALL_HINT})")
-    return verify and have_llama_cpp()
+        return False
+    return True
 
 
 def _gguf_lora(src: _Adapter, out: Path, base_gguf, verify: bool, max_kl: float,

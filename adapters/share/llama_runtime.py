@@ -38,19 +38,18 @@ def runtime_dir() -> Path:
     return Path(env) if env else Path(sys.prefix) / "llama-runtime"
 
 
-def _node() -> str | None:
-    return shutil.which("node")
+def _package_json() -> Path:
+    return runtime_dir() / "node_modules" / PACKAGE / "package.json"
 
 
 def have_llama_cpp() -> bool:
     """True when Node.js and node-llama-cpp are both here (nothing is started)."""
-    modules = runtime_dir() / "node_modules"
-    return _node() is not None and (modules / PACKAGE / "package.json").is_file()
+    return shutil.which("node") is not None and _package_json().is_file()
 
 
 def runtime_name() -> str:
     """What ran, for reports: the npm package and its version as installed."""
-    pkg = runtime_dir() / "node_modules" / PACKAGE / "package.json"
+    pkg = _package_json()
     try:
         version = json.loads(pkg.read_text())["version"]
     except (OSError, ValueError, KeyError):
@@ -66,9 +65,9 @@ def llama_cpp_logits(model: Path, prompts: list[list[int]], lora: Path | None = 
     llama.cpp's `--lora` does. Raises ExportError when the runtime is missing or refuses
     the files (its own message is kept).
     """
-    node = _node()
-    if node is None or not have_llama_cpp():
+    if not have_llama_cpp():
         raise ExportError(f"llama.cpp is not installed: {INSTALL_HINT}")
+    node = shutil.which("node")
     with tempfile.TemporaryDirectory(prefix="adapters-llama-") as tmp:
         out = Path(tmp) / "logits.f32"
         request = Path(tmp) / "request.json"
