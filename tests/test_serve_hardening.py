@@ -11,10 +11,8 @@ from urllib.parse import urlsplit
 
 import openai
 import pytest
-import torch
 from conftest import make_gpt2, trained_adapter
 from live_server import hold, http, sse, start, wait_until
-from safetensors.torch import load_file, save_file
 
 from adapters.config import BASE_NAME
 from adapters.serving.server import Limits
@@ -22,14 +20,14 @@ from adapters.serving.server import Limits
 PROMPTS = ["import os\n", "def f(x):", "class A:", "# comment"]
 
 
-def nan_adapter(base, out):
-    """An adapter whose B matrices are NaN (a diverged run): it passes the file checks."""
-    trained_adapter(base, out, seed=5)
-    weights = out / "adapter_model.safetensors"
-    tensors = {k: torch.full_like(v, float("nan")) if "lora_B" in k else v
-               for k, v in load_file(weights).items()}
-    save_file(tensors, weights)
-    (out / "manifest.json").unlink()  # its sha256 no longer matches: a foreign adapter
+def poison(server, name: str) -> None:
+    """NaN in the in-memory stacks of loaded adapter `name`: NaN files are refused at load
+    (tests/test_hardening_outputs.py), so a row that fails while decoding is made here."""
+    reg = server.server.config.app.state.service.registry
+    slot = reg._slot[name]
+    for layer in reg._slots.layers.values():
+        layer.b[slot].fill_(float("nan"))
+        layer.version = -1  # re-gathered on the next forward
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +35,7 @@ def root(tmp_path_factory, tiny_gpt2, tiny_tok):
     root = tmp_path_factory.mktemp("adapter-root")
     for i in range(4):
         trained_adapter(tiny_gpt2, root / f"a{i}", seed=i + 1)
-    nan_adapter(tiny_gpt2, root / "nan")
+    shutil.copytree(root / "a3", root / "nan")  # made NaN once loaded (poison)
     # An adapter for a base of another width, without the manifest that would refuse it
     # early: peft wraps the layers, then fails on the first tensor of the wrong shape.
     other = make_gpt2(tmp_path_factory.mktemp("other-base"), tiny_tok, n_embd=32)
@@ -133,9 +131,10 @@ def test_a_bad_request_never_fails_the_batch_it_shares(server):
 
 
 def test_a_row_that_fails_while_decoding_ends_alone(server):
-    """NaN weights pass every check at the door: the row fails inside the shared batch."""
+    """An adapter whose weights go NaN in memory: the row fails inside the shared batch."""
     c = server.client()
     assert http("POST", server.url + "/v1/adapters", {"name": "nan", "path": "nan"})[0] == 200
+    poison(server, "nan")
     try:
         alone = [greedy(c, f"a{i}", PROMPTS[i]) for i in range(4)]
         engine = server.server.config.app.state.engine

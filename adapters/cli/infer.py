@@ -22,6 +22,7 @@ from .common import (
     existing_dir,
     non_negative_float,
     port,
+    positive_float,
     positive_int,
     unique,
     unit_interval,
@@ -123,6 +124,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens-limit", type=positive_int, default=512,
                    help="the largest max_tokens a request may ask for")
     p.add_argument("--max-prompt-tokens", type=positive_int, help="longest prompt accepted")
+    p.add_argument("--read-timeout", type=positive_float, default=5.0, metavar="SECONDS",
+                   help="a request body that stalls this long between reads gets HTTP 408 "
+                        "(default 5)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -139,7 +143,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   allow_base_mismatch=args.allow_base_mismatch)
     reg = _registry(args, capacity=args.capacity, heads=heads)
     reg.base_name = args.base_name
-    limits = Limits(args.max_tokens_limit, args.max_prompt_tokens, context_len(reg.model))
+    limits = Limits(args.max_tokens_limit, args.max_prompt_tokens, context_len(reg.model),
+                    read_timeout_s=args.read_timeout)
     app = create_app(reg, adapter_root=args.adapter_root, api_key=args.api_key, limits=limits,
                      max_batch=args.max_batch, max_queue=args.max_queue,
                      max_kv_tokens=args.max_kv_tokens, heads=heads)

@@ -20,9 +20,13 @@ from torch import nn
 
 # peft's key for a LoRA tensor: <prefix>base_model.model.<module>.lora_A.weight
 LORA_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
-# Fields of adapter_config.json this path does not compute (peft serves those adapters).
+# Fields of adapter_config.json this path does not compute (peft serves those adapters)...
 UNSUPPORTED = ("use_dora", "modules_to_save", "alpha_pattern", "lora_bias",
                "trainable_token_indices", "layer_replication")
+# ... and those peft's mixed batches do not compute either (refused by the registry): DoRA
+# ("Cannot pass adapter_names when DoRA is enabled"), replicated layers (they would change
+# the layer stack of every row in the batch).
+REFUSED = ("use_dora", "layer_replication")
 
 
 def batchable(config: dict) -> bool:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from starlette.responses import JSONResponse
 
 from .decode import Output
@@ -49,9 +49,10 @@ class Limits:
 
     def __init__(self, max_new_tokens: int = 512, max_prompt_tokens: int | None = None,
                  context: int | None = None, max_stop: int = 16, max_stop_chars: int = 256,
-                 max_body_bytes: int = 2 << 20):
+                 max_body_bytes: int = 2 << 20, read_timeout_s: float = 5.0):
         self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
         self.context, self.max_body_bytes = context, max_body_bytes
+        self.read_timeout_s = read_timeout_s  # per read of the body: a stalled one gets 408
         self.max_stop, self.max_stop_chars = max_stop, max_stop_chars
 
     def check(self, prompt_tokens: int, max_tokens: int) -> None:
@@ -79,37 +80,82 @@ class Limits:
         return stops
 
 
+def context_len(model) -> int | None:
+    """The model's context length from its config, or None when it does not say."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value: Any = getattr(cfg, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _valid_text(value: str) -> str:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"): not text any tokenizer reads."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds a lone surrogate (U+{ord(value[e.start]):04X} at character "
+                         f"{e.start}): not valid Unicode text") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_text)]
+
+
+def _unsupported(*accepted: Any, what: str):
+    """A field of OpenAI's API this server does not implement: refused (400) unless it has a
+    value that asks for nothing (`accepted`, compared by identity and type), never ignored."""
+    def check(value: Any) -> Any:
+        if value is None or any(value is a or (type(value) is type(a) and value == a)
+                                for a in accepted):
+            return value
+        raise ValueError(f"{short(value)}: {what} is not supported by this server")
+    return Annotated[Any, AfterValidator(check)]
+
+
 class _Common(BaseModel):
-    model_config = {"extra": "allow"}  # unknown OpenAI fields are accepted and ignored
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float | None = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    n: int = Field(1, ge=1)  # n x prompts: at most the server's --max-batch
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=SEEDS[0], le=SEEDS[1])
-    ignore_eos: bool = False  # as in vLLM: always generate max_tokens (benchmarks)
+    # Unknown fields are accepted and ignored (clients send vendor extras); the numbers are
+    # strict: JSON's own types only, so "5" is not a number and "true" not a bool.
+    model_config = {"extra": "allow"}
+    model: Text
+    max_tokens: int | None = Field(None, strict=True)
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, strict=True)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, strict=True)
+    n: int = Field(1, ge=1, strict=True)  # n x prompts: at most the server's --max-batch
+    stream: bool = Field(False, strict=True)
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=SEEDS[0], le=SEEDS[1], strict=True)
+    ignore_eos: bool = Field(False, strict=True)  # as in vLLM: always max_tokens (benchmarks)
+    # Known fields of OpenAI's API that change what a reply holds: each refused when set.
+    best_of: _unsupported(1, what="best_of (several candidates, the best returned)") = None
+    logprobs: _unsupported(False, what="logprobs") = None
+    top_logprobs: _unsupported(0, what="top_logprobs") = None
+    echo: _unsupported(False, what="echo (the prompt repeated in the reply)") = None
+    logit_bias: _unsupported({}, what="logit_bias") = None
+    presence_penalty: _unsupported(0, 0.0, what="presence_penalty") = None
+    frequency_penalty: _unsupported(0, 0.0, what="frequency_penalty") = None
+    suffix: _unsupported("", what="suffix (insertion)") = None
 
 
 class CompletionBody(_Common):
-    prompt: str | list[str] = Field(min_length=1)
+    prompt: Text | list[Text] = Field(min_length=1)
 
 
 class Message(BaseModel):
     model_config = {"extra": "allow"}
-    role: str
-    content: str
+    role: Text
+    content: Text
 
 
 class ChatBody(_Common):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = Field(None, strict=True)
 
 
 class LoadAdapterBody(BaseModel):
-    name: str = Field(max_length=64)
-    path: str = Field(min_length=1, max_length=MAX_PATH_CHARS)
+    name: Text = Field(max_length=64)
+    path: Text = Field(min_length=1, max_length=MAX_PATH_CHARS)
 
 
 def usage(outs: list[Output]) -> dict[str, int]:
@@ -171,10 +217,12 @@ async def sse_events(outcome, events: asyncio.Queue, n: int, head: dict, chat: b
 class Guard:
     """ASGI middleware in front of every route (docs included): the API key, checked before
     anything is read, then the body, read without blocking the event loop and refused (413)
-    once it passes the limit, by its Content-Length or while it arrives."""
+    once it passes the limit, by its Content-Length or while it arrives, or (408) when no
+    part of it arrives within `read_timeout` seconds (a client that declares more than it
+    sends would hold its connection forever)."""
 
-    def __init__(self, app, api_key: str | None, max_body: int):
-        self.app, self.max_body = app, max_body
+    def __init__(self, app, api_key: str | None, max_body: int, read_timeout: float = 5.0):
+        self.app, self.max_body, self.read_timeout = app, max_body, read_timeout
         self.key = None if api_key is None else f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send):
@@ -189,7 +237,10 @@ class Guard:
         else:
             body, error = await self._body(headers, receive)
         if error is not None:
-            return await JSONResponse(error_body(error), error.status)(scope, receive, send)
+            # Connection: close: after a refused or stalled body the stream holds unread bytes
+            headers = {"connection": "close"} if error.status in (408, 413) else None
+            return await JSONResponse(error_body(error), error.status, headers)(
+                scope, receive, send)
         replayed = False
 
         async def replay():
@@ -212,7 +263,12 @@ class Guard:
                 return b"", too_big
         chunks, size, more = [], 0, True
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout)
+            except TimeoutError:
+                return b"", ApiError(408, f"the request body stopped arriving: nothing for "
+                                          f"{self.read_timeout:g} s (--read-timeout)",
+                                     kind="timeout", param="body")
             if message["type"] != "http.request":
                 break  # the client went away
             chunks.append(message.get("body", b""))

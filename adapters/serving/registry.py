@@ -19,7 +19,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
-from ..adapter import WEIGHTS_FILE, check_files, load_adapter
+from ..adapter import WEIGHTS_FILE, check_files, check_fits_base, load_adapter
 from ..adapter.archive import resolve_adapter
 from ..adapter.peftconfig import read_config
 from ..config import BASE_NAME, ModelConfig
@@ -130,9 +130,15 @@ class Registry:
                          "classify with `adapters serve` (POST /v1/classify) or `adapters "
                          "predict`")
         config = read_config(path)
+        refused = [k for k in lora_batch.REFUSED if config.get(k)]
+        if refused:  # peft's mixed batches cannot compute these
+            raise AdapterFileError(f"{path}: {refused[0]} adapters cannot be served beside "
+                                   "others (peft computes them one adapter per batch); merge "
+                                   "it into its base with `adapters merge` and serve that")
         if not self.fast or not lora_batch.batchable(config):
             return None, self._attach(path)
         self._check_base(manifest, path)
+        check_fits_base(path, self.model)
         device = next(self.model.parameters()).device
         tensors = load_file(path / WEIGHTS_FILE, device=str(device))  # read once
         try:
@@ -198,8 +204,11 @@ class Registry:
         self.load_seconds.pop(name, None)
         if name in self._slot:
             self._slots.remove(self._slot.pop(name))
-        else:
+        elif len(self._peft) > 1:
             self.model.delete_adapter(self._peft.pop(name))
+        else:  # the last one peft serves: its layers go too, the plain base is back
+            del self._peft[name]
+            self.model = without_adapter(self.model.unload(), "")
 
     def acquire(self, names: list[str | None]) -> None:
         """Mark adapters in use (no unload or eviction) until `release`; the base is None."""

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 # fastapi and uvicorn are the `serve` extra: only this module needs them, and the CLI imports
 # it on `adapters serve` alone (with an install hint when they are missing).
@@ -39,6 +38,7 @@ from .protocol import (
     Guard,
     Limits,
     LoadAdapterBody,
+    context_len,
     error_body,
     short,
     sse_events,
@@ -239,7 +239,8 @@ def create_app(registry: Registry, adapter_root: str | Path | None = None,
         svc.close()
 
     app = FastAPI(title="adapters", lifespan=lifespan)
-    app.add_middleware(Guard, api_key=api_key, max_body=limits.max_body_bytes)
+    app.add_middleware(Guard, api_key=api_key, max_body=limits.max_body_bytes,
+                       read_timeout=limits.read_timeout_s)
     app.state.engine = engine
     app.state.service = svc
     _error_handlers(app)
@@ -261,18 +262,22 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_, e: RequestValidationError):
-        first = e.errors()[0]
+        # A union (str | list[str]) fails once per branch: the most specific error says most
+        # (our own checks first, then the deepest field)
+        first = max(e.errors(), key=lambda x: (x.get("type") == "value_error", len(x["loc"])))
         if first.get("type") == "json_invalid":
             why = (first.get("ctx") or {}).get("error", "")
             return _error_response(ApiError(400, f"the request body is not valid JSON ({why} "
                                                  f"at character {first['loc'][-1]})",
                                             param="body"))
-        where = ".".join(str(x) for x in first["loc"] if x != "body")
+        # pydantic names a union's branch in `loc` ("function-after[...]", "list[...]")
+        where = ".".join(str(x) for x in first["loc"] if x != "body" and "[" not in str(x))
         if not where:  # the body itself: not JSON, or curl -d without a JSON content type
             return _error_response(ApiError(
                 400, "the request body must be a JSON object sent with "
                      "'Content-Type: application/json'", param="body"))
-        return _error_response(ApiError(400, f"{where}: {first['msg']}", param=where))
+        why = first["msg"].removeprefix("Value error, ")
+        return _error_response(ApiError(400, f"{where}: {why}", param=where))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, e: StarletteHTTPException):  # 404 route, 405, unparsable body
@@ -383,16 +388,6 @@ def _adapter_routes(app: FastAPI, svc: Service) -> None:
         except AdaptersError as e:
             raise ApiError(409, svc.public(str(e))) from None
         return {"id": name, "object": "model", "deleted": True}
-
-
-def context_len(model) -> int | None:
-    """The model's context length from its config, or None when it does not say."""
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions"):
-        value: Any = getattr(cfg, key, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
