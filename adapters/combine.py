@@ -8,6 +8,7 @@ from .adapter import Manifest, check_files, load_adapter, new_manifest, save_ada
 from .adapter.archive import resolve_adapter
 from .config import ModelConfig
 from .errors import AdaptersError
+from .io import check_out_folder
 from .model import compare_fingerprints, load_base
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
@@ -35,6 +36,7 @@ def _manifests(folders: list[Path]) -> list[Manifest]:
 def combine(folders: list[str | Path], weights: list[float], out: str | Path,
             method: str = "linear", density: float = 0.5) -> Path:
     """Write a new adapter = weighted combination of `folders` (all for the same base)."""
+    check_out_folder(out, replace=False)
     folders = [resolve_adapter(f) for f in folders]
     if len(folders) < 2:
         raise AdaptersError("combine needs at least two adapters")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import reprlib
 import types
@@ -34,6 +35,19 @@ def _choice(*values: str) -> dict:
     return {"choices": values}
 
 
+def _range(lo: float, hi: float, lo_open: bool = False) -> dict:
+    """The values a number may take: lo..hi (lo excluded when lo_open), finite."""
+    return {"range": (lo, hi, lo_open)}
+
+
+# Bounds far beyond any real run, so that a typo or a hostile recipe is refused before a model
+# loads instead of ending in MemoryError, a traceback or a run that trains to NaN.
+MAX_RANK = 1 << 14
+MAX_STEPS = 10**9
+MAX_TOKENS = 1 << 20  # a sequence of a million tokens
+MAX_BATCH = 1 << 16
+
+
 @dataclass
 class ModelConfig:
     name: str = "default"  # hub id, local folder, or "default" (embedded SmolLM2-135M-Instruct)
@@ -44,14 +58,15 @@ class ModelConfig:
     # causal_lm: next-token LM; classification / regression: a sequence-classification head
     # on the last real token, trained in full beside the LoRA (data.format: label)
     task: str = field(default="causal_lm", metadata=_choice(*TASKS))
-    num_labels: int | None = None  # classification: default, the labels found in data.train
+    # classification: default, the labels found in data.train
+    num_labels: int | None = field(default=None, metadata=_range(1, 1 << 20))
 
 
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
+    r: int = field(default=16, metadata=_range(1, MAX_RANK))
+    alpha: float = field(default=32.0, metadata=_range(-1e6, 1e6))
+    dropout: float = field(default=0.0, metadata=_range(0.0, 0.99))
     targets: str | list[str] = "auto"  # auto | all-linear | [module names]
     use_rslora: bool = False
     use_dora: bool = False
@@ -61,7 +76,7 @@ class LoraConfig:
 class DataConfig:
     train: str | list[str] | None = None  # file, folder, glob, or a list of them
     eval: str | list[str] | None = None
-    eval_fraction: float = 0.0
+    eval_fraction: float = field(default=0.0, metadata=_range(0.0, 0.99))
     format: str = field(
         default="prompt_completion",
         metadata=_choice("text", "prompt_completion", "chat", "alpaca", "sharegpt",
@@ -70,7 +85,7 @@ class DataConfig:
     columns: dict[str, str] | None = None  # role -> column name, e.g. {prompt: input}
     prompt_template: str | None = None  # e.g. "Question: {prompt}\nAnswer: "
     text_unit: str = field(default="line", metadata=_choice("line", "file"))  # for .txt
-    max_seq_len: int = 512
+    max_seq_len: int = field(default=512, metadata=_range(1, MAX_TOKENS))
     packing: bool = True
     train_on_prompt: bool = False
     overlong: str = field(default="truncate", metadata=_choice("truncate", "drop"))
@@ -78,17 +93,18 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int | None = None  # optimizer steps; wins over epochs when both are set
-    epochs: float | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 2e-4
+    # optimizer steps; wins over epochs when both are set
+    steps: int | None = field(default=None, metadata=_range(1, MAX_STEPS))
+    epochs: float | None = field(default=None, metadata=_range(0.0, 1e6, lo_open=True))
+    batch_size: int = field(default=4, metadata=_range(1, MAX_BATCH))
+    grad_accum: int = field(default=1, metadata=_range(1, MAX_BATCH))
+    lr: float = field(default=2e-4, metadata=_range(0.0, 10.0, lo_open=True))
     schedule: str = field(default="cosine", metadata=_choice("cosine", "linear", "constant"))
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    warmup_steps: int = field(default=0, metadata=_range(0, MAX_STEPS))
+    weight_decay: float = field(default=0.0, metadata=_range(0.0, 1e3))
+    max_grad_norm: float = field(default=1.0, metadata=_range(0.0, 1e9))
     optimizer: str = field(default="adamw", metadata=_choice("adamw", "adamw_8bit"))
-    seed: int = 0
+    seed: int = field(default=0, metadata=_range(0, 2**63 - 1))
     gradient_checkpointing: bool = False
     offload_checkpoints: bool = False  # with gradient_checkpointing: block inputs kept on CPU
     compile: bool | str = "auto"  # auto | true | false: compiled decoder blocks (regional)
@@ -99,14 +115,16 @@ class TrainConfig:
     # auto: Liger's RMSNorm and SwiGLU kernels on CUDA when liger-kernel is installed
     # (the `gpu` extra; kernels/liger.py); true: required (an error where they cannot run).
     liger: bool | str = "auto"
-    eval_every: int = 0  # 0: only at the end (when there is eval data)
-    save_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    max_bad_steps: int = 5  # consecutive non-finite steps before training stops
+    # 0: only at the end (when there is eval data)
+    eval_every: int = field(default=0, metadata=_range(0, MAX_STEPS))
+    save_every: int = field(default=0, metadata=_range(0, MAX_STEPS))  # 0: only at the end
+    keep_checkpoints: int = field(default=2, metadata=_range(0, 1 << 20))
+    log_every: int = field(default=1, metadata=_range(1, MAX_STEPS))
+    # consecutive non-finite steps before training stops
+    max_bad_steps: int = field(default=5, metadata=_range(1, MAX_STEPS))
     # Under torchrun: how long a rank waits for the others in a collective before the job
     # ends (a rank that dies ends it at once; this bounds one that hangs).
-    dist_timeout_s: int = 1800
+    dist_timeout_s: int = field(default=1800, metadata=_range(1, 10**7))
     # ddp: every rank holds the whole base; fsdp: the frozen base is sharded across ranks
     # (FSDP2), for bases that do not fit one device. The LoRA tensors are replicated either way.
     parallel: str = field(default="ddp", metadata=_choice("ddp", "fsdp"))
@@ -114,14 +132,16 @@ class TrainConfig:
     # sft: next-token loss; dpo / orpo: preference pairs (data.format: preference). DPO's
     # reference is the same base with the adapter switched off (no second model).
     objective: str = field(default="sft", metadata=_choice("sft", "dpo", "orpo"))
-    dpo_beta: float = 0.1  # DPO's KL strength (IPO's tau)
+    # DPO's KL strength (IPO's tau)
+    dpo_beta: float = field(default=0.1, metadata=_range(0.0, 1e3, lo_open=True))
     dpo_loss: str = field(default="sigmoid", metadata=_choice("sigmoid", "ipo"))
     # DPO's reference log-probs. cached: every pair's, computed once before the first step (a
     # forward per pair, no graph) and kept next to the run (reference_logps.safetensors,
     # reused on resume), so a step runs one forward instead of two; in_step: in every step.
     # The same losses either way; the eval split's are always computed once per run.
     dpo_reference: str = field(default="cached", metadata=_choice("cached", "in_step"))
-    orpo_lambda: float = 0.1  # weight of ORPO's odds-ratio term next to the NLL of chosen
+    # weight of ORPO's odds-ratio term next to the NLL of chosen
+    orpo_lambda: float = field(default=0.1, metadata=_range(0.0, 1e3))
 
 
 @dataclass
@@ -168,10 +188,22 @@ def field_default(section: type, key: str) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 _SECTION_TYPES = typing.get_type_hints(RunConfig)
 
-# Positive integers: a zero or negative value here is always a mistake.
-_POSITIVE = {"lora.r", "data.max_seq_len", "train.batch_size", "train.grad_accum",
-             "train.log_every", "train.max_bad_steps", "train.steps",
-             "train.dist_timeout_s", "model.num_labels"}
+
+
+def range_problem(value: Any, bounds: tuple | None) -> str | None:
+    """Why `value` is outside a field's range (None when it is inside, or has no range)."""
+    if bounds is None or value is None or isinstance(value, bool):
+        return None
+    lo, hi, lo_open = bounds
+    finite = isinstance(value, int) or math.isfinite(value)  # a huge int has no float form
+    inside = finite and (lo < value if lo_open else lo <= value) and value <= hi
+    if inside:
+        return None
+    def show(x):
+        return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+    span = f"> {show(lo)} and <= {show(hi)}" if lo_open else f"in {show(lo)}..{show(hi)}"
+    return f"must be a {'whole ' if isinstance(value, int) else ''}number {span}, got " \
+           f"{_REPR.repr(value)}"
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -250,8 +282,9 @@ def _build_section(name: str, raw: Any, errors: list[str]) -> Any:
             errors.append(f"{where}: {_REPR.repr(value)} is not one of {', '.join(choices)}"
                           f"{_suggest(str(value)[:100], list(choices)) if choices else ''}")
             continue
-        if where in _POSITIVE and value is not None and value <= 0:
-            errors.append(f"{where}: must be a positive integer, got {_REPR.repr(value)}")
+        problem = range_problem(value, fields[key].metadata.get("range"))
+        if problem:
+            errors.append(f"{where}: {problem}")
             continue
         kwargs[key] = value
     return cls(**kwargs)

@@ -23,3 +23,8 @@ class AdapterFileError(AdaptersError):
 
 class TrainingError(AdaptersError):
     """Training had to stop (non-finite losses, unwritable output, refused resume)."""
+
+
+class OutputPathError(AdaptersError):
+    """An output path that exists and is not ours to replace (a device, a FIFO, a file where a
+    folder is expected, a folder of someone else's files)."""

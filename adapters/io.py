@@ -7,10 +7,13 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .errors import OutputPathError
 
 
 def fsync_dir(path: Path) -> None:
@@ -21,8 +24,61 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# Files only our folder writers put in a folder: an existing folder holding one of them is an
+# earlier output (an adapter, a merged model, an export, a checkpoint) that may be replaced.
+OWNED_MARKERS = ("manifest.json", "adapter_config.json", "config.json", "Modelfile",
+                 "adapter.gguf", "state.json")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISLNK, "a symbolic link"), (stat.S_ISREG, "a file")):
+        if test(mode):
+            return name
+    return "not a folder"
+
+
+def check_out_folder(target: str | Path, replace: bool = True) -> None:
+    """OutputPathError unless `target` is free for a folder written by this package: absent,
+    or a real folder (no link) that is empty or holds an earlier output (OWNED_MARKERS).
+    `replace=False`: files are written into it, so any real folder will do."""
+    target = Path(target)
+    try:
+        st = target.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise OutputPathError(f"{target}: exists and is {_kind(st.st_mode)}, not a folder; "
+                              "refused (nothing is replaced that adapters did not write): "
+                              "choose a new folder")
+    if not replace:
+        return
+    names = [p.name for p in target.iterdir()]
+    if names and not any(m in names for m in OWNED_MARKERS):
+        shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+        raise OutputPathError(f"{target}: a folder that holds files adapters did not write "
+                              f"({shown}); refused, as writing the output would replace it: "
+                              "choose a new or empty folder")
+
+
+def check_out_file(path: str | Path) -> None:
+    """OutputPathError unless `path` is absent or a regular file (or a link to one)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():  # a dangling link: replacing it would be a surprise too
+            raise OutputPathError(f"{path}: a broken symbolic link; refused") from None
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise OutputPathError(f"{path}: exists and is {_kind(st.st_mode)}, not a file; "
+                              "refused (nothing is replaced that adapters did not write)")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
+    check_out_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -58,15 +114,19 @@ def fsync_tree(folder: Path) -> None:
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `target` in one rename.
 
+    `target` must be free for it (check_out_folder): a device, a FIFO, a file or a folder of
+    someone else's files is refused before anything is written and never replaced.
     On an exception the temporary folder is removed and `target` is untouched. A kill -9
     leaves a `.tmp-*` sibling that `clean_stale_tmp` removes later.
     """
     target = Path(target)
+    check_out_folder(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
         yield tmp
         fsync_tree(tmp)
+        check_out_folder(target)  # again: the work inside may have taken minutes
         if target.exists():
             trash = target.with_name(f".old-{target.name}-{os.getpid()}")
             os.replace(target, trash)

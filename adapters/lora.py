@@ -82,6 +82,17 @@ def _prepare_quantized(model: nn.Module) -> None:
             p.data = p.data.float()
 
 
+def check_rank(model: nn.Module, r: int) -> None:
+    """ModelError for a rank above the model's width: lora_A and lora_B would be allocated at
+    that size (a billion-rank typo asks for hundreds of GB) and add nothing past min(in, out)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    width = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    if width and r > width:
+        raise ModelError(f"lora.r is {r}, above the model's width of {width}: a rank past "
+                         "min(in, out) of a layer adds nothing; lower lora.r")
+
+
 def attach_lora(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default"):
     """Wrap `model` in a peft LoRA model; only the LoRA weights require grad."""
     targets = resolve_targets(model, cfg.targets)

@@ -46,7 +46,7 @@ from .adapter.peftconfig import read_config
 from .config import ModelConfig
 from .errors import AdaptersError
 from .heads import refuse_task_head, task_of
-from .io import atomic_dir
+from .io import atomic_dir, check_out_folder
 from .merge_heads import HeadVerification, compare_heads, load_head_base
 from .model import exact_4bit_on_cpu, load_base, resolve_dtype, resolve_model_path
 
@@ -228,6 +228,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
     A task-head adapter gives a `*ForSequenceClassification` folder, checked on its head's
     outputs (KL of the class probabilities; `max_diff` of the value for regression).
     """
+    check_out_folder(out)  # before minutes of merging, not after
     src = _open(adapter, base)
     # Merge and verify in fp32; cast to the requested dtype only when writing.
     model, tok = src.load(ModelConfig(name=src.spec, dtype="fp32"))

@@ -47,6 +47,21 @@ class _BoundedLoader(yaml.SafeLoader):
         _expanded_size(node, {}, set())
         return node
 
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # beyond Python's limit on digits converted (4300)
+            raise _NotAValue(problem=f"an integer of {len(node.value)} digits; no setting "
+                                     "takes one that long", problem_mark=node.start_mark) \
+                from None
+
+
+class _NotAValue(yaml.MarkedYAMLError):
+    """A plain scalar Python refuses to build (an integer of thousands of digits)."""
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+
 
 def _expanded_size(node, sizes: dict[int, int], open_: set[int]) -> int:
     """Nodes under `node` with aliases expanded; an alias is counted once per use, each node

@@ -119,7 +119,7 @@ def test_bad_values_name_the_key(tmp_path):
     msg = str(e.value)
     assert "model.quantization: '3bit' is not one of none, 8bit, 4bit" in msg
     assert "train.batch_size: expected int" in msg
-    assert "train.steps: must be a positive integer" in msg
+    assert "train.steps: must be a whole number in 1..1000000000, got -1" in msg
 
 
 def test_unknown_section_suggests(tmp_path):

@@ -20,7 +20,7 @@ from peft import PeftModel
 from safetensors import safe_open
 
 from ..errors import AdapterFileError
-from ..io import atomic_write_text, fsync_dir
+from ..io import atomic_write_text, check_out_folder, fsync_dir
 from ..model import base_fingerprint, compare_fingerprints
 from .archive import resolve_adapter
 from .card import render
@@ -32,6 +32,7 @@ from .files import (
     WEIGHTS_FILE,
     Manifest,
     check_files,
+    check_fits_base,
     new_manifest,
     numel,
     package_versions,
@@ -40,8 +41,8 @@ from .files import (
 from .peftconfig import for_peft, read_config
 
 __all__ = ["CARD_FILE", "CONFIG_FILE", "FORMAT", "MANIFEST_FILE", "WEIGHTS_FILE", "Manifest",
-           "build_manifest", "check_base", "check_files", "inspect_adapter", "load_adapter",
-           "new_manifest", "open_with_base", "package_versions", "read_base_name",
+           "build_manifest", "check_base", "check_files", "check_fits_base", "inspect_adapter",
+           "load_adapter", "new_manifest", "open_with_base", "package_versions", "read_base_name",
            "read_manifest", "save_adapter", "write_card", "write_manifest"]
 
 
@@ -79,6 +80,7 @@ def save_adapter(model, folder: str | Path, manifest: Manifest | dict[str, Any],
     if not isinstance(manifest, Manifest):
         manifest = Manifest.from_dict(manifest, "the manifest passed to save_adapter")
     folder = Path(folder)
+    check_out_folder(folder, replace=False)  # its files are replaced one by one, not it
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=folder))
     try:
@@ -126,6 +128,7 @@ def load_adapter(model, folder: str | Path, tokenizer=None, adapter_name: str = 
     manifest = check_files(folder)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     check_base(manifest, base, tokenizer, folder, allow_base_mismatch)
+    check_fits_base(folder, base)
     config = for_peft(folder, base)  # None unless a pattern had to be resolved into names
     added = False
     try:

@@ -23,7 +23,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from ..errors import AdapterFileError
-from ..io import atomic_dir, fsync_dir, sha256_file
+from ..io import atomic_dir, check_out_file, fsync_dir, sha256_file
 from ..model import adapters_home
 from .files import CARD_FILE, CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, Manifest, check_files
 from .schema import loads
@@ -47,6 +47,7 @@ def is_archive(path: str | Path) -> bool:
 def pack(folder: str | Path, out: str | Path) -> Path:
     """Zip the adapter files of `folder` (checked first) into `out`, atomically."""
     folder, out = Path(folder), Path(out)
+    check_out_file(out)
     if check_files(folder) is None:
         raise AdapterFileError(f"{folder}: no {MANIFEST_FILE}; an archive needs one (its "
                                "sizes and hash are checked on unpacking): `adapters convert` "
@@ -119,10 +120,16 @@ def _member_name(archive: Path, info: zipfile.ZipInfo) -> str:
         raise AdapterFileError(f"{archive}: entry {info.filename!r} is a symbolic link; "
                                "refused (an adapter archive holds plain files only)")
     raw = info.filename
+    if info.flag_bits & 0x1:  # the zip's "encrypted" bit: nothing here to decrypt it with
+        raise AdapterFileError(f"{archive}: entry {raw!r} is encrypted; refused (`adapters "
+                               "pack` writes plain entries)")
     parts = PurePosixPath(raw.replace("\\", "/")).parts
     if raw.startswith(("/", "\\")) or (parts and ":" in parts[0]) or ".." in parts:
         raise AdapterFileError(f"{archive}: entry {raw!r} points outside the folder it "
                                "unpacks into; refused")
+    if "\\" in raw:  # a Windows separator: one tool reads a folder, another a file name
+        raise AdapterFileError(f"{archive}: entry {raw!r} has a backslash in its name; "
+                               "refused (zip names use '/')")
     return parts[-1] if parts else ""
 
 

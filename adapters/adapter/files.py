@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import re
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -22,7 +23,7 @@ from safetensors import safe_open
 
 from ..errors import AdapterFileError
 from ..io import atomic_write_json, sha256_file
-from .peftconfig import CONFIG_FILE, read_config, tensor_problems
+from .peftconfig import CONFIG_FILE, base_problems, lora_modules, read_config, tensor_problems
 from .schema import kind, parse, read_json, to_json
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -30,6 +31,9 @@ MANIFEST_FILE = "manifest.json"
 CARD_FILE = "README.md"
 FORMAT = "adapterkit/1"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+MAX_ABS_WEIGHT = 1e4  # far above trained LoRA weights (|x| < 10), far below fp16's 65504
+MAX_WEIGHTS_BYTES = 1 << 40  # a manifest stating more describes no LoRA adapter
 
 
 # ---- the manifest's sections; every one keeps the keys it does not know in `extra` ----
@@ -192,8 +196,10 @@ class Manifest(Section):
         fix = f"fix {MANIFEST_FILE} or remake it with `adapters convert`"
         manifest = parse(cls, data, str(source), fix)
         w = manifest.weights
-        if w is not None and (w.bytes < 0 or not _SHA256.fullmatch(w.sha256)):
-            raise AdapterFileError(f"{source}: field 'weights' must hold a size >= 0 and a "
+        if w is not None and (not 0 <= w.bytes <= MAX_WEIGHTS_BYTES
+                              or not _SHA256.fullmatch(w.sha256)):
+            raise AdapterFileError(f"{source}: field 'weights' must hold a size in 0..2**40 "
+                                   f"and a "
                                    f"64-digit hex sha256, got {w.bytes} and "
                                    f"{w.sha256[:70]!r}; {fix}")
         return manifest
@@ -284,17 +290,75 @@ def check_files(folder: str | Path) -> Manifest | None:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         raise AdapterFileError(f"{weights}: {problems[0]}{more}; the file does not match "
                                f"{CONFIG_FILE} (`adapters verify` lists every problem)")
+    problems = value_problems(weights)
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise AdapterFileError(f"{weights}: {problems[0]}{more}; refused (a diverged or "
+                               "damaged adapter: every answer with it would fail)")
     return manifest
+
+
+def _duplicate_keys(weights: str | Path) -> list[str]:
+    """Names the safetensors header (a JSON object) holds twice: the parser keeps one of
+    them silently, so two tools could read different tensors from the same file."""
+    dup: list[str] = []
+
+    def pairs(items):  # each JSON object's (key, value) pairs, duplicates included
+        keys = [k for k, _ in items]
+        dup.extend(k for k in dict.fromkeys(keys) if keys.count(k) > 1)
+        return dict(items)
+
+    try:
+        with open(weights, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size > MAX_HEADER_BYTES:
+                return []  # safe_open refuses it with its own message
+            json.loads(f.read(size), object_pairs_hook=pairs)
+    except (OSError, ValueError):
+        return []  # not parseable: safe_open says why
+    return dup
+
+
+def check_fits_base(folder: str | Path, model) -> None:
+    """AdapterFileError when the adapter's config contradicts `model` (layers it lacks,
+    fan_in_fan_out on layers that are not Conv1D); after check_files."""
+    folder = Path(folder)
+    modules = lora_modules(read_header(folder / WEIGHTS_FILE))
+    problems = base_problems(read_config(folder), modules, model)
+    if problems:
+        raise AdapterFileError(f"{folder / CONFIG_FILE}: {problems[0]}; it does not fit this "
+                               "base model")
 
 
 def read_header(weights: str | Path) -> dict[str, tuple[str, tuple]]:
     """{tensor name: (safetensors dtype, shape)} from the file's header, no tensor read."""
+    dup = _duplicate_keys(weights)
+    if dup:
+        raise AdapterFileError(f"{weights}: the header names tensor {dup[0][:80]!r} twice; "
+                               "refused (which one a reader gets is undefined)")
     try:
         with safe_open(weights, "pt") as f:
             return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
                     for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise AdapterFileError(f"{weights}: not a readable safetensors file ({e})") from e
+
+
+def value_problems(weights: str | Path) -> list[str]:
+    """Tensors that hold NaN or inf, or values far beyond any trained LoRA's (|x| above
+    MAX_ABS_WEIGHT): each would make every request on the adapter fail or overflow."""
+    problems = []
+    with safe_open(weights, "pt") as f:
+        for k in f.keys():
+            t = f.get_tensor(k)
+            if not t.is_floating_point():
+                continue  # dtypes are tensor_problems' check
+            if not bool(t.isfinite().all()):
+                problems.append(f"{k}: holds NaN or inf")
+            elif t.numel() and float(t.abs().max()) > MAX_ABS_WEIGHT:
+                problems.append(f"{k}: holds {float(t.abs().max()):.3g}, beyond the "
+                                f"{MAX_ABS_WEIGHT:g} any trained LoRA weight stays within")
+    return problems
 
 
 def numel(shape) -> int:

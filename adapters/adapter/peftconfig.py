@@ -24,9 +24,12 @@ from .schema import parse, read_json
 
 CONFIG_FILE = "adapter_config.json"
 MAX_RANK = 1 << 14  # far above any LoRA in use; lora_A alone is r x in_features
+MAX_ALPHA = 1e6  # alpha / r scales the update: beyond this it overflows, it does not adapt
+MAX_LAYERS = 1 << 16
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the floating dtypes
 _PLAIN = re.compile(r"\^?[A-Za-z0-9_][A-Za-z0-9_.\-]*\$?")  # a module name or dotted path
 # peft's key layout: <module path>.lora_A.weight, .lora_embedding_B, .lora_magnitude_vector
+_LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_A|lora_B|"
                        r"lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?:\.weight)?$")
 
@@ -80,8 +83,13 @@ def _range_problems(cfg: PeftLoraConfig, source: str) -> list[str]:
             out.append(f"field '{where}' is {r}; a LoRA rank is an integer in 1..{MAX_RANK}")
     alphas = {"lora_alpha": cfg.lora_alpha,
               **{f"alpha_pattern.{k}": v for k, v in cfg.alpha_pattern.items()}}
-    out += [f"field '{k}' is {v}; it must be a finite number" for k, v in alphas.items()
-            if not math.isfinite(v)]
+    out += [f"field '{k}' is {v}; it must be a number within +-{MAX_ALPHA:g}"
+            for k, v in alphas.items() if not (math.isfinite(v) and abs(v) <= MAX_ALPHA)]
+    if isinstance(cfg.target_modules, list) and not cfg.target_modules:
+        out.append("field 'target_modules' is []: it names no layer to adapt")
+    for i in _layers(cfg.layers_to_transform):
+        if not 0 <= i < MAX_LAYERS:
+            out.append(f"field 'layers_to_transform' holds {i}; a layer index is 0 or more")
     if not 0 <= cfg.lora_dropout < 1:
         out.append(f"field 'lora_dropout' is {cfg.lora_dropout}; it must be in [0, 1)")
     names = {**{f"rank_pattern key {k!r}": k for k in cfg.rank_pattern},
@@ -98,6 +106,48 @@ def _range_problems(cfg: PeftLoraConfig, source: str) -> list[str]:
         if isinstance(getattr(cfg, key), str):
             compile_pattern(getattr(cfg, key), f"{source}: field '{key}'")
     return out
+
+
+def _layers(value) -> list[int]:
+    return [value] if isinstance(value, int) else list(value or [])
+
+
+def _layer_of(module: str) -> int | None:
+    """The decoder layer a module path lies in (its first numeric part), or None."""
+    m = _LAYER_INDEX.search(module)
+    return int(m[1]) if m else None
+
+
+def base_problems(config: dict[str, Any], modules: list[str], model) -> list[str]:
+    """What in the config contradicts `model` (a base, or a PeftModel around it): layer
+    indices it does not have, `fan_in_fan_out` on layers that are not Conv1D (peft would merge
+    the update transposed), for the LoRA `modules` the weights hold."""
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = root.config.get_text_config() if hasattr(root.config, "get_text_config") \
+        else root.config
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    out = [f"field 'layers_to_transform' holds {i}, but the base has {n} layers (0..{n - 1})"
+           for i in _layers(config.get("layers_to_transform")) if n and i >= n]
+    if config.get("fan_in_fan_out"):
+        for module in modules:
+            try:
+                layer = root.get_submodule(module)
+            except AttributeError:
+                continue  # a layer the base lacks: the weights' own check says so
+            layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+            # a dense nn.Linear stores (out, in); GPT-2's Conv1D (in, out). A quantized layer
+            # (bitsandbytes converts Conv1D too) says nothing of the original: not judged.
+            if type(layer).__name__ == "Linear" and not hasattr(layer, "nf"):
+                out.append(f"field 'fan_in_fan_out' is true, but {module} is a "
+                           f"{type(layer).__name__}, not a Conv1D: the update would be "
+                           "applied transposed")
+                break
+    return out
+
+
+def lora_modules(keys) -> list[str]:
+    """The module paths (without peft's prefix) of a state dict's LoRA tensors."""
+    return list(dict.fromkeys(m["module"] for k in keys if (m := _LORA_KEY.match(k))))
 
 
 def targeted(module: str, config: dict[str, Any], source: str = CONFIG_FILE) -> bool:
@@ -163,6 +213,9 @@ def shape_problems(shapes: dict[str, tuple], config: dict[str, Any],
         if not targeted(module, config, source):
             shown = str(config.get("target_modules"))
             problems.append(f"{module}: not among target_modules {shown[:80]}")
+        wanted = _layers(config.get("layers_to_transform"))
+        if wanted and _layer_of(module) not in wanted:
+            problems.append(f"{module}: in a layer outside layers_to_transform {wanted[:8]}")
         mag = parts.get("lora_magnitude_vector")
         if mag is not None and tuple(mag) != (b[0],):
             problems.append(f"{module}: DoRA magnitude {list(mag)} but {b[0]} outputs")

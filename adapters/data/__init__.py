@@ -111,7 +111,9 @@ def build(cfg: DataConfig, tokenizer, seed: int = 0, cache: bool = True,
         eval_rows = [r for i, r in enumerate(rows) if i in held]
         rows = [r for i, r in enumerate(rows) if i not in held]
     train = _split(rows, cfg, tokenizer, "train", cache, targets)
-    ev = _split(eval_rows, cfg, tokenizer, "eval", cache, targets) if eval_rows else None
+    # an eval file that holds no rows is an error, as for train (not a run without eval)
+    given = cfg.eval is not None or eval_rows
+    ev = _split(eval_rows, cfg, tokenizer, "eval", cache, targets) if given else None
     for name, s in (("train", train), ("eval", ev)):
         if s is not None:
             log.info("%s data: %s", name, s.stats)

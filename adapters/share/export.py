@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..adapter import Manifest, load_adapter, open_with_base
 from ..config import ModelConfig
-from ..io import atomic_dir, atomic_write_text
+from ..io import atomic_dir, atomic_write_text, check_out_file, check_out_folder
 from ..merge import SAMPLE_TEXT, merge_adapter
 from ..model import (
     DEFAULT_NAME,
@@ -188,8 +188,13 @@ def export(adapter: str | Path, to: str, out: str | Path, *, base: str | None = 
     """Write `adapter` as `to` (one of FORMATS) at `out`; see the module docstring."""
     if to not in FORMATS:
         raise ExportError(f"--to {to}: choose one of {', '.join(FORMATS)}")
-    src = _open(adapter, base)
     out = Path(out)
+    # refused before any work: a device, a FIFO or someone else's folder is never replaced
+    if to in ("gguf-lora", "gguf"):
+        check_out_file(out)
+    else:
+        check_out_folder(out)
+    src = _open(adapter, base)
     if to == "peft":
         if not peft_version:
             raise ExportError("--to peft needs --peft-version X.Y (the peft that will load it)")

@@ -19,7 +19,7 @@ import gguf
 import numpy as np
 
 from ..errors import AdaptersError
-from ..io import fsync_dir
+from ..io import check_out_file, fsync_dir
 
 # model_type (HF config) -> llama.cpp architecture. Only those whose conversion we write and
 # test; anything else is refused with what to run instead.
@@ -107,6 +107,7 @@ def file_type(out_type: str) -> int:
 def atomic_gguf(out: str | Path) -> Iterator[Path]:
     """A temporary path beside `out`, renamed onto it when the block succeeds."""
     out = Path(out)
+    check_out_file(out)  # a device or a folder at `out` is refused, never replaced
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -115,6 +116,7 @@ def atomic_gguf(out: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        check_out_file(out)
         os.replace(tmp, out)
         fsync_dir(out.parent)
     finally:

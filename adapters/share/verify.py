@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..adapter import (
@@ -29,7 +28,7 @@ from ..adapter import (
     write_manifest,
 )
 from ..adapter.archive import resolve_adapter
-from ..adapter.files import read_header
+from ..adapter.files import MAX_ABS_WEIGHT, read_header, value_problems
 from ..adapter.peftconfig import read_config, shape_problems, tensor_problems
 from ..config import ModelConfig
 from ..errors import AdapterFileError
@@ -141,10 +140,9 @@ def _tensors(weights: Path, config: dict | None) -> list[Check]:
                             problems else _summary(problems)))
     if not_float:
         return checks
-    with safe_open(weights, "pt") as f:
-        bad = [k for k in f.keys() if not f.get_tensor(k).isfinite().all()]
-    return [Check("finite", not bad, f"{len(header)} tensors all finite" if not bad else
-                  f"{len(bad)} tensor(s) hold NaN or inf, e.g. {bad[0]}")] + checks
+    bad = value_problems(weights)
+    return [Check("finite", not bad, f"{len(header)} tensors all finite, within "
+                  f"+-{MAX_ABS_WEIGHT:g}" if not bad else _summary(bad))] + checks
 
 
 def _against_base(folder: Path, manifest: Manifest | None, base: str, quantization: str,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..errors import TrainingError
 from ..io import atomic_write_text
 from ..lora import trainable_report
 from .fsdp import per_rank_estimate
@@ -45,6 +46,12 @@ def preflight(run) -> dict:
             "train_examples": run.data_stats["train"]["examples"],
             "checkpoint_bytes": rep["trainable"] * 4 * 3 + (1 << 20)}  # weights + 2 moments
     log.info("pre-flight: %s", json.dumps(info))
+    if est.get("machine") and est["total"] > est["machine"] and str(run.device).startswith("cpu"):
+        raise TrainingError(
+            f"estimated peak memory {est['total'] / 1e9:.1f} GB is more than this machine's "
+            f"{est['machine'] / 1e9:.1f} GB of memory and swap: lower train.batch_size "
+            f"({t.batch_size}) or data.max_seq_len ({run.cfg.data.max_seq_len}), or enable "
+            "train.gradient_checkpointing")
     if est["free"] and est["total"] > est["free"]:
         log.warning("estimated peak memory %.1f GB exceeds the free %.1f GB: lower "
                     "train.batch_size or data.max_seq_len, or enable gradient_checkpointing",

@@ -87,14 +87,22 @@ def peak_memory_bytes(device: str = "cpu") -> int:
     return int(kb if sys.platform == "darwin" else kb * 1024)
 
 
-def free_memory_bytes() -> int:
+def _meminfo(*keys: str) -> int:
+    """The sum of /proc/meminfo's `keys`, in bytes (0 where there is no /proc)."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        lines = Path("/proc/meminfo").read_text().splitlines()
     except OSError:
-        pass
-    return 0
+        return 0
+    return sum(int(ln.split()[1]) * 1024 for ln in lines if ln.split(":")[0] in keys)
+
+
+def free_memory_bytes() -> int:
+    return _meminfo("MemAvailable")
+
+
+def total_memory_bytes() -> int:
+    """RAM and swap together: a run whose estimate passes this cannot fit whatever else ends."""
+    return _meminfo("MemTotal", "SwapTotal")
 
 
 def estimate_memory(model, batch: int, seq: int, vocab: int) -> dict[str, int]:
@@ -110,7 +118,8 @@ def estimate_memory(model, batch: int, seq: int, vocab: int) -> dict[str, int]:
     optimizer = trainable * 4 * 3  # fp32 grads + two Adam moments
     logits = 1024 * max(vocab, 1) * 4 * 2
     total = weights + optimizer + activations + logits
-    return {"total": int(total), "weights": weights, "free": free_memory_bytes()}
+    return {"total": int(total), "weights": weights, "free": free_memory_bytes(),
+            "machine": total_memory_bytes()}
 
 
 def check_output_dir(out: Path) -> None:

@@ -37,7 +37,7 @@ from ..data.packing import Batcher
 from ..data.sources import expand
 from ..errors import TrainingError
 from ..io import atomic_write_text, sha256_file
-from ..lora import attach_lora, set_adapter_training
+from ..lora import attach_lora, check_rank, set_adapter_training
 from ..model import resolve_dtype
 from . import checkpoint as ckpt
 from . import distributed, fsdp, fsdp_load, heads, objectives, reference
@@ -144,6 +144,7 @@ def setup(cfg: RunConfig, device: str | None = None, resume: bool = False,
     # The base (with a new head for a task); under fsdp only rank 0 reads its weights.
     model, tok, device = fsdp_load.load(cfg, d, device, targets)
     dtype = resolve_dtype(cfg.model.dtype, device)
+    check_rank(model, cfg.lora.r)  # before lora_A / lora_B are allocated at that rank
     model = attach_lora(model, cfg.lora)
     if dtype != torch.float32:
         # Under autocast the matmuls run in bf16 anyway: peft's cast of every LoRA input to
