@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoTokenizer,
@@ -27,11 +28,14 @@ from adapters.adapter import build_manifest, save_adapter
 from adapters.cli import main as cli_main
 from adapters.config import LoraConfig, ModelConfig, load_recipe
 from adapters.lora import attach_lora
-from adapters.model import load_base
+from adapters.model import default_model_dir, load_base
 from adapters.training import train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(
+        os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 def _corpus() -> list[str]:
@@ -134,10 +138,31 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def _default_models(tmp_path_factory) -> Path:
+    """The embedded default model converted from its GGUF once per run (~15-20 s), in a home
+    of its own: the `models` folder default_model tests share. Under pytest -n the workers
+    share it too: the first converts (under a lock), the others wait and reuse it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    home = root / "default-home"
+    with FileLock(str(root / "default-home.lock")), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADAPTERS_HOME", str(home))
+        default_model_dir(progress=False)  # converts once, then finds the cache
+    return home / "models"
+
+
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path, monkeypatch):
-    """Every test gets its own ADAPTERS_HOME: caches and unpacked archives never leak."""
-    monkeypatch.setenv("ADAPTERS_HOME", str(tmp_path / "home"))
+def _isolated_home(tmp_path, monkeypatch, request):
+    """Every test gets its own ADAPTERS_HOME: caches and unpacked archives never leak. Tests
+    marked default_model find the default model already converted there (a link)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("ADAPTERS_HOME", str(home))
+    if request.node.get_closest_marker("default_model"):
+        models = request.getfixturevalue("_default_models")
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "models").symlink_to(models, target_is_directory=True)
 
 
 def trained_adapter(path, out, seed=1, **model_kw):
