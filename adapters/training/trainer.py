@@ -12,7 +12,8 @@ trainable tokens (so accumulation equals one big batch); then clip, a non-finite
 Below this story, each module one concern: optim (optimiser, schedule), loss (the fused loss),
 progress (pre-flight, metrics lines, bar, summary), checkpoint (the files of a resumable
 state), distributed (torchrun), runtime (seeds, signals, memory, folder checks), plots,
-objectives + reference (DPO/ORPO losses; DPO's reference log-probs, computed once per run).
+objective (the objective chosen once: its normalisers, micro-batch loss, metrics, evaluation;
+objectives + reference hold the DPO/ORPO losses and DPO's reference log-probs).
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ from ..io import atomic_write_text, sha256_file
 from ..lora import attach_lora, check_rank, set_adapter_training
 from ..model import resolve_dtype
 from . import checkpoint as ckpt
-from . import distributed, fsdp, fsdp_load, heads, objectives, reference
+from . import distributed, fsdp, fsdp_load, heads
 from .accelerate import accelerate
 from .distributed import Dist
 from .loss import autocast_for
+from .objective import Supervised
+from .objective import for_config as objective_for
 from .optim import make_optimizer, make_scheduler, total_steps
 from .plots import plot_losses
 from .progress import Progress, preflight, truncate_metrics
@@ -91,6 +94,7 @@ class Run:
     bad_total: int = 0
     scaler: torch.amp.GradScaler | None = None  # fp16 only: bf16 and fp32 need no scaling
     dist: Dist = field(default_factory=Dist)  # rank and world size under torchrun
+    objective: Supervised = field(default_factory=Supervised)  # chosen once, in setup()
 
 
 def train(cfg: RunConfig, resume: str | None = None, progress: bool = False,
@@ -162,16 +166,19 @@ def setup(cfg: RunConfig, device: str | None = None, resume: bool = False,
     accelerate(model, cfg.train, device, steps)  # checkpointing, fused LoRA, compiled blocks
     if cfg.train.parallel == "fsdp":  # the frozen base sharded across ranks
         fsdp.shard(model, d, dtype, tok, device)
-    if cfg.train.objective == "dpo":  # the base's log-probs once per run, not in every step
-        data = reference.cache(model, data, cfg, d, device, dtype, tok.pad_token_id, resume,
-                               progress)
+    objective = objective_for(cfg)
+    prepared = objective.prepare(model, data, cfg, d, device, dtype, tok.pad_token_id, resume,
+                                 progress)
+    if prepared is not data:  # e.g. DPO's reference log-probs added to every pair
+        data = prepared
         batcher, eval_batcher = _batchers(cfg, data, tok.pad_token_id, d)
     opt = make_optimizer(model, cfg.train)
     stats = {"format": cfg.data.format, "files": data_files(cfg.data), "train": data.train.stats,
              "eval": data.eval.stats if data.eval else None}
     scaler = torch.amp.GradScaler(device.split(":")[0]) if dtype == torch.float16 else None
     return Run(cfg, model, tok, batcher, eval_batcher, opt, make_scheduler(opt, cfg.train, steps),
-               device, dtype, Path(cfg.output.dir), steps, stats, scaler=scaler, dist=d)
+               device, dtype, Path(cfg.output.dir), steps, stats, scaler=scaler, dist=d,
+               objective=objective)
 
 
 def fit(run: Run, signals: StopSignals, progress: bool = False,
@@ -225,24 +232,20 @@ def step(run: Run) -> dict:
     micro = micro_batches(run, run.step)
     counted = sum(heads.counted(b) for b in micro)  # trainable tokens, or head examples
     tokens = sum(int(b["n_tokens"]) for b in micro)
-    pref = objectives.step_counts(run.cfg.train, micro)  # dpo/orpo: [pairs, chosen tokens]
+    norms = run.objective.normalisers(micro)  # the objective's own counts (pairs, ...)
     if run.dist.active:  # divide by the global batch's count: ranks then sum to the mean
-        counted, tokens, *pref = map(int, distributed.all_sum(
-            run.dist, [counted, tokens, *pref], run.device))
-    denom = 1 if pref else max(counted, 1)  # a preference loss comes normalised per pair
-    loss_sum, pair_sums = 0.0, {}
+        counted, tokens, *norms = map(int, distributed.all_sum(
+            run.dist, [counted, tokens, *norms], run.device))
+    loss, sums = 0.0, {}
     for b in micro:
         b = {k: v.to(run.device) for k, v in b.items()}
         with autocast_for(run.device, run.dtype):
-            s = (objectives.preference_loss(run.model, b, run.cfg.train, pref, pair_sums)
-                 if pref else heads.batch_loss(run.model, b))
-        part = s / denom
+            part = run.objective.micro_loss(run.model, b, counted, norms, sums)
         (run.scaler.scale(part) if run.scaler else part).backward()
-        loss_sum += float(s.detach())
+        loss += float(part.detach())
     params = [p for g in run.optimizer.param_groups for p in g["params"]]  # the adapter's
     if run.dist.active:
-        loss_sum = distributed.sum_grads(run.dist, params, loss_sum)
-    loss = loss_sum / denom
+        loss = distributed.sum_grads(run.dist, params, loss)
     grad_norm, finite = _update(run, params, loss)
     lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
@@ -253,8 +256,7 @@ def step(run: Run) -> dict:
     m = {"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
          "trainable_tokens": counted, "tokens_per_s": tokens / dt, "seconds": dt,
          "finite": finite}
-    if pref:  # rewards, reward accuracy and margin, log-probs: means over the step's pairs
-        m.update(objectives.step_metrics(pair_sums, pref, run.dist, run.device))
+    m.update(run.objective.metrics(sums, norms, run.dist, run.device))
     _count_bad(run, m)
     return m
 
@@ -264,10 +266,7 @@ def evaluate(run: Run) -> dict | None:
     # Under FSDP every rank runs the forward (it gathers the sharded weights): all evaluate.
     if run.eval_batcher is None or not (run.dist.main or run.cfg.train.parallel == "fsdp"):
         return None
-    if run.cfg.train.objective != "sft":
-        return objectives.evaluate_pairs(run.model, run.eval_batcher.iter_all(), run.cfg.train,
-                                         run.device, lambda: autocast_for(run.device, run.dtype))
-    return heads.mean_loss(run.model, run.eval_batcher.iter_all(), run.device, run.dtype)
+    return run.objective.evaluate(run.model, run.eval_batcher.iter_all(), run.device, run.dtype)
 
 
 def save(run: Run, final: bool = False, training: dict | None = None) -> Path:
