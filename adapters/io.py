@@ -24,10 +24,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-# Files only our folder writers put in a folder: an existing folder holding one of them is an
-# earlier output (an adapter, a merged model, an export, a checkpoint) that may be replaced.
-OWNED_MARKERS = ("manifest.json", "adapter_config.json", "config.json", "Modelfile",
-                 "adapter.gguf", "state.json")
+# atomic_dir writes this into every folder it makes: a folder holding it (or our adapter
+# manifest, or a checkpoint's state) is an earlier output of ours that a new one may replace.
+# A model folder (config.json) or an Ollama folder is not enough: a user's own looks the same.
+MARKER = ".adapters-output"
+OWNED_MARKERS = (MARKER, "manifest.json", "state.json")
 
 
 def _kind(mode: int) -> str:
@@ -125,6 +126,8 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
         yield tmp
+        (tmp / MARKER).write_text("Written by adapters (adapterkit): a later output to this "
+                                  "path may replace this folder whole.\n")
         fsync_tree(tmp)
         check_out_folder(target)  # again: the work inside may have taken minutes
         if target.exists():

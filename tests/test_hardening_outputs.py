@@ -87,6 +87,10 @@ def _targets(tmp_path: Path) -> dict[str, Path]:
     out["foreign folder"] = tmp_path / "mine"
     out["foreign folder"].mkdir()
     (out["foreign folder"] / "thesis.tex").write_text("years of work")
+    out["model folder"] = tmp_path / "their-model"  # a user's own base: config.json is not ours
+    out["model folder"].mkdir()
+    (out["model folder"] / "config.json").write_text("{}")
+    (out["model folder"] / "model.safetensors").write_bytes(b"weights")
     out["link"] = tmp_path / "link"
     out["link"].symlink_to(tmp_path / "mine")
     if os.geteuid() == 0:  # a /dev/null of our own: the case the issue found
@@ -109,7 +113,7 @@ def test_writers_refuse_outputs_they_did_not_create(good, tmp_path, capsys):
         for argv in (["merge", good, "--out", target, "--no-verify"],
                      ["export", good, "--to", "ollama", "--out", target, "--no-verify"],
                      ["combine", good, good, "--weights", "0.5", "0.5", "--out", target]):
-            if argv[0] == "combine" and kind in ("foreign folder", "link"):
+            if argv[0] == "combine" and kind in ("foreign folder", "model folder", "link"):
                 continue  # combine writes its files into a folder: any real one will do
             code, _, err = run_cli(*argv, capsys=capsys)
             assert code != 0 and "refused" in err, (kind, argv[0], err)
@@ -129,7 +133,7 @@ def test_an_earlier_output_is_still_replaced(good, tmp_path, capsys):
     for _ in range(2):  # the second merge replaces the first one's folder (config.json)
         code, _, err = run_cli("merge", good, "--out", out, "--no-verify", capsys=capsys)
         assert code == 0, err
-    assert (out / "config.json").is_file()
+    assert (out / "config.json").is_file() and (out / ".adapters-output").is_file()
     empty = tmp_path / "empty"
     empty.mkdir()
     assert run_cli("merge", good, "--out", empty, "--no-verify")[0] == 0
