@@ -253,3 +253,17 @@ def classifier(tiny_gpt2, tmp_path_factory):
         # only 14 of 16 eval rows with transformers 5.25 (loss spikes); 3e-3 learns it cleanly.
         cfg = head_recipe(tiny_gpt2, tmp, "train.lr=3e-3")
         return train(cfg), cfg
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, tiny_gpt2):
+    """A trained-like adapter folder on tiny GPT-2 (trained_adapter), one per test module."""
+    out = tmp_path_factory.mktemp("good") / "a"
+    trained_adapter(tiny_gpt2, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(tiny_gpt2):
+    """(model, tokenizer): tiny GPT-2 in fp32, one per test module."""
+    return load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))

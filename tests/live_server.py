@@ -31,6 +31,18 @@ def http(method: str, url: str, body: dict | None = None) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
+def post(url: str, body: str | bytes, headers: dict | None = None) -> tuple[int, dict]:
+    """POST a raw body (not necessarily JSON) with the standard library; (status, JSON reply)."""
+    data = body.encode() if isinstance(body, str) else body
+    req = urllib.request.Request(url, data=data, method="POST", headers={
+        "Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 def sse(url: str, body: dict) -> list[str]:
     """The `data:` fields of a server-sent event stream, in order."""
     code, text = http("POST", url, body)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, trained_adapter
+from conftest import run_cli
 from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -28,18 +28,6 @@ from adapters.model import load_base
 from adapters.share.verify import convert, verify
 
 HANG = "(.*.*)*z"  # catastrophic backtracking in `re` on any name without a z
-
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory, tiny_gpt2):
-    out = tmp_path_factory.mktemp("good") / "a"
-    trained_adapter(tiny_gpt2, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def base(tiny_gpt2):
-    return load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))
 
 
 def _copy(src: Path, dst: Path, config=None, manifest=None) -> Path:

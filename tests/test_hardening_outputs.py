@@ -30,18 +30,6 @@ from adapters.training.trainer import train
 WEIGHTS = "adapter_model.safetensors"
 
 
-@pytest.fixture(scope="module")
-def good(tmp_path_factory, tiny_gpt2):
-    out = tmp_path_factory.mktemp("good") / "a"
-    trained_adapter(tiny_gpt2, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def gpt2_base(tiny_gpt2):
-    return load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))
-
-
 def restamp(folder: Path) -> Path:
     """The manifest's sha256 made to match the (changed) weights: only the new checks can
     catch what was changed."""
@@ -150,7 +138,7 @@ NONFINITE = {
 
 
 @pytest.mark.parametrize("case", [*NONFINITE, "lora_alpha 1e308"])
-def test_non_finite_or_huge_weights_are_refused_everywhere(good, gpt2_base, tmp_path, case):
+def test_non_finite_or_huge_weights_are_refused_everywhere(good, base, tmp_path, case):
     if case in NONFINITE:
         bad = with_weights(good, tmp_path / "bad", NONFINITE[case])
         tensors = load_file(good / WEIGHTS)
@@ -160,7 +148,7 @@ def test_non_finite_or_huge_weights_are_refused_everywhere(good, gpt2_base, tmp_
         expect = "lora_alpha"
     with pytest.raises(AdapterFileError, match=expect.replace(".", r"\.")):
         check_files(bad)
-    model, tok = gpt2_base
+    model, tok = base
     with pytest.raises(AdapterFileError, match=expect.replace(".", r"\.")):
         load_adapter(model, bad, tok)
     failed = [c for c in verify(bad) if not c.ok]
@@ -255,13 +243,13 @@ FILE_CASES = {  # name: (change a good adapter folder in place, what the error n
 
 
 @pytest.mark.parametrize("case", FILE_CASES)
-def test_wrong_adapter_files_are_refused_at_load_and_in_verify(good, gpt2_base, tiny_gpt2,
+def test_wrong_adapter_files_are_refused_at_load_and_in_verify(good, base, tiny_gpt2,
                                                                tmp_path, case):
     change, names = FILE_CASES[case]
     bad = tmp_path / "bad"
     shutil.copytree(good, bad)
     change(bad)
-    model, tok = gpt2_base
+    model, tok = base
     with pytest.raises(AdapterFileError, match=names):
         load_adapter(model, bad, tok)
     with pytest.raises(AdapterFileError, match=names):  # the server's path: no peft involved

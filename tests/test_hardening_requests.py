@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import trained_adapter
-from live_server import http, start
+from live_server import http, post, start
 from safetensors.torch import load_file, save_file
 
 from adapters.config import BASE_NAME
@@ -60,18 +60,6 @@ def answer(url: str, model: str, prompt: str = PROMPTS[0]) -> str:
     code, reply = complete(url, model, prompt)
     assert code == 200, reply
     return reply["choices"][0]["text"]
-
-
-def raw_post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
-    import urllib.error
-    import urllib.request
-    req = urllib.request.Request(url, data=body, method="POST", headers={
-        "Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 # -- 1. an adapter the batched path cannot serve; loads and unloads never break the registry ---
@@ -142,7 +130,7 @@ def test_no_sequence_of_requests_changes_what_a_fixed_adapter_answers(tiny_gpt2,
     ("completions", '{"model": "\\ud800", "prompt": "x"}', "model"),
 ])
 def test_a_lone_surrogate_is_a_400_naming_the_field(server, route, body, field):
-    code, reply = raw_post(f"{server.url}/v1/{route}", body.encode())
+    code, reply = post(f"{server.url}/v1/{route}", body.encode())
     assert code == 400, reply
     assert reply["error"]["param"] == field and "surrogate" in reply["error"]["message"], reply
 
@@ -228,7 +216,7 @@ def test_unimplemented_or_mistyped_fields_are_400s(server, route, field):
             '{"model": "a0", ')
     body += ('"prompt": "x", ' if route == "completions" else
              '"messages": [{"role": "user", "content": "x"}], ') + field + "}"
-    code, reply = raw_post(f"{server.url}/v1/{route}", body.encode())
+    code, reply = post(f"{server.url}/v1/{route}", body.encode())
     assert code == 400, (field, reply)
     assert reply["error"]["param"] == field.split('"')[1], reply
 

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 from conftest import make_gpt2, trained_adapter
-from live_server import hold, http, sse, start, wait_until
+from live_server import hold, http, post, sse, start, wait_until
 
 from adapters.config import BASE_NAME
 from adapters.serving.server import Limits
@@ -49,20 +49,6 @@ def server(tiny_gpt2, root):
     s = start(tiny_gpt2, root)
     yield s
     s.close()
-
-
-def post(url: str, body: str | bytes, headers: dict | None = None) -> tuple[int, dict]:
-    """POST a raw body (not necessarily JSON) with the standard library; (status, JSON reply)."""
-    import urllib.error
-    import urllib.request
-    data = body.encode() if isinstance(body, str) else body
-    req = urllib.request.Request(url, data=data, method="POST", headers={
-        "Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def openai_error(reply: dict) -> dict:
