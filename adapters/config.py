@@ -8,11 +8,7 @@ types and values outside their choices are collected and raised as one ConfigErr
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import re
-import reprlib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .recipe_values import REPR, check_type, coerce_float, range_problem, suggest, type_name
 from .safe_yaml import load_yaml
 
 # Names that mean one thing everywhere (CLI flags, eval tables, the server's model list).
@@ -70,6 +67,9 @@ class LoraConfig:
     targets: str | list[str] = "auto"  # auto | all-linear | [module names]
     use_rslora: bool = False
     use_dora: bool = False
+    # an adapter folder whose weights the run starts from (e.g. GRPO after SFT); its rank,
+    # alpha and targets must be the recipe's
+    init_from: str | None = None
 
 
 @dataclass
@@ -131,7 +131,8 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)  # tensorboard, mlflow, wandb (extras)
     # sft: next-token loss; dpo / orpo: preference pairs (data.format: preference). DPO's
     # reference is the same base with the adapter switched off (no second model).
-    objective: str = field(default="sft", metadata=_choice("sft", "dpo", "orpo"))
+    # grpo: online RL on prompts with rewards (data: any format with a prompt; section grpo)
+    objective: str = field(default="sft", metadata=_choice("sft", "dpo", "orpo", "grpo"))
     # DPO's KL strength (IPO's tau)
     dpo_beta: float = field(default=0.1, metadata=_range(0.0, 1e3, lo_open=True))
     dpo_loss: str = field(default="sigmoid", metadata=_choice("sigmoid", "ipo"))
@@ -142,6 +143,31 @@ class TrainConfig:
     dpo_reference: str = field(default="cached", metadata=_choice("cached", "in_step"))
     # weight of ORPO's odds-ratio term next to the NLL of chosen
     orpo_lambda: float = field(default=0.1, metadata=_range(0.0, 1e3))
+
+
+@dataclass
+class GrpoConfig:
+    """train.objective: grpo. The names and defaults are TRL's GRPOConfig's where it has them;
+    train.batch_size counts prompts, each sampled num_generations times."""
+
+    num_generations: int = field(default=4, metadata=_range(2, 1 << 12))
+    max_completion_length: int = field(default=64, metadata=_range(1, MAX_TOKENS))
+    temperature: float = field(default=1.0, metadata=_range(0.0, 100.0, lo_open=True))
+    top_p: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
+    # KL to the adapter-off model; 0: no reference forward at all
+    beta: float = field(default=0.0, metadata=_range(0.0, 1e3))
+    loss_type: str = field(default="dapo", metadata=_choice("grpo", "dr_grpo", "dapo", "bnpo"))
+    epsilon: float = field(default=0.2, metadata=_range(0.0, 10.0))
+    epsilon_high: float | None = field(default=None, metadata=_range(0.0, 10.0))  # None: epsilon
+    # optimizer steps on each batch of rollouts (> 1: importance ratios to the sampling policy)
+    num_iterations: int = field(default=1, metadata=_range(1, 1 << 10))
+    scale_rewards: str = field(default="group", metadata=_choice("group", "batch", "none"))
+    mask_truncated_completions: bool = False  # completions cut at the length count no loss
+    # built-in names (training/rewards.py) or module:function, TRL's signature
+    rewards: list[str] = field(default_factory=list)
+    reward_weights: list[float] | None = None  # default: 1 each
+    reference: str = "completion"  # the data role exact_match / token_f1 compare with
+    json_schema: dict | None = None  # for the json_schema reward
 
 
 @dataclass
@@ -158,6 +184,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,74 +213,9 @@ def field_default(section: type, key: str) -> Any:
     """A schema field's default, e.g. `field_default(DataConfig, "max_seq_len")`."""
     f = _field(section, key)
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 _SECTION_TYPES = typing.get_type_hints(RunConfig)
-
-
-
-def range_problem(value: Any, bounds: tuple | None) -> str | None:
-    """Why `value` is outside a field's range (None when it is inside, or has no range)."""
-    if bounds is None or value is None or isinstance(value, bool):
-        return None
-    lo, hi, lo_open = bounds
-    finite = isinstance(value, int) or math.isfinite(value)  # a huge int has no float form
-    inside = finite and (lo < value if lo_open else lo <= value) and value <= hi
-    if inside:
-        return None
-    def show(x):
-        return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
-    span = f"> {show(lo)} and <= {show(hi)}" if lo_open else f"in {show(lo)}..{show(hi)}"
-    return f"must be a {'whole ' if isinstance(value, int) else ''}number {span}, got " \
-           f"{_REPR.repr(value)}"
-
-
-def _suggest(key: str, valid: list[str]) -> str:
-    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f" (did you mean '{near[0]}'?)" if near else f" (valid: {', '.join(valid)})"
-
-
-def _check_type(value: Any, hint: Any) -> bool:
-    """True when `value` fits the type hint (bool is not an int; an int is a float)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_check_type(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_check_type(v, item) for v in value)
-    if origin is dict:
-        k, v = typing.get_args(hint)
-        return isinstance(value, dict) and all(
-            _check_type(a, k) and _check_type(b, v) for a, b in value.items())
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _coerce_float(value: Any, hint: Any) -> Any:
-    """YAML 1.1 reads `1e-4` as a string and `3` as an int: both are fine for a float field."""
-    if hint is not float or isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-_REPR = reprlib.Repr()  # values in messages: a few items and characters, never megabytes
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 60, 60
-
-
-def _type_name(hint: Any) -> str:
-    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 def _build_section(name: str, raw: Any, errors: list[str]) -> Any:
@@ -269,18 +231,18 @@ def _build_section(name: str, raw: Any, errors: list[str]) -> Any:
     for key, value in raw.items():
         where = f"{name}.{key}"
         if key not in fields:
-            errors.append(f"{_REPR.repr(where)}: unknown key"
-                          f"{_suggest(str(key)[:100], list(fields))}")
+            errors.append(f"{REPR.repr(where)}: unknown key"
+                          f"{suggest(str(key)[:100], list(fields))}")
             continue
-        value = _coerce_float(value, hints[key])
-        if not _check_type(value, hints[key]):
-            errors.append(f"{where}: expected {_type_name(hints[key])}, got "
-                          f"{_REPR.repr(value)}")
+        value = coerce_float(value, hints[key])
+        if not check_type(value, hints[key]):
+            errors.append(f"{where}: expected {type_name(hints[key])}, got "
+                          f"{REPR.repr(value)}")
             continue
         choices = fields[key].metadata.get("choices")
         if choices and value not in choices:
-            errors.append(f"{where}: {_REPR.repr(value)} is not one of {', '.join(choices)}"
-                          f"{_suggest(str(value)[:100], list(choices)) if choices else ''}")
+            errors.append(f"{where}: {REPR.repr(value)} is not one of {', '.join(choices)}"
+                          f"{suggest(str(value)[:100], list(choices)) if choices else ''}")
             continue
         problem = range_problem(value, fields[key].metadata.get("range"))
         if problem:
@@ -334,8 +296,8 @@ def from_dict(raw: dict[str, Any], source: str = "recipe") -> RunConfig:
         raise ConfigError(f"{source}: expected a mapping with sections {', '.join(SECTIONS)}")
     for section in raw:
         if section not in SECTIONS:
-            errors.append(f"{_REPR.repr(section)}: unknown section"
-                          f"{_suggest(str(section)[:100], list(SECTIONS))}")
+            errors.append(f"{REPR.repr(section)}: unknown section"
+                          f"{suggest(str(section)[:100], list(SECTIONS))}")
     built = {name: _build_section(name, raw.get(name), errors) for name in SECTIONS}
     if errors:
         raise ConfigError(f"{source}: {len(errors)} problem(s):\n  " + "\n  ".join(errors))

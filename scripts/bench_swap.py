@@ -213,8 +213,8 @@ def throughput(reg, args, folder0: Path) -> dict[str, dict]:
     from peft import PeftModel
 
     from adapters.config import ModelConfig
+    from adapters.generation.decode import Request, Sampling, decode
     from adapters.model import load_base
-    from adapters.serving.decode import Request, Sampling, decode
 
     def reqs(names):
         return [Request(reg.encode(p, chat=True), n, Sampling(args.new, ignore_eos=True))

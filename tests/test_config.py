@@ -8,6 +8,7 @@ import yaml
 
 from adapters.config import (
     DataConfig,
+    GrpoConfig,
     LoraConfig,
     ModelConfig,
     OutputConfig,
@@ -21,7 +22,7 @@ from adapters.errors import ConfigError
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
 SECTION_TYPES = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig,
-                 "train": TrainConfig, "output": OutputConfig}
+                 "train": TrainConfig, "grpo": GrpoConfig, "output": OutputConfig}
 
 # Written out here, not read back from the schema: a changed default or choice fails until the
 # README (which states these) and this table say the new value.
@@ -34,6 +35,8 @@ DEFAULTS = {
     "train.objective": "sft", "train.dpo_reference": "cached",  # README: "(the default)"
     "train.dist_timeout_s": 1800, "train.max_bad_steps": 5,  # README: "(default ...)"
     "train.lr": 2e-4, "train.batch_size": 4, "train.fused_lora": True, "train.report_to": [],
+    "grpo.num_generations": 4, "grpo.loss_type": "dapo", "grpo.beta": 0.0,  # TRL's, but 4
+    "grpo.scale_rewards": "group", "grpo.rewards": [], "lora.init_from": None,
     "output.dir": "runs/adapter",
 }
 CHOICES = {  # the README's recipe table and data-format sections
@@ -49,9 +52,11 @@ CHOICES = {  # the README's recipe table and data-format sections
     "train.optimizer": ("adamw", "adamw_8bit"),
     "train.attention": ("auto", "sdpa", "matmul"),
     "train.parallel": ("ddp", "fsdp"),
-    "train.objective": ("sft", "dpo", "orpo"),
+    "train.objective": ("sft", "dpo", "orpo", "grpo"),
     "train.dpo_loss": ("sigmoid", "ipo"),
     "train.dpo_reference": ("cached", "in_step"),
+    "grpo.loss_type": ("grpo", "dr_grpo", "dapo", "bnpo"),
+    "grpo.scale_rewards": ("group", "batch", "none"),
 }
 
 

@@ -16,9 +16,9 @@ from live_server import Running, adapter_root, block, hold, http, wait_until
 
 from adapters.adapter import build_manifest, save_adapter
 from adapters.config import LoraConfig, ModelConfig
+from adapters.generation.decode import Request, Sampling
 from adapters.lora import attach_lora
 from adapters.model import load_base
-from adapters.serving.decode import Request, Sampling
 from adapters.serving.engine import Engine
 from adapters.serving.registry import Registry
 from adapters.serving.server import create_app

@@ -8,9 +8,9 @@ import torch
 from transformers import AutoTokenizer
 
 from adapters.config import ModelConfig
+from adapters.generation.decode import Request, Sampling, decode
+from adapters.generation.detok import Detokenizer
 from adapters.model import load_base
-from adapters.serving.decode import Request, Sampling, decode
-from adapters.serving.detok import Detokenizer
 
 # accents (2 bytes), CJK and a check mark (3), emoji (4): byte-level BPE splits them all
 TEXT = "héllo wörld 🎉 naïve café ✓ 日本語 — ok 👍🏽 fin."

@@ -8,8 +8,8 @@ from peft.tuners.lora import LoraLayer
 
 from adapters.config import BASE_NAME, ModelConfig
 from adapters.errors import AdapterFileError
+from adapters.generation.decode import Request, Sampling, decode
 from adapters.model import load_base
-from adapters.serving.decode import Request, Sampling, decode
 from adapters.serving.registry import Registry, RegistryError
 
 PROMPTS = ["import os\n", "def f(x):", "class A:", "# comment"]

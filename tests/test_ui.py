@@ -259,6 +259,10 @@ def test_the_page_in_a_real_browser(tiny_gpt2, tmp_path):
     cfg = recipe(tiny_gpt2, tmp_path / "data", "train.steps=9", "train.eval_every=3",
                  "data.eval_fraction=0.25", f"output.dir={root / 'run1'}")
     train(cfg, stop_after=3)  # a run paused at step 3; it goes on while the page watches
+    train(recipe(tiny_gpt2, tmp_path / "grpo-data", "train.steps=2", "train.objective=grpo",
+                 "grpo.rewards=[token_f1, length_penalty]", "grpo.max_completion_length=6",
+                 "grpo.num_generations=2", "train.eval_every=1", "data.eval_fraction=0.25",
+                 f"output.dir={root / 'grpo1'}"))
     model, tok = load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))
     reg = Registry(model, tok)
     reg.load("a1", root / "a1")
@@ -333,6 +337,17 @@ def test_the_page_in_a_real_browser(tiny_gpt2, tmp_path):
             find(By.ID, "summary").text
         shot = _keep(driver, tmp_path, "ui-runs.png")
         assert shot.stat().st_size > 10_000
+        assert not find(By.ID, "reward-figure").is_displayed()  # an sft run has no reward
+        # A GRPO run: its reward curve, per reward, with the eval reward.
+        driver.find_element(By.CSS_SELECTOR, "button.run[data-path='grpo1']").click()
+        rewards = find(By.ID, "reward-figure")
+        wait_until(lambda: (rewards.get_attribute("data-points"),
+                            rewards.get_attribute("data-eval-points")) == ("2", "2"),
+                   what="2 steps and 2 eval rewards drawn")
+        last = [json.loads(ln) for ln in (root / "grpo1" / "metrics.jsonl").read_text(
+            ).splitlines() if '"reward"' in ln][-1]
+        assert f"step 2: reward {last['reward']:.4f}" in find(By.ID, "reward-caption").text
+        _keep(driver, tmp_path, "ui-grpo.png")
     finally:
         driver.quit()
         srv.stop()

@@ -16,8 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from peft import PeftModel
+from peft import PeftModel, set_peft_model_state_dict
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from ..errors import AdapterFileError
 from ..io import atomic_write_text, check_out_folder, fsync_dir
@@ -43,7 +44,7 @@ from .peftconfig import for_peft, read_config
 __all__ = ["CARD_FILE", "CONFIG_FILE", "FORMAT", "MANIFEST_FILE", "WEIGHTS_FILE", "Manifest",
            "build_manifest", "check_base", "check_files", "check_fits_base", "inspect_adapter",
            "load_adapter", "new_manifest", "open_with_base", "package_versions", "read_base_name",
-           "read_manifest", "save_adapter", "write_card", "write_manifest"]
+           "read_manifest", "save_adapter", "start_from", "write_card", "write_manifest"]
 
 
 def build_manifest(model, tokenizer, base_spec: str, model_cfg=None, lora_cfg=None,
@@ -145,6 +146,30 @@ def load_adapter(model, folder: str | Path, tokenizer=None, adapter_name: str = 
         if added:
             model.delete_adapter(adapter_name)
         raise AdapterFileError(f"{folder}: does not fit this base model: {str(e)[:300]}") from e
+
+
+def start_from(model, folder: str | Path, tokenizer, r: int, alpha: float) -> None:
+    """Copy a trained adapter's weights into the fresh LoRA of `model` (lora.init_from), after
+    the checks of every load; its rank, alpha and targets must be the recipe's."""
+    folder = resolve_adapter(folder)
+    manifest = check_files(folder)
+    base = model.get_base_model()
+    check_base(manifest, base, tokenizer, folder)
+    check_fits_base(folder, base)
+    cfg = read_config(folder)
+    wrong = [f"{key} is {cfg.get(key)} there, {want} in the recipe (lora.{name})"
+             for key, name, want in (("r", "r", r), ("lora_alpha", "alpha", alpha))
+             if cfg.get(key) != want]
+    if wrong:
+        raise AdapterFileError(f"lora.init_from: {folder}: " + "; ".join(wrong))
+    weights = load_file(folder / WEIGHTS_FILE)
+    result = set_peft_model_state_dict(model, weights)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise AdapterFileError(
+            f"lora.init_from: {folder}: its tensors do not match the recipe's lora.targets "
+            f"({len(missing)} LoRA tensors missing, e.g. {missing[:1]}; "
+            f"{len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:1]})")
 
 
 def open_with_base(adapter: str | Path, base: str | None) -> tuple[Path, Manifest | None, str]:

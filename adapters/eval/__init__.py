@@ -1,7 +1,7 @@
 """Evaluation: the base and adapters side by side on the same held-out data.
 
 metrics.py: text metrics for generated answers; harness.py: `evaluate` (loss, perplexity,
-token and choice accuracy, greedy answers through the serving decode loop); report.py:
+token and choice accuracy, greedy answers through the generation decode loop); report.py:
 tables, results files and the chart; record.py: results into an adapter's manifest and card.
 """
 

@@ -3,7 +3,7 @@
 Loss and perplexity are computed exactly as in training (`loss.mean_loss`: the fused loss on
 the trainable tokens), so a number means the same thing in metrics.jsonl and here. Adapters
 are swapped on one loaded base (peft's set_adapter); the base row runs with adapters disabled.
-Greedy answers come from the server's decode loop (`serving.decode`), the one inference path.
+Greedy answers come from the server's decode loop (`generation.decode`), the one inference path.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from ..data import build
 from ..data.formats import DEFAULT_TEMPLATE, columns_for
 from ..data.packing import Batcher
 from ..data.sources import read_rows
+from ..generation.decode import Request, Sampling, decode
 from ..model import load_base, resolve_dtype
-from ..serving.decode import Request, Sampling, decode
 from ..training.loss import autocast_for, mean_loss
 from .heads import adapters_task, evaluate_heads
 from .metrics import bleu, exact_match, rouge_l, token_f1
@@ -57,7 +57,7 @@ def split_prompt(ids: list[int], labels: list[int]) -> tuple[list[int], list[int
 
 
 def greedy_answers(model, tok, prompts: list[list[int]], max_new_tokens: int = 64) -> list[str]:
-    """Greedy answers (stripped) to prompts given as token ids, through `serving.decode`.
+    """Greedy answers (stripped) to prompts given as token ids, through `generation.decode`.
 
     The model runs as it is: the active adapter of a PeftModel, or none inside its
     `disable_adapter()`; decode passes no per-row adapter names (peft=False).

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
-from .decode import Batch, Request
+from ..generation.decode import Batch, Request
 from .registry import Registry, RegistryError
 
 log = logging.getLogger("adapters")

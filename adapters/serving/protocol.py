@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, Field
 from starlette.responses import JSONResponse
 
-from .decode import Output
+from ..generation.decode import Output
 
 SEEDS = (-(2**63), 2**64 - 1)  # what a 64-bit generator seed can hold
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux

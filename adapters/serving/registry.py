@@ -25,10 +25,10 @@ from ..adapter.peftconfig import read_config
 from ..config import BASE_NAME, ModelConfig
 from ..data.template import render_chat
 from ..errors import AdapterFileError, AdaptersError
+from ..generation.decode import PEFT_NO_ADAPTER, Batch, Output, Request, Sampling, decode
 from ..heads import refuse_task_head
 from ..model import base_fingerprint, compare_fingerprints, load_base
 from . import lora_batch
-from .decode import PEFT_NO_ADAPTER, Batch, Output, Request, Sampling, decode
 
 # A name starts with a letter or digit: ".", ".." and "-x" are refused (URLs, flags).
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

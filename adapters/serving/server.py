@@ -27,9 +27,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
 
 from ..errors import AdaptersError
+from ..generation.decode import Output, Request, Sampling
 from . import classify
 from .classify import Heads
-from .decode import Output, Request, Sampling
 from .engine import Engine, QueueFull
 from .protocol import (
     ApiError,

@@ -6,6 +6,8 @@ the first step. `step()` and `evaluate()` call these and name no objective.
                  per example (classification / regression); heads.py, loss.py
     Preference   dpo / orpo on chosen/rejected pairs, normalised per pair; objectives.py,
                  reference.py (DPO's reference log-probs, computed once per run)
+    Grpo         online RL: the step's batches are rollouts of the live adapter, scored by
+                 rewards; grpo.py, grpo_loss.py, rewards.py
 
 A step sums each micro-batch's `micro_loss` (already divided by the step's normalisers,
 which are summed over micro-batches and ranks first), so accumulation and ranks equal one big
@@ -17,9 +19,21 @@ from __future__ import annotations
 import torch
 
 from ..config import RunConfig, TrainConfig
+from ..data import build as build_data
+from ..data.packing import Batcher
 from . import heads, objectives, reference
 from .distributed import Dist
+from .grpo import Grpo
 from .loss import autocast_for
+
+
+def batchers(cfg: RunConfig, data, pad_id: int, d: Dist) -> tuple[Batcher, Batcher | None]:
+    """(this rank's training batches, the whole eval split's batches or None)."""
+    t = cfg.train
+    mk = lambda ds, seed, shard=(0, 1): Batcher(  # noqa: E731
+        ds, t.batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id, seed, shard)
+    return (mk(data.train.dataset, t.seed, (d.rank, d.world)),
+            mk(data.eval.dataset, 0) if data.eval else None)
 
 
 class Supervised:
@@ -27,10 +41,26 @@ class Supervised:
 
     name = "sft"
 
-    def prepare(self, model, data, cfg: RunConfig, dist: Dist, device: str,
-                dtype: torch.dtype, pad_id: int, resume: bool, progress: bool):
-        """The data the run trains on (the same object when nothing is added to it)."""
-        return data
+    def load_data(self, cfg: RunConfig, tok, targets, d: Dist):
+        """(data, this rank's training batches, the eval batches or None); data.train.stats
+        and data.eval.stats describe the splits."""
+        data = build_data(cfg.data, tok, seed=cfg.train.seed, targets=targets)
+        return (data, *batchers(cfg, data, tok.pad_token_id, d))
+
+    def prepare(self, run, resume: bool, progress: bool) -> None:
+        """Work on the run's data before its first step (the model is ready)."""
+
+    def micro_batches(self, run, step: int) -> list[dict]:
+        """The `grad_accum` batches of optimiser step `step` (a function of the step: resumable)."""
+        ga, bpe = run.cfg.train.grad_accum, run.batcher.batches_per_epoch()
+        return [run.batcher.batch(*divmod(step * ga + i, bpe)) for i in range(ga)]
+
+    def state(self) -> dict | None:
+        """What a checkpoint must hold to resume this objective exactly (JSON)."""
+        return None
+
+    def load_state(self, state: dict | None) -> None:
+        """Back to where a checkpoint's `state()` left off."""
 
     def normalisers(self, micro: list[dict]) -> list[int]:
         """Counts the step's loss is divided by besides `counted` (summed over ranks)."""
@@ -58,11 +88,18 @@ class Preference(Supervised):
     def __init__(self, t: TrainConfig):
         self.t, self.name = t, t.objective
 
-    def prepare(self, model, data, cfg, dist, device, dtype, pad_id, resume, progress):
+    def prepare(self, run, resume, progress):
         if self.t.objective != "dpo":  # ORPO has no reference
-            return data
+            return
         # the base's log-probs once per run (train.dpo_reference), not in every step
-        return reference.cache(model, data, cfg, dist, device, dtype, pad_id, resume, progress)
+        pad = run.tokenizer.pad_token_id
+        self.data = reference.cache(run.model, self.data, run.cfg, run.dist, run.device,
+                                    run.dtype, pad, resume, progress)
+        run.batcher, run.eval_batcher = batchers(run.cfg, self.data, pad, run.dist)
+
+    def load_data(self, cfg, tok, targets, d):
+        self.data, *rest = super().load_data(cfg, tok, targets, d)
+        return (self.data, *rest)
 
     def normalisers(self, micro):
         return objectives.step_counts(self.t, micro)  # [pairs, chosen completion tokens]
@@ -79,7 +116,9 @@ class Preference(Supervised):
 
 
 def for_config(cfg: RunConfig) -> Supervised:
-    """The run's objective, from train.objective."""
+    """The run's objective, from train.objective (its settings checked before a model loads)."""
     if cfg.train.objective in ("dpo", "orpo"):
         return Preference(cfg.train)
+    if cfg.train.objective == "grpo":
+        return Grpo(cfg)
     return Supervised()

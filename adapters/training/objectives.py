@@ -41,11 +41,11 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def sequence_logprobs(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-prob sums (S,), counted tokens (S,)) of the S sequences of a preference batch.
+def label_logprobs(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs (N,) fp32, keep (B, T-1)) of the N counted label tokens, row-major.
 
     batch: input_ids, labels (B, T) (HF alignment: position t predicts labels[t + 1]),
-    attention_mask, position_ids when packed, and seq (B, T) (-1 on padding).
+    attention_mask, position_ids when packed.
     """
     base = _base(model)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
@@ -53,10 +53,19 @@ def sequence_logprobs(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tens
     labels = batch["labels"][:, 1:]  # (B, T-1)
     keep = labels != IGNORE_INDEX
     h, target = hidden[:, :-1][keep], labels[keep]  # (N, H), (N,)
-    seq = batch["seq"][:, 1:][keep]  # (N,): the sequence each counted token belongs to
     h, weight, bias = head_inputs(h, base.get_output_embeddings())
     with torch.autocast(device_type=h.device.type, enabled=False):
-        lp = token_logprobs(h, weight, target, bias, chunk=chunk)  # (N,) fp32
+        return token_logprobs(h, weight, target, bias, chunk=chunk), keep  # (N,) fp32
+
+
+def sequence_logprobs(model, batch: dict, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob sums (S,), counted tokens (S,)) of the S sequences of a preference batch.
+
+    batch: as for label_logprobs, and seq (B, T): which sequence each token is in (-1 on
+    padding).
+    """
+    lp, keep = label_logprobs(model, batch, chunk)
+    seq = batch["seq"][:, 1:][keep]  # (N,): the sequence each counted token belongs to
     n_seq = int(batch["seq"].max()) + 1
     sums = torch.zeros(n_seq, dtype=lp.dtype, device=lp.device).index_add(0, seq, lp)
     return sums, torch.bincount(seq, minlength=n_seq)

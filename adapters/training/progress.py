@@ -104,8 +104,11 @@ class Progress:
             left = run.total_steps - run.step
             log.info("ETA: %.0f s for the remaining %d steps (%.2f s/step)", per_step * left,
                      left, per_step)
-        self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
-                             tok_s=f"{m['tokens_per_s']:.0f}")
+        post = {"loss": f"{m['loss']:.4f}", "lr": f"{m['lr']:.2e}",
+                "tok_s": f"{m['tokens_per_s']:.0f}"}
+        if "reward" in m:  # GRPO: the reward, and where the step's time went
+            post.update(reward=f"{m['reward']:.3f}", rollout_s=f"{m['rollout_seconds']:.1f}")
+        self.bar.set_postfix(post)
         self.bar.update(1)
 
     def record_eval(self, ev: dict | None) -> None:
@@ -114,8 +117,9 @@ class Progress:
             self.eval_loss = ev["loss"]
             # a task head has accuracy (classification) or MAE (regression), no perplexity
             self._write({"step": self.run.step, "eval_loss": ev["loss"],
-                         **{f"eval_{k}": ev[k] for k in ("perplexity", "accuracy", "mae")
-                            if k in ev}})
+                         **{f"eval_{k}": ev[k] for k in ev if k in ("perplexity", "accuracy",
+                                                                    "mae") or
+                            k.startswith("reward")}})
 
     def _write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")

@@ -31,9 +31,15 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from ..adapter import WEIGHTS_FILE, Manifest, build_manifest, new_manifest, save_adapter
+from ..adapter import (
+    WEIGHTS_FILE,
+    Manifest,
+    build_manifest,
+    new_manifest,
+    save_adapter,
+    start_from,
+)
 from ..config import RunConfig, dump_recipe, from_dict
-from ..data import build as build_data
 from ..data.packing import Batcher
 from ..data.sources import expand
 from ..errors import TrainingError
@@ -62,6 +68,9 @@ from .runtime import (
 )
 
 log = logging.getLogger(__name__)
+
+
+EVAL_IN_STEP_LINE = ("loss",)  # of an evaluation's results, with every reward*: eval_<key>
 
 
 class Outcome(enum.Enum):
@@ -142,6 +151,7 @@ def setup(cfg: RunConfig, device: str | None = None, resume: bool = False,
     """
     check_output_dir(Path(cfg.output.dir))  # fail before loading anything
     seed_all(cfg.train.seed)
+    objective = objective_for(cfg)  # its settings (e.g. GRPO's rewards) fail before a load
     d = distributed.init(cfg.train.dist_timeout_s)
     device = distributed.device_for(d, device)
     targets = heads.targets_for(cfg)  # model.task: the class names, read before loading
@@ -150,6 +160,8 @@ def setup(cfg: RunConfig, device: str | None = None, resume: bool = False,
     dtype = resolve_dtype(cfg.model.dtype, device)
     check_rank(model, cfg.lora.r)  # before lora_A / lora_B are allocated at that rank
     model = attach_lora(model, cfg.lora)
+    if cfg.lora.init_from:  # e.g. GRPO from an SFT adapter
+        start_from(model, cfg.lora.init_from, tok, cfg.lora.r, cfg.lora.alpha)
     if dtype != torch.float32:
         # Under autocast the matmuls run in bf16 anyway: peft's cast of every LoRA input to
         # the fp32 adapter dtype would only add a copy per layer (scripts/bench_train.py
@@ -160,25 +172,20 @@ def setup(cfg: RunConfig, device: str | None = None, resume: bool = False,
     set_adapter_training(model, True)
     if d.active and not fsdp_load.from_rank0(model):  # else rank 0's LoRA comes with its base
         distributed.broadcast_params(d, [p for p in model.parameters() if p.requires_grad])
-    data = build_data(cfg.data, tok, seed=cfg.train.seed, targets=targets)
-    batcher, eval_batcher = _batchers(cfg, data, tok.pad_token_id, d)
+    data, batcher, eval_batcher = objective.load_data(cfg, tok, targets, d)
     steps = total_steps(cfg, batcher.batches_per_epoch())
     accelerate(model, cfg.train, device, steps)  # checkpointing, fused LoRA, compiled blocks
     if cfg.train.parallel == "fsdp":  # the frozen base sharded across ranks
         fsdp.shard(model, d, dtype, tok, device)
-    objective = objective_for(cfg)
-    prepared = objective.prepare(model, data, cfg, d, device, dtype, tok.pad_token_id, resume,
-                                 progress)
-    if prepared is not data:  # e.g. DPO's reference log-probs added to every pair
-        data = prepared
-        batcher, eval_batcher = _batchers(cfg, data, tok.pad_token_id, d)
     opt = make_optimizer(model, cfg.train)
     stats = {"format": cfg.data.format, "files": data_files(cfg.data), "train": data.train.stats,
              "eval": data.eval.stats if data.eval else None}
     scaler = torch.amp.GradScaler(device.split(":")[0]) if dtype == torch.float16 else None
-    return Run(cfg, model, tok, batcher, eval_batcher, opt, make_scheduler(opt, cfg.train, steps),
-               device, dtype, Path(cfg.output.dir), steps, stats, scaler=scaler, dist=d,
-               objective=objective)
+    run = Run(cfg, model, tok, batcher, eval_batcher, opt, make_scheduler(opt, cfg.train, steps),
+              device, dtype, Path(cfg.output.dir), steps, stats, scaler=scaler, dist=d,
+              objective=objective)
+    objective.prepare(run, resume, progress)  # e.g. DPO's reference log-probs for every pair
+    return run
 
 
 def fit(run: Run, signals: StopSignals, progress: bool = False,
@@ -197,8 +204,9 @@ def fit(run: Run, signals: StopSignals, progress: bool = False,
                 log.info("first step (includes torch.compile): %.1f s", m["seconds"])
                 m["compile_seconds"] = m["seconds"]
             if _due(t.eval_every, run.step, run.total_steps):
-                ev = evaluate(run)
-                m["eval_loss"] = ev["loss"] if ev else None
+                ev = evaluate(run) or {"loss": None}
+                m.update({f"eval_{k}": v for k, v in ev.items() if k in EVAL_IN_STEP_LINE
+                          or k.startswith("reward")})
             report.record(m)
             if _due(t.save_every, run.step, run.total_steps):
                 save(run)
@@ -281,7 +289,8 @@ def save(run: Run, final: bool = False, training: dict | None = None) -> Path:
              "bad_in_a_row": run.bad_in_a_row, "bad_total": run.bad_total,
              "scheduler": run.scheduler.state_dict(),
              "scaler": run.scaler.state_dict() if run.scaler else None,
-             "recipe": run.cfg.to_dict(), "world_size": run.dist.world}
+             "recipe": run.cfg.to_dict(), "world_size": run.dist.world,
+             "objective": run.objective.state()}  # e.g. GRPO's rollouts in use
     path = ckpt.save_checkpoint(
         run.out / "checkpoints", run.step,
         lambda d, name: save_adapter(run.model, d, man, name=name), run.optimizer, state,
@@ -304,6 +313,7 @@ def restore(run: Run, path: Path, state: dict) -> None:
                 run.scheduler.step()
     for key in ("step", "tokens", "trainable_tokens", "bad_in_a_row", "bad_total"):
         setattr(run, key, state[key])
+    run.objective.load_state(state.get("objective"))
     if run.scaler and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     ckpt.set_rng_state(state["rng"])
@@ -315,19 +325,9 @@ def restore(run: Run, path: Path, state: dict) -> None:
 # ---- helpers of the story above ------------------------------------------------------------
 
 
-def _batchers(cfg: RunConfig, data, pad_id: int, d: Dist) -> tuple[Batcher, Batcher | None]:
-    """(this rank's training batches, the whole eval split's batches or None)."""
-    t = cfg.train
-    mk = lambda ds, seed, shard=(0, 1): Batcher(  # noqa: E731
-        ds, t.batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id, seed, shard)
-    return (mk(data.train.dataset, t.seed, (d.rank, d.world)),
-            mk(data.eval.dataset, 0) if data.eval else None)
-
-
 def micro_batches(run: Run, step: int) -> list[dict]:
     """The `grad_accum` batches of optimiser step `step` (a function of the step: resumable)."""
-    ga, bpe = run.cfg.train.grad_accum, run.batcher.batches_per_epoch()
-    return [run.batcher.batch(*divmod(step * ga + i, bpe)) for i in range(ga)]
+    return run.objective.micro_batches(run, step)
 
 
 def _update(run: Run, params: list[torch.Tensor], loss: float) -> tuple[float, bool]:

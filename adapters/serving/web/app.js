@@ -312,7 +312,7 @@ async function openRun(r) {
     else b.removeAttribute("aria-current");
   }
   $("run-title").textContent = r.path;
-  for (const id of ["loss-figure", "latest-box", "summary-box", "results-box", "recipe-box", "run-card-box"]) {
+  for (const id of ["loss-figure", "reward-figure", "latest-box", "summary-box", "results-box", "recipe-box", "run-card-box"]) {
     $(id).hidden = true;
   }
   await Promise.all([loadSummary(r.path), r.results ? loadResults(r.path) : null]);
@@ -333,7 +333,7 @@ async function pollMetrics(path) {
       state.offset = body.offset;
       state.fileId = body.file_id;
       more = body.more;
-      if (body.rows.length || body.reset) drawLoss();
+      if (body.rows.length || body.reset) { drawLoss(); drawReward(); }
     }
   } catch (e) { say(e.message); }
   if (!$("runs").hidden && state.run === path) {
@@ -371,6 +371,33 @@ function drawLoss() {
                         ["peak memory", gb(row.peak_memory_bytes)]]);
     $("latest-box").hidden = false;
   }
+}
+
+const REWARD_COLORS = ["#15803d", "#7c3aed", "#b45309", "#0e7490", "#be185d"];
+
+// GRPO runs: the step's mean reward, each named reward, and the eval reward (dots).
+function drawReward() {
+  const total = series("reward"), evals = series("eval_reward");
+  const fig = $("reward-figure");
+  if (!total.length) { fig.hidden = true; return; }
+  const names = Array.from(new Set(state.rows.flatMap((r) => Object.keys(r)))).filter(
+    (k) => k.startsWith("reward_") && !k.endsWith("_std"));
+  const lines = [{ name: "reward", color: "#1f5fbf", points: total }];
+  if (names.length > 1) {
+    names.forEach((k, i) => lines.push(
+      { name: k.slice(7), color: REWARD_COLORS[i % REWARD_COLORS.length], points: series(k) }));
+  }
+  lines.push({ name: "eval reward", color: "#c2410c", points: evals, dots: true });
+  fig.hidden = false;
+  fig.dataset.points = String(total.length);
+  fig.dataset.evalPoints = String(evals.length);
+  const last = total[total.length - 1];
+  const caption = "step " + last[0] + ": reward " + last[1].toFixed(4) +
+                  (evals.length ? "; eval reward " + evals[evals.length - 1][1].toFixed(4) : "") +
+                  " (" + total.length + " points)";
+  $("reward-caption").textContent = caption;
+  $("reward-chart").setAttribute("aria-label", "Mean reward by step; " + caption);
+  lineChart($("reward-chart"), lines);
 }
 
 function fmt(v) {
