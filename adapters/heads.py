@@ -21,6 +21,7 @@ from transformers import AutoModelForSequenceClassification
 
 from .adapter import read_manifest
 from .adapter.archive import resolve_adapter
+from .adapter.files import TaskInfo
 from .config import ModelConfig
 from .errors import ModelError
 from .model import (
@@ -85,28 +86,24 @@ def load_head_model(cfg: ModelConfig, labels: list[str] | None, device: str | No
     return model, tok
 
 
-def task_section(model) -> dict[str, Any] | None:
+def task_section(model) -> TaskInfo | None:
     """The manifest's `task` section for a model with a head (None for a causal LM)."""
     found = head_module(model)
     if found is None:
         return None
     cfg = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
     if cfg.problem_type == "regression":
-        return {"type": "regression", "num_labels": 1, "head": found[0]}
-    labels = [cfg.id2label[i] for i in range(cfg.num_labels)]
-    return {"type": "classification", "num_labels": cfg.num_labels, "labels": labels,
-            "head": found[0]}
+        return TaskInfo("regression", 1, found[0])
+    return TaskInfo("classification", cfg.num_labels, found[0],
+                    [cfg.id2label[i] for i in range(cfg.num_labels)])
 
 
-def task_of(manifest) -> dict[str, Any] | None:
+def task_of(manifest) -> TaskInfo | None:
     """The `task` section of an adapter's manifest (a Manifest), None for a causal-LM one."""
-    if manifest is None:
+    task = manifest.task if manifest is not None else None
+    if task is None or task.type not in ("classification", "regression"):
         return None
-    task = manifest.extra.get("task")
-    if not isinstance(task, dict) or task.get("type") not in ("classification", "regression"):
-        return None
-    if task["type"] == "classification" and not (
-            isinstance(task.get("labels"), list) and task["labels"]):
+    if task.type == "classification" and not task.labels:
         raise ModelError("manifest.json: section 'task' of a classification adapter needs "
                          "its 'labels' (the class names in id order)")
     return task
@@ -118,14 +115,14 @@ def is_task_head(folder) -> bool:
     return task_of(read_manifest(resolve_adapter(folder))) is not None
 
 
-def labels_of(task: dict[str, Any]) -> list[str] | None:
+def labels_of(task: TaskInfo) -> list[str] | None:
     """The class names in id order of a `task` section (None for regression)."""
-    return [str(x) for x in task["labels"]] if task["type"] == "classification" else None
+    return [str(x) for x in task.labels] if task.type == "classification" else None
 
 
-def model_config_for(task: dict[str, Any], **fields) -> tuple[ModelConfig, list[str] | None]:
+def model_config_for(task: TaskInfo, **fields) -> tuple[ModelConfig, list[str] | None]:
     """(ModelConfig, labels) to load the base an adapter with this `task` section needs."""
-    return ModelConfig(task=task["type"], **fields), labels_of(task)
+    return ModelConfig(task=task.type, **fields), labels_of(task)
 
 
 def refuse_task_head(manifest, folder, command: str,
@@ -135,5 +132,5 @@ def refuse_task_head(manifest, folder, command: str,
     does."""
     task = task_of(manifest)
     if task is not None:
-        raise ModelError(f"{folder}: a {task['type']} adapter (a task head); {command} does "
+        raise ModelError(f"{folder}: a {task.type} adapter (a task head); {command} does "
                          f"not handle task heads: {instead}")

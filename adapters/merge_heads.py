@@ -67,7 +67,7 @@ class HeadVerification:
 def load_head_base(task: dict, cfg: ModelConfig):
     """(model, tokenizer) on CPU: the base `cfg` describes (quantized or not) with a new head
     of the adapter's shape. Its initial values do not matter: the adapter brings its head."""
-    return load_head_model(dataclasses.replace(cfg, task=task["type"]), labels_of(task),
+    return load_head_model(dataclasses.replace(cfg, task=task.type), labels_of(task),
                            device="cpu")
 
 
@@ -86,11 +86,11 @@ def compare_heads(ref, merged, batches: list[torch.Tensor], task: dict) -> HeadV
         a, b = _outputs(ref, ids), _outputs(merged, ids)  # (K,) each
         diff = float((a - b).abs().max())  # NaN when either side is not finite
         max_diff = diff if diff != diff or diff > max_diff else max_diff
-        if task["type"] == "classification":
+        if task.type == "classification":
             pa, pb = F.log_softmax(a, -1), F.log_softmax(b, -1)
             kl_sum += float((pa.exp() * (pa - pb)).sum())
             same += int(a.argmax() == b.argmax())
     n = max(len(batches), 1)
-    if task["type"] == "regression":
+    if task.type == "regression":
         return HeadVerification("regression", max_diff, None, 1.0, len(batches))
     return HeadVerification("classification", max_diff, kl_sum / n, same / n, len(batches))

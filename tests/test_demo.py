@@ -44,7 +44,7 @@ def test_tiny_demo_end_to_end(tmp_path):
                   "eval/eval.png", "pydoc-qa/loss.png"):
         assert piece in report
     assert (out / "merged-pydoc-qa" / "config.json").exists()
-    assert report.count("verified (sha256, finite, shapes, no pickles)") == 2
+    assert report.count("verified (sha256, finite, shapes, no pickles)") == 3  # + pydoc-grpo
     assert "## Evaluation" in (out / "pydoc-qa" / "README.md").read_text()  # eval in the card
     assert (out / "shared" / "stdlib-code.zip").is_file()
     # Both GGUFs are always written; checked in llama.cpp where its runtime is (CI has it).
@@ -53,7 +53,14 @@ def test_tiny_demo_end_to_end(tmp_path):
         "not verified in llama.cpp"
     assert report.count(checked) == 2, report[report.find("## Run it elsewhere"):]
     rows = json.loads((out / "eval" / "results.json").read_text())
-    assert len(rows) == 6  # base + 2 adapters, on 2 held-out sets
+    assert len(rows) == 8  # base + 3 adapters, on 2 held-out sets
+    # GRPO from the pydoc-qa adapter: its rewards per step, its F1 in the eval table
+    grpo = [json.loads(x) for x in (out / "pydoc-grpo" / "metrics.jsonl").read_text(
+        ).splitlines()]
+    assert [m["step"] for m in grpo if "reward_token_f1" in m] == [1, 2]
+    man = json.loads((out / "pydoc-grpo" / "manifest.json").read_text())
+    assert man["lora"]["init_from"] == str(out / "pydoc-qa")
+    assert "Held-out token F1" in report and "pydoc-grpo/loss.png" in report
     # A second run reuses the trained adapters.
     res = subprocess.run([sys.executable, "-m", "adapters", "demo", "--tiny", "--out",
                           str(out)], capture_output=True, text=True, timeout=600,

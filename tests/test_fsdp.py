@@ -122,7 +122,7 @@ def test_a_task_head_on_two_ranks(tiny_llama, tmp_path, parallel):
     assert _losses(one) == pytest.approx(_losses(two), abs=1e-4)
     _close_adapters(one, two)
     assert "base_model.model.score.weight" in load_file(two / "adapter_model.safetensors")
-    assert read_manifest(two).extra["task"] == read_manifest(one).extra["task"]
+    assert read_manifest(two).task == read_manifest(one).task
     # Plain transformers + peft load the folder and compute what the one-rank adapter does.
     tok = load_tokenizer(str(tiny_llama))  # its pad token is the EOS, as in training
     enc = tok([x["text"] for x in toy_rows(8, 1)], return_tensors="pt", padding=True)

@@ -315,3 +315,10 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tiny_gpt2, tmp_path, seve
         two / "adapter_model.safetensors")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0, msg=k)
+
+
+def test_grpo_refuses_fsdp_and_a_task_head(tiny_gpt2, tmp_path, sevens):
+    with pytest.raises(ConfigError, match="grpo runs with train.parallel: ddp, not fsdp"):
+        setup(_grpo(tiny_gpt2, tmp_path / "f", sevens, "train.parallel=fsdp"))
+    with pytest.raises(ConfigError, match="grpo trains a causal LM"):
+        setup(_grpo(tiny_gpt2, tmp_path / "h", sevens, "model.task=classification"))

@@ -52,7 +52,7 @@ def test_preflight_line_names_the_liger_choice(tiny_llama, tmp_path, caplog):
         run = setup(recipe(tiny_llama, tmp_path, "train.steps=1"))
     line = next(r.getMessage() for r in caplog.records if "pre-flight" in r.getMessage())
     assert "liger auto: off (Liger's kernels are Triton, CUDA only)" in line
-    assert run.model.adapters_speed["liger"] is False
+    assert run.speed["liger"] is False
 
 
 def _loss_and_grads(run, batch):
@@ -71,7 +71,7 @@ def test_liger_step_equals_the_plain_step_on_cuda(tiny_llama, tmp_path, dtype, t
         runs[name] = setup(recipe(tiny_llama, tmp_path / name, "train.steps=1",
                                   f"model.dtype={dtype}", f"train.liger={setting}"),
                            device="cuda")
-    assert runs["liger"].model.adapters_speed["liger"] is True
+    assert runs["liger"].speed["liger"] is True
     batch = {k: v for k, v in micro_batches(runs["plain"], 0)[0].items()
              if k in ("input_ids", "attention_mask", "position_ids", "labels")}
     batch = {k: v.to("cuda") for k, v in batch.items()}

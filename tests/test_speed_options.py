@@ -32,7 +32,7 @@ def test_offloaded_checkpointing_equals_plain_checkpointing(tiny_gpt2, tiny_llam
     path = {"gpt2": tiny_gpt2, "llama": tiny_llama}[model]
     _, plain, p_plain = _run(path, tmp_path / "a", "train.gradient_checkpointing=true")
     run, off, p_off = _run(path, tmp_path / "b", "train.offload_checkpoints=true")
-    assert run.model.adapters_speed["offloaded_blocks"] == 2
+    assert run.speed["offloaded_blocks"] == 2
     torch.testing.assert_close(off, plain, atol=1e-6, rtol=1e-6)
     for n in p_plain:
         torch.testing.assert_close(p_off[n], p_plain[n], atol=1e-6, rtol=1e-6, msg=n)
@@ -42,7 +42,7 @@ def test_fused_lora_loop_equals_peft_loop(tiny_llama, tmp_path, fused_op_calls):
     # One variable changes: the attention path is checked on its own (test_attention.py), and
     # Adam turns float-rounding differences in near-zero gradients into lr-sized steps.
     run, fused, p_fused = _run(tiny_llama, tmp_path / "a", "train.attention=sdpa")
-    assert run.model.adapters_speed["fused_lora_layers"] == 14
+    assert run.speed["fused_lora_layers"] == 14
     assert all(is_fused(m) for n, m in run.model.named_modules() if n.endswith("q_proj"))
     # Installed does not mean used: each of the 3 steps went through the op in every layer's forward
     # and backward (2 layers x 4 calls: qkv, o, gate+up, down), none fell back to peft.
@@ -82,7 +82,7 @@ def test_compiled_blocks_match_eager_losses(tiny_llama, tmp_path, caplog, monkey
     with caplog.at_level(logging.INFO, logger="adapters"):
         run, compiled, _ = _run(tiny_llama, tmp_path / "a", "train.compile=true",
                                 "model.dtype=bf16", steps=5)
-    assert run.model.adapters_speed["compiled_blocks"] == 2
+    assert run.speed["compiled_blocks"] == 2
     assert any("pre-flight: compile on (train.compile=true)" in r.getMessage()
                for r in caplog.records)
     _, eager, _ = _run(tiny_llama, tmp_path / "b", "model.dtype=bf16", steps=5)

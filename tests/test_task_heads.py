@@ -82,8 +82,9 @@ def test_metrics_by_hand():
 def test_classification_learns_and_plain_peft_gives_the_same_outputs(classifier, tiny_gpt2):
     out, cfg = classifier
     task = task_of(check_files(out))
-    assert task == {"type": "classification", "num_labels": 2, "labels": ["no", "yes"],
-                    "head": "score"}
+    assert task.to_dict() == {"type": "classification", "num_labels": 2, "head": "score",
+                              "labels": ["no", "yes"]}
+    assert json.loads((out / "manifest.json").read_text())["task"] == task.to_dict()
     assert "## Task head" in (out / "README.md").read_text()
     header = load_file(out / "adapter_model.safetensors")
     assert header["base_model.model.score.weight"].shape == (2, 64)
@@ -111,7 +112,7 @@ def test_regression_mse_falls_5x(tiny_llama, tmp_path):
     run = setup(cfg)
     before = predictions(run.model, run.eval_batcher.iter_all(), "cpu", torch.float32)
     out = train(cfg)
-    assert task_of(check_files(out))["type"] == "regression"
+    assert task_of(check_files(out)).type == "regression"
     mcfg, _ = model_config_for(task_of(check_files(out)), name=str(tiny_llama), dtype="fp32")
     base, tok = load_head_model(mcfg, None)
     model = load_adapter(base, out, tokenizer=tok)

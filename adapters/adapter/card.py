@@ -141,12 +141,12 @@ def _load_section(manifest: Manifest, name: str) -> list[str]:
 
 def _task_section(manifest: Manifest, name: str) -> list[str]:
     """A task head (heads.py): what it predicts, its labels in id order, how to load it."""
-    task = manifest.extra.get("task")
-    if not isinstance(task, dict) or task.get("type") not in ("classification", "regression"):
+    task = manifest.task
+    if task is None or task.type not in ("classification", "regression"):
         return []
-    labels = task.get("labels") or []
-    lines = ["## Task head", "", f"A {task['type']} head (`{task.get('head')}`, "
-             f"{task.get('num_labels')} output(s)) on the last real token, trained in full "
+    labels = task.labels or []
+    lines = ["## Task head", "", f"A {task.type} head (`{task.head}`, "
+             f"{task.num_labels} output(s)) on the last real token, trained in full "
              "beside the LoRA and saved in this folder.", ""]
     if labels:
         lines += _table(["id", "label"], [[i, n] for i, n in enumerate(labels)]) + [""]

@@ -143,6 +143,17 @@ class EvalResult(Section):
 
 
 @dataclass
+class TaskInfo(Section):
+    """A task head's section (heads.py): classification (its labels in id order) or
+    regression, the head's module name and its outputs."""
+    type: str
+    num_labels: int
+    head: str | None = None
+    labels: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class CombinedFrom(Section):
     sources: list[str]
     weights: list[float]
@@ -159,7 +170,7 @@ class ConvertedFrom(Section):
 
 
 _OPTIONAL = ("weights", "created", "data", "recipe", "training", "eval", "combined_from",
-             "converted_from")  # written only when set
+             "converted_from", "task")  # written only when set
 
 
 @dataclass(kw_only=True)
@@ -178,6 +189,7 @@ class Manifest(Section):
     converted_from: ConvertedFrom | None = None
     weights: WeightsInfo | None = None
     created: str | None = None
+    task: TaskInfo | None = None  # a classification / regression head (None: a causal LM)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 
 from ..config import IGNORE_INDEX, DataConfig
 from ..errors import DataError
+from ..io import sha256_file
 from .formats import SkipRow, check_columns, row_segments
 from .labels import Targets, label_examples
 from .preference import keep_pairs, pair_segments
-from .sources import Row, check_sources, read_rows
+from .sources import Row, check_sources, expand, read_rows
 from .tokenize import tokenize_segments
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,13 @@ def _stats(ds, rows: list[Row], skipped: dict, n_segs: int, name: str) -> Split:
              "truncated": int(sum(ds["truncated"])),
              "dropped": n_segs - len(set(ds["row"])), "max_len": max(lengths)}
     return Split(ds, stats)
+
+
+def data_files(cfg: DataConfig) -> list[dict]:
+    """Each data file with its size and sha256, for the manifest and the model card."""
+    return [{"split": split, "path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            for split, spec in (("train", cfg.train), ("eval", cfg.eval)) if spec
+            for f in expand(spec)]
 
 
 def check_data(cfg: DataConfig) -> None:

@@ -1,8 +1,9 @@
 """The main job: two domain adapters on one base, trained, evaluated, swapped and merged.
 
 Steps (each reused on a re-run unless `fresh`): build the stdlib datasets, train a pydoc-qa
-and a stdlib-code adapter (QLoRA on the embedded SmolLM2-135M), evaluate the base and both
-adapters on both held-out sets, answer the same prompts with base / each adapter / one mixed
+and a stdlib-code adapter (QLoRA on the embedded SmolLM2-135M), a short GRPO run from the
+pydoc-qa adapter (pydoc-grpo: token F1 against the docstring as its reward), evaluate the base
+and the adapters on both held-out sets, answer the same prompts with base / each adapter / one mixed
 batch, merge the pydoc-qa adapter with verification, record the results in each adapter's
 model card and pack each into a verified zip (`shared/`), and write `report.md`.
 """
@@ -35,6 +36,10 @@ from .datasets import build_pydoc_qa, build_stdlib_code
 log = logging.getLogger(__name__)
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 DOMAINS = {"pydoc-qa": "smollm2-pydoc-qa.yaml", "stdlib-code": "smollm2-stdlib-code.yaml"}
+# online RL after SFT: name -> (recipe, the adapter it starts from, steps: tiny, full)
+ONLINE = {"pydoc-grpo": ("smollm2-pydoc-grpo.yaml", "pydoc-qa", (2, 8))}
+TINY = ["model.quantization=none", "model.dtype=fp32", "train.batch_size=2",
+        "train.eval_every=2", "train.save_every=2", "data.max_seq_len=64", "lora.r=4"]
 TEMPLATE = "Question: {prompt}\nAnswer: "
 PROMPTS = [  # (prompt, the adapter that fits it)
     (TEMPLATE.format(prompt="What does the function `json.dumps(obj, *, skipkeys=False, "
@@ -75,11 +80,19 @@ def _configs(out: Path, data: dict, tiny: bool, steps: int | None) -> dict:
         over = [f"data.train={data[name]['train']}", f"data.eval={data[name]['eval']}",
                 f"output.dir={out / name}"]
         if tiny:
-            over += [f"model.name={base}", "model.quantization=none", "model.dtype=fp32",
-                     "train.steps=4", "train.batch_size=2", "train.eval_every=2",
-                     "train.save_every=2", "data.max_seq_len=64", "lora.r=4"]
+            over += [f"model.name={base}", "train.steps=4", *TINY]
         if steps:
             over.append(f"train.steps={steps}")
+        cfgs[name] = load_recipe(RECIPES / recipe, over)
+    for name, (recipe, start, (tiny_steps, full_steps)) in ONLINE.items():
+        src = cfgs[start]
+        over = [f"data.train={src.data.train}", f"data.eval={src.data.eval}",
+                f"output.dir={out / name}", f"lora.init_from={src.output.dir}",
+                f"train.steps={tiny_steps if tiny else full_steps}", "train.eval_every=0",
+                "train.save_every=0"]
+        if tiny:
+            over += [f"model.name={base}", *TINY, "grpo.max_completion_length=8",
+                     "grpo.num_generations=2", "train.eval_every=0", "train.save_every=0"]
         cfgs[name] = load_recipe(RECIPES / recipe, over)
     return cfgs
 
@@ -137,6 +150,8 @@ def _export_gguf(out: Path, adapters: dict[str, Path]) -> list[str]:
     figures where its runtime is installed (else the report says it was not checked)."""
     lines = ["", "## Run it elsewhere: each adapter as a llama.cpp LoRA GGUF", ""]
     for name, folder in adapters.items():
+        if name in ONLINE:  # the same shapes as the adapter it started from: not again
+            continue
         try:
             res = export(folder, "gguf-lora", out / "gguf" / f"{name}.gguf")
         except ExportError as e:
@@ -158,6 +173,8 @@ def _report(out: Path, rows: list[dict], samples: list[dict], merge_info: dict,
              f"Wall time: {seconds / 60:.1f} min.", "",
              "## Held-out loss (each adapter on both domains)", "", table(rows, "loss"), "",
              table(rows, "token_accuracy") if "token_accuracy" in rows[0] else "", "",
+             "## Held-out token F1 of greedy answers (pydoc-grpo: GRPO on this reward)", "",
+             table(rows, "token_f1") if "token_f1" in rows[0] else "", "",
              "![eval](eval/eval.png)", "",
              "## Training curves", ""]
     for name in cfgs:
@@ -196,7 +213,7 @@ def run_demo(out: str | Path = "runs/demo", tiny: bool = False, fresh: bool = Fa
     cfgs = _configs(out, data, tiny, steps)
     adapters = _train_all(cfgs, fresh, progress)
     first = next(iter(cfgs.values()))
-    datasets = {name: cfg.data for name, cfg in cfgs.items()}
+    datasets = {name: cfg.data for name, cfg in cfgs.items() if name in DOMAINS}
     for dcfg, d in zip(datasets.values(), data.values()):
         dcfg.train = str(d["eval"])  # evaluate on the held-out modules
     # Token accuracy needs full logits: worth it on the tiny model, minutes on the 135M one.

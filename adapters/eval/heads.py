@@ -55,9 +55,9 @@ def regression_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict:
 
 
 def head_metrics(logits: torch.Tensor, y: torch.Tensor, task: dict) -> dict:
-    if task["type"] == "regression":
+    if task.type == "regression":
         return regression_metrics(logits, y)
-    return {**classification_metrics(logits, y, len(task["labels"])), "labels": task["labels"]}
+    return {**classification_metrics(logits, y, len(task.labels)), "labels": task.labels}
 
 
 def adapters_task(adapters: dict[str, str | Path]) -> dict | None:
@@ -73,7 +73,7 @@ def adapters_task(adapters: dict[str, str | Path]) -> dict | None:
 
 
 def json_key(task: dict | None) -> str:
-    return "" if task is None else f"{task['type']}|{task.get('labels')}"
+    return "" if task is None else f"{task.type}|{task.labels}"
 
 
 def evaluate_heads(base: str, adapters: dict[str, str | Path], datasets: dict[str, DataConfig],
@@ -84,7 +84,7 @@ def evaluate_heads(base: str, adapters: dict[str, str | Path], datasets: dict[st
     cfg, labels = model_config_for(task, name=base, quantization=quantization, dtype=dtype)
     model, tok = load_head_model(cfg, labels, device, seed=0)
     compute = resolve_dtype(dtype, device)
-    targets = Targets(task["type"], labels)
+    targets = Targets(task.type, labels)
     batchers = {}
     for name, dcfg in datasets.items():
         dcfg = dataclasses.replace(dcfg, format="label")
@@ -134,7 +134,7 @@ def predict(adapter: str | Path, data: DataConfig, base: str | None = None,
     rows, _ = read_rows(data.train, data.text_unit)
     rows = rows[:max_rows or None]
     ds, _ = label_examples(rows, dataclasses.replace(data, format="label"), tok,
-                           Targets(task["type"], labels, labelled=False))
+                           Targets(task.type, labels, labelled=False))
     batcher = Batcher(ds, EVAL_BATCH, data.max_seq_len, False, tok.pad_token_id)
     logits, _ = predictions(model, batcher.iter_all(), device, resolve_dtype(dtype, device))
     out = []

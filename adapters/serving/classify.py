@@ -114,7 +114,7 @@ class Heads:
         if task is None:
             raise AdaptersError(f"{path}: not a task-head adapter (no classification or "
                                 "regression task in its manifest)")
-        key = f"{task['type']}|{labels_of(task)}"
+        key = f"{task.type}|{labels_of(task)}"
         group = self._groups.get(key)
         if group is None:
             cfg, labels = model_config_for(task, name=self.base, quantization=self.quantization,
@@ -197,7 +197,7 @@ def wrong_endpoint(heads: Heads, model: str, route: str) -> ApiError | None:
     task = heads.task(model)
     if task is None:
         return None
-    return ApiError(400, f"model {short(model)} is a {task['type']} adapter (a "
+    return ApiError(400, f"model {short(model)} is a {task.type} adapter (a "
                          f"task head): {route} generates text; use POST /v1/classify",
                     param="model")
 

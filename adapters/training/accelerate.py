@@ -30,7 +30,10 @@ def accelerate(model, t: TrainConfig, device: str, steps: int) -> dict:
     four_bit = getattr(model.get_base_model(), "is_loaded_in_4bit", False)
     untested = ", ".join(name for name, on in (("train.parallel=fsdp", t.parallel == "fsdp"),
                                                ("offloaded checkpoints", t.offload_checkpoints),
-                                               ("a 4-bit base", four_bit)) if on)
+                                               ("a 4-bit base", four_bit),
+                                               # rollouts decode with a growing KV cache
+                                               ("train.objective=grpo", t.objective == "grpo"))
+                        if on)
     compiled, why = choose(t.compile, device, steps, untested or None)
     done = {"compile": compiled, "compile_reason": why, "offloaded_blocks": 0,
             "fused_lora_layers": 0}
@@ -55,5 +58,4 @@ def accelerate(model, t: TrainConfig, device: str, steps: int) -> dict:
              attention_choice(t.attention, device), liger_why,
              f"; {done['offloaded_blocks']} blocks checkpointed with inputs offloaded"
              if done["offloaded_blocks"] else "")
-    model.adapters_speed = done  # fit reads whether the first step included a compile
-    return done
+    return done  # the run keeps it: fit reads whether the first step included a compile

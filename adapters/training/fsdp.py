@@ -33,8 +33,8 @@ whole base on rank 0 and the shards, never a whole base per rank, and rank 0's L
 initialisation reaches every rank with the same broadcast.
 
 `shard(model, d, dtype, tokenizer)` does this in place after LoRA is attached and the speed
-options are applied; `model.adapters_fsdp` then holds the base's fingerprint (taken before
-sharding, for the manifest) and the per-rank memory figures for the pre-flight line.
+options are applied, and returns the base's fingerprint (taken before sharding, for the
+manifest) and the per-rank memory figures for the pre-flight line: the run keeps them.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ from torch.distributed.tensor import DTensor
 
 from ..model import base_fingerprint
 from .distributed import Dist, collective
-from .fsdp_load import from_rank0
 from .offload import decoder_blocks
 
 log = logging.getLogger(__name__)
@@ -168,20 +167,20 @@ def _fill_from_rank0(model: nn.Module, full: dict, d: Dist, device: str) -> None
 def shard(model: nn.Module, d: Dist, dtype: torch.dtype, tokenizer, device: str) -> dict:
     """Shard the frozen base of the peft `model` across the ranks of `d`, in place.
 
-    Returns (and sets as `model.adapters_fsdp`) {"fingerprint", "rank_weight_bytes",
-    "full_weight_bytes", "replicated_bytes"}.
+    Only rank 0 has read the base (fsdp_load.py); the others hold it on the meta device.
+    Returns {"fingerprint", "rank_weight_bytes", "full_weight_bytes", "replicated_bytes"}:
+    the run keeps it (`Run.fsdp`).
     """
     base = model.get_base_model()
     mesh = _mesh(d, device)
-    rank0 = from_rank0(model)
-    # The weights are whole only now (on rank 0 alone when the others are on meta).
-    fingerprint = base_fingerprint(base, tokenizer) if d.main or not rank0 else None
-    if rank0 and d.active:
+    # The weights are whole only now, on rank 0 alone.
+    fingerprint = base_fingerprint(base, tokenizer) if d.main else None
+    if d.active:
         sent = [fingerprint]
         collective(d, lambda: tdist.broadcast_object_list(sent, 0), "the base's fingerprint")
         fingerprint = sent[0]
     # Rank 0's whole weights (references, not copies) outlive the sharding below, to be sent.
-    whole = _weights(model) if rank0 and d.main else {}
+    whole = _weights(model) if d.main else {}
     full = sum(_bytes(p) for p in model.parameters())
     keep = {p for p in model.parameters() if p.requires_grad}  # LoRA, a task head
     head = base.get_output_embeddings()  # None with a task head instead of the lm_head
@@ -205,8 +204,7 @@ def shard(model: nn.Module, d: Dist, dtype: torch.dtype, tokenizer, device: str)
             # The weights may be views of the safetensors file, mapped whole: one left as
             # such (the lm_head) would keep every page the sharding read resident.
             p.data = p.data.clone()
-    if rank0:
-        _fill_from_rank0(model, whole, d, device)
+    _fill_from_rank0(model, whole, d, device)
     rank_bytes = sum(_bytes(p) for p in model.parameters())
     replicated = sum(_bytes(p) for p in model.parameters() if not hasattr(p, "to_local"))
     info = {"fingerprint": fingerprint, "rank_weight_bytes": rank_bytes,
@@ -215,21 +213,13 @@ def shard(model: nn.Module, d: Dist, dtype: torch.dtype, tokenizer, device: str)
                  head is not None), ("quantization states", quant)) if there]
     log.info("pre-flight: FSDP over %d rank(s): %.1f MB of weights per rank of %.1f MB "
              "(%.1f MB replicated: LoRA, %s); %s", d.world, rank_bytes / 1e6, full / 1e6,
-             replicated / 1e6, ", ".join(whole_too),
-             "the base read by rank 0 alone" if rank0 else "the base read by every rank")
-    model.adapters_fsdp = info
+             replicated / 1e6, ", ".join(whole_too), "the base read by rank 0 alone")
     return info
 
 
-def fingerprint(model: nn.Module) -> dict | None:
-    """The base's fingerprint taken before sharding (None when the model is not sharded)."""
-    return getattr(model, "adapters_fsdp", {}).get("fingerprint")
-
-
-def per_rank_estimate(model: nn.Module, est: dict) -> dict:
+def per_rank_estimate(info: dict | None, est: dict) -> dict:
     """`runtime.estimate_memory`'s figures with the weights each rank holds under FSDP
-    (the estimate counts every weight whole); unchanged when the model is not sharded."""
-    info = getattr(model, "adapters_fsdp", None)
+    (the estimate counts every weight whole); unchanged when not sharded (`info` None)."""
     if not info:
         return est
     weights = info["rank_weight_bytes"]

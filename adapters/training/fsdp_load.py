@@ -1,8 +1,8 @@
-"""Loading the base for a run: under `train.parallel: fsdp` rank 0 alone reads it.
+"""Loading the base under `train.parallel: fsdp`: rank 0 alone reads it.
 
-The first step of sharded training (fsdp.py shards what this loads). Without fsdp every rank
-reads the whole base (and its new task head, if any) onto its device. Under fsdp rank 0 reads
-it onto the host and describes it to the others (`_layout`): its config (a task head's label
+The first step of sharded training (fsdp.py shards what this loads); every other run loads
+with `heads.load_model` (the base, or the base with a new task head). Rank 0 reads it onto the
+host and describes it to the others (`_layout`): its config (a task head's label
 names and pad token are in it) and every bitsandbytes layer with its packed weight's shape and
 its quantization state's tensors. The others build the same model on the meta device (shapes
 and dtypes, no storage, nothing read from disk), with each quantized layer in place and its
@@ -30,46 +30,27 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from ..config import RunConfig
 from ..data.labels import Targets
-from ..model import default_device, load_base, load_tokenizer, resolve_dtype, resolve_model_path
+from ..model import default_device, load_tokenizer, resolve_dtype, resolve_model_path
 from .distributed import Dist, collective
-from .heads import load_head
+from .heads import load_model
 
 log = logging.getLogger(__name__)
 
-_FROM_RANK0 = "adapters_fsdp_from_rank0"  # set on a base that only rank 0 has read
-
-
 def load(cfg: RunConfig, d: Dist, device: str | None, targets: Targets | None):
-    """(model, tokenizer, train device): the base (with a new head for a task) for this rank.
-
-    Under fsdp rank 0 reads it onto the host and the other ranks build it on the meta device,
-    to be filled by `fsdp.shard`; else every rank reads it onto `device`.
-    """
-    if cfg.train.parallel != "fsdp":
-        model, tok = _read(cfg, device, targets)
-        return model, tok, str(model.device)
+    """(model, tokenizer, train device) under train.parallel=fsdp: the base (with a new head
+    for a task) for this rank. Rank 0 reads it onto the host and the other ranks build it on
+    the meta device, to be filled by `fsdp.shard`."""
     if d.main:
-        model, tok = _read(cfg, "cpu", targets)
+        model, tok = load_model(cfg, "cpu", targets)
     if d.active:
         layout = [_layout(model) if d.main else None]
         collective(d, lambda: tdist.broadcast_object_list(layout, 0), "the base's layout")
         if not d.main:
             model, tok = _skeleton(cfg, targets, layout[0])
         _send_quant_states(model, layout[0]["quant"], d)
-    setattr(model, _FROM_RANK0, True)
     return model, tok, device or default_device()
 
 
-def from_rank0(model: nn.Module) -> bool:
-    """True when this base's weights (LoRA's too) reach this rank only in `fsdp.shard`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, _FROM_RANK0, False)
-
-
-def _read(cfg: RunConfig, device: str | None, targets: Targets | None):
-    if targets is None:
-        return load_base(cfg.model, device)
-    return load_head(cfg, device, targets)
 
 
 def _layout(model: nn.Module) -> dict:

@@ -82,6 +82,9 @@ class Grpo:
     def __init__(self, cfg: RunConfig):
         if cfg.model.task != "causal_lm":
             raise ConfigError("train.objective: grpo trains a causal LM (model.task: causal_lm)")
+        if cfg.train.parallel == "fsdp":  # ranks decode different numbers of tokens, and
+            # each sharded forward waits for every rank: use ddp (the base on every rank)
+            raise ConfigError("train.objective: grpo runs with train.parallel: ddp, not fsdp")
         self.cfg, self.g = cfg, cfg.grpo
         self.rewards = rewards.resolve(cfg.grpo)  # an unknown reward fails before a load
         self.weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float32)
@@ -89,6 +92,7 @@ class Grpo:
         self.gen: tuple[int, list[dict]] | None = None  # (generation, its micro-batches)
         self.rollout_seconds = 0.0
         self.tok = None
+        self.first = True  # the first step's time split is logged
 
     # -- data -------------------------------------------------------------------------------
     def load_data(self, cfg: RunConfig, tok, targets, d: Dist):
@@ -252,6 +256,10 @@ class Grpo:
         for k in ["reward", *self.keys]:
             mean = s[k] / n_seq
             out[k], out[k + "_std"] = mean, math.sqrt(max(s[k + "_sq"] / n_seq - mean * mean, 0))
+        if self.first:
+            self.first = False
+            log.info("first step: rollouts %.1f s of it (the rest is the update)",
+                     self.rollout_seconds)
         out.update(completion_length=s["completion_length"] / n_seq,
                    truncated_ratio=s["truncated"] / n_seq, clip_ratio=s["clipped"] / n_tok,
                    rollout_seconds=self.rollout_seconds)

@@ -23,6 +23,7 @@ from ..config import IGNORE_INDEX, RunConfig
 from ..data.labels import Targets, read_targets
 from ..errors import ConfigError
 from ..heads import head_module, load_head_model, task_section
+from ..model import load_base
 from .loss import autocast_for
 from .loss import batch_loss as lm_batch_loss
 from .loss import mean_loss as lm_mean_loss
@@ -61,6 +62,11 @@ def targets_for(cfg: RunConfig) -> Targets | None:
 def load_head(cfg: RunConfig, device: str | None, targets: Targets):
     """(model, tokenizer): the base with a new head (its initial weights from train.seed)."""
     return load_head_model(cfg.model, targets.names, device, seed=cfg.train.seed)
+
+
+def load_model(cfg: RunConfig, device: str | None, targets: Targets | None):
+    """(model, tokenizer) a run trains: the base, or the base with a new task head."""
+    return load_head(cfg, device, targets) if targets else load_base(cfg.model, device)
 
 
 def pooled_logits(model, batch: dict) -> torch.Tensor:
@@ -139,6 +145,6 @@ def with_task(manifest, model):
         return manifest
     fp = manifest.base.fingerprint
     if fp is not None:
-        fp.probe = {k: v for k, v in fp.probe.items() if k.split(".")[0] != task["head"]}
-    manifest.extra["task"] = task
+        fp.probe = {k: v for k, v in fp.probe.items() if k.split(".")[0] != task.head}
+    manifest.task = task
     return manifest

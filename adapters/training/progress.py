@@ -38,7 +38,7 @@ def preflight(run) -> dict:
     t = run.cfg.train
     est = estimate_memory(run.model, t.batch_size, run.cfg.data.max_seq_len,
                           getattr(run.tokenizer, "vocab_size", 0))
-    est = per_rank_estimate(run.model, est)  # FSDP: each rank holds its shard of the base
+    est = per_rank_estimate(run.fsdp, est)  # FSDP: each rank holds its shard of the base
     info = {"trainable_params": rep["trainable"], "total_params": rep["total"],
             "trainable_percent": rep["percent"], "steps": run.total_steps,
             "tokens_per_step_max": t.batch_size * t.grad_accum * run.cfg.data.max_seq_len,

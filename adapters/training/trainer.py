@@ -40,10 +40,10 @@ from ..adapter import (
     start_from,
 )
 from ..config import RunConfig, dump_recipe, from_dict
+from ..data import data_files
 from ..data.packing import Batcher
-from ..data.sources import expand
 from ..errors import TrainingError
-from ..io import atomic_write_text, sha256_file
+from ..io import atomic_write_text
 from ..lora import attach_lora, check_rank, set_adapter_training
 from ..model import resolve_dtype
 from . import checkpoint as ckpt
@@ -104,6 +104,8 @@ class Run:
     scaler: torch.amp.GradScaler | None = None  # fp16 only: bf16 and fp32 need no scaling
     dist: Dist = field(default_factory=Dist)  # rank and world size under torchrun
     objective: Supervised = field(default_factory=Supervised)  # chosen once, in setup()
+    speed: dict = field(default_factory=dict)  # what accelerate() applied (compile, fused, ...)
+    fsdp: dict | None = None  # under fsdp: the base's fingerprint, the per-rank weight bytes
 
 
 def train(cfg: RunConfig, resume: str | None = None, progress: bool = False,
@@ -155,8 +157,12 @@ def setup(cfg: RunConfig, device: str | None = None, resume: bool = False,
     d = distributed.init(cfg.train.dist_timeout_s)
     device = distributed.device_for(d, device)
     targets = heads.targets_for(cfg)  # model.task: the class names, read before loading
-    # The base (with a new head for a task); under fsdp only rank 0 reads its weights.
-    model, tok, device = fsdp_load.load(cfg, d, device, targets)
+    fsdp_on = cfg.train.parallel == "fsdp"  # the frozen base sharded across ranks
+    if fsdp_on:  # only rank 0 reads the weights; the others get theirs in fsdp.shard
+        model, tok, device = fsdp_load.load(cfg, d, device, targets)
+    else:  # the base (with a new head for a task) on every rank
+        model, tok = heads.load_model(cfg, device, targets)
+        device = str(model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     check_rank(model, cfg.lora.r)  # before lora_A / lora_B are allocated at that rank
     model = attach_lora(model, cfg.lora)
@@ -170,20 +176,19 @@ def setup(cfg: RunConfig, device: str | None = None, resume: bool = False,
             if hasattr(m, "cast_input_dtype_enabled"):
                 m.cast_input_dtype_enabled = False
     set_adapter_training(model, True)
-    if d.active and not fsdp_load.from_rank0(model):  # else rank 0's LoRA comes with its base
+    if d.active and not fsdp_on:  # under fsdp rank 0's LoRA comes with its base
         distributed.broadcast_params(d, [p for p in model.parameters() if p.requires_grad])
     data, batcher, eval_batcher = objective.load_data(cfg, tok, targets, d)
     steps = total_steps(cfg, batcher.batches_per_epoch())
-    accelerate(model, cfg.train, device, steps)  # checkpointing, fused LoRA, compiled blocks
-    if cfg.train.parallel == "fsdp":  # the frozen base sharded across ranks
-        fsdp.shard(model, d, dtype, tok, device)
+    speed = accelerate(model, cfg.train, device, steps)  # checkpointing, fused LoRA, compile
+    sharded = fsdp.shard(model, d, dtype, tok, device) if fsdp_on else None
     opt = make_optimizer(model, cfg.train)
     stats = {"format": cfg.data.format, "files": data_files(cfg.data), "train": data.train.stats,
              "eval": data.eval.stats if data.eval else None}
     scaler = torch.amp.GradScaler(device.split(":")[0]) if dtype == torch.float16 else None
     run = Run(cfg, model, tok, batcher, eval_batcher, opt, make_scheduler(opt, cfg.train, steps),
               device, dtype, Path(cfg.output.dir), steps, stats, scaler=scaler, dist=d,
-              objective=objective)
+              objective=objective, speed=speed, fsdp=sharded)
     objective.prepare(run, resume, progress)  # e.g. DPO's reference log-probs for every pair
     return run
 
@@ -200,7 +205,7 @@ def fit(run: Run, signals: StopSignals, progress: bool = False,
     with Progress(run, progress) as report:
         while run.step < run.total_steps:
             m = step(run)
-            if run.step == start + 1 and run.model.adapters_speed["compile"]:
+            if run.step == start + 1 and run.speed.get("compile"):
                 log.info("first step (includes torch.compile): %.1f s", m["seconds"])
                 m["compile_seconds"] = m["seconds"]
             if _due(t.eval_every, run.step, run.total_steps):
@@ -380,18 +385,11 @@ def _stop_requested(run: Run, signals: StopSignals) -> bool:
     return stop
 
 
-def data_files(dcfg) -> list[dict]:
-    """Each data file with its size and sha256, for the manifest and the model card."""
-    return [{"split": split, "path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f)}
-            for split, spec in (("train", dcfg.train), ("eval", dcfg.eval)) if spec
-            for f in expand(spec)]
-
-
 def manifest_for(run: Run, training: dict | None = None) -> Manifest:
     base = run.model.get_base_model()
     extra = {"training": training} if training else {}
-    if fsdp.fingerprint(run.model):  # sharded: the base's fingerprint was taken before
-        return new_manifest(run.cfg.model.name, fsdp.fingerprint(run.model),
+    if run.fsdp:  # sharded: the base's fingerprint was taken before
+        return new_manifest(run.cfg.model.name, run.fsdp["fingerprint"],
                             quantization=run.cfg.model, lora=run.cfg.lora, data=run.data_stats,
                             recipe=run.cfg.to_dict(), **extra)
     return build_manifest(base, run.tokenizer, run.cfg.model.name, run.cfg.model, run.cfg.lora,
