@@ -14,10 +14,12 @@ rollouts  The same prompts, each sampled --generations times, --new tokens per c
           tokens / wall seconds; min / median / max per side and the ratio of medians.
           Target: ours >= 3x hf.
 memory    Peak resident memory (ru_maxrss) of one process training --steps steps on the default
-          model, 4-bit, each side in a fresh process, run one after the other:
-            sft   train.batch_size = prompts x generations rows of the pydoc-qa data
+          model, 4-bit, each side in a fresh process, run one after the other, the same rows:
+            sft   train.batch_size = prompts x generations rows of the pydoc-qa prompts, each
+                  answer cut or repeated to --new tokens (what a GRPO completion that runs to
+                  the length is), unpacked
             grpo  train.batch_size = prompts, grpo.num_generations = generations, beta 0.04
-                  (the reference is the adapter-off base: no second model)
+                  (the reference is the adapter-off base: no second model), unpacked
           Target: grpo <= 1.2x sft.
 
   .venv/bin/python scripts/bench_grpo.py --out runs/bench-grpo
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -117,6 +120,24 @@ def _peak(side: str, args) -> float:
     return json.loads(r.stdout.strip().splitlines()[-1])["peak_gb"]
 
 
+def _fixed_length(path: Path, args) -> Path:
+    """The CSV with each answer cut or repeated to --new tokens of the base's tokenizer."""
+    import csv
+
+    from adapters.model import load_tokenizer, resolve_model_path
+    tok = load_tokenizer(resolve_model_path(args.base))
+    out = args.out / "sft-fixed.csv"
+    with open(path, newline="") as f, open(out, "w", newline="") as g:
+        rows = list(csv.DictReader(f))
+        w = csv.DictWriter(g, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            ids = tok(r["output"], add_special_tokens=False)["input_ids"] or [0]
+            r["output"] = tok.decode((ids * (args.new // len(ids) + 1))[:args.new - 1])
+            w.writerow(r)  # + EOS: --new tokens, as a completion cut at the length
+    return out
+
+
 def child(args) -> None:
     from adapters.config import load_recipe
     from adapters.demo.datasets import build_pydoc_qa
@@ -124,6 +145,8 @@ def child(args) -> None:
 
     data = build_pydoc_qa(args.out / "data", max_rows=64)
     rows = args.prompts * args.generations
+    if args.child == "sft":  # answers of exactly --new tokens: the rows GRPO trains on
+        data = {"train": _fixed_length(data["train"], args)}
     over = [f"model.name={args.base}", "model.quantization=4bit", f"data.train={data['train']}",
             "data.max_seq_len=256", f"train.steps={args.steps}", "lora.r=16",
             f"output.dir={args.out / args.child}", "data.packing=false",
@@ -134,6 +157,7 @@ def child(args) -> None:
         over += [f"train.batch_size={args.prompts}", "train.objective=grpo",
                  f"grpo.num_generations={args.generations}", "grpo.beta=0.04",
                  f"grpo.max_completion_length={args.new}", "grpo.rewards=[token_f1]"]
+    shutil.rmtree(args.out / args.child, ignore_errors=True)  # a fresh run each time
     train(load_recipe(None, over))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     print(json.dumps({"peak_gb": peak}))

@@ -6,9 +6,10 @@ Per generation (every `grpo.num_iterations` optimiser steps), for each of the st
 row its own seeded sampler) on the model being trained, adapter on: no merge, no copy, no
 second model, and its KV cache gone when the call returns. Rewards score each completion
 (rewards.py), advantages are normalised per group of one prompt's completions
-(grpo_loss.py), and the batch becomes prompt + completion rows, right-padded, with labels on
-the completion tokens only (EOS included when the model stopped; none on a completion cut at
-`max_completion_length` when `mask_truncated_completions`).
+(grpo_loss.py), and the batch becomes prompt + completion sequences, packed padding-free
+when data.packing (as sft batches are), with labels on the completion tokens only (EOS
+included when the model stopped; none on a completion cut at `max_completion_length` when
+`mask_truncated_completions`).
 
 With `grpo.beta > 0` the adapter-off model's log-probs are computed once per generation,
 under no_grad (the reference is the base itself); with `num_iterations > 1` so are the
@@ -30,6 +31,7 @@ from types import SimpleNamespace
 import torch
 
 from ..config import IGNORE_INDEX, RunConfig
+from ..data.packing import collate_pairs, pack_bins
 from ..data.prompts import Prompt, PromptSampler, build_prompts
 from ..errors import ConfigError, TrainingError
 from ..generation.decode import Request, Sampling, decode
@@ -128,7 +130,7 @@ class Grpo:
         was = run.model.training
         run.model.eval()  # no dropout while sampling, as when serving
         try:
-            micro = []
+            done = []  # per micro-batch: (rows, outputs, completion ids, rewards (S, R))
             for k in range(ga):
                 epoch, index = divmod(generation * ga + k, bpe)
                 idx = self.sampler.batch(epoch, index)
@@ -137,13 +139,14 @@ class Grpo:
                 seeds = [_seed(run.cfg.train.seed, generation, k, pos, j)
                          for pos in self.sampler.positions(epoch, index)
                          for j in range(self.g.num_generations)]
-                micro.append(self._rollout(run, [self.prompts[i] for i in idx], seeds))
-            if self.g.scale_rewards == "batch":  # one std over this rank's generation batch
-                values = torch.cat([b["rewards"] for b in micro])
-                adv, _ = grpo_loss.advantages(values, self.weights, self.g.num_generations,
-                                              "batch")
-                for b, part in zip(micro, adv.split([len(b["rewards"]) for b in micro])):
-                    b["advantages"] = part.contiguous()
+                rows, outs, ids = self._sample(run, [self.prompts[i] for i in idx], seeds)
+                done.append((rows, outs, ids, self._score(rows, [o.text for o in outs], ids)))
+            # groups never straddle micro-batches; scale_rewards: batch takes one std over
+            # this rank's generation batch
+            adv, _ = grpo_loss.advantages(torch.cat([d[3] for d in done]), self.weights,
+                                          self.g.num_generations, self.g.scale_rewards)
+            micro = [self._batch(run, *d, part) for d, part in
+                     zip(done, adv.split([len(d[0]) for d in done]))]
             for b in micro:
                 self._logprobs(run, b)
         finally:
@@ -178,28 +181,28 @@ class Grpo:
                                [r.where for r in rows])
         return torch.tensor(values, dtype=torch.float32)  # (S, R)
 
-    def _rollout(self, run, prompts: list[Prompt], seeds: list[int]) -> dict:
-        rows, outs, ids = self._sample(run, prompts, seeds)
-        values = self._score(rows, [o.text for o in outs], ids)
-        adv, _ = grpo_loss.advantages(values, self.weights, self.g.num_generations,
-                                      self.g.scale_rewards)
+    def _batch(self, run, rows: list[Prompt], outs, ids: list[list[int]],
+               values: torch.Tensor, adv: torch.Tensor) -> dict:
+        """One micro-batch of prompt + completion sequences, packed padding-free (block-
+        diagonal attention, as for sft) when data.packing, else one per row. Labels on the
+        completion tokens (none on a truncated one with mask_truncated_completions); the
+        per-completion tensors follow `seq`, the order of the sequences in the rows."""
         cut = [o.finish_reason == "length" for o in outs]
-        S, T = len(rows), max(len(r.ids) + len(c) for r, c in zip(rows, ids))
+        skip = [self.g.mask_truncated_completions and c for c in cut]
+        examples = [(r.ids + c, [IGNORE_INDEX] * len(r.ids) + ([IGNORE_INDEX] * len(c)
+                     if no else c)) for r, c, no in zip(rows, ids, skip)]
+        lengths = [len(e[0]) for e in examples]
+        # rows no longer than the longest sequence: padding goes, and attention's (T, T)
+        # stays what the padded layout would have
+        bins = pack_bins(lengths, max(lengths)) if self.cfg.data.packing else [
+            [i] for i in range(len(examples))]
+        order = torch.tensor([i for b in bins for i in b])  # seq k is completion order[k]
         pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((S, T), pad, dtype=torch.long)  # (S, T) right-padded
-        labels = torch.full((S, T), IGNORE_INDEX, dtype=torch.long)
-        mask, seq = torch.zeros((S, T), dtype=torch.long), torch.full((S, T), -1)
-        for i, (r, c) in enumerate(zip(rows, ids)):
-            p, n = len(r.ids), len(r.ids) + len(c)
-            input_ids[i, :n] = torch.tensor(r.ids + c)
-            mask[i, :n], seq[i, :n] = 1, i
-            if not (self.g.mask_truncated_completions and cut[i]):
-                labels[i, p:n] = torch.tensor(c, dtype=torch.long)  # position t-1 predicts t
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "seq": seq,
-                "rewards": values, "advantages": adv,
-                "completion_length": torch.tensor([len(c) for c in ids], dtype=torch.float32),
-                "truncated": torch.tensor(cut, dtype=torch.float32),
-                "n_tokens": torch.tensor(int(mask.sum()))}
+        batch = collate_pairs([[examples[i] for i in b] for b in bins], pad, packing=True)
+        lengths = torch.tensor([len(c) for c in ids], dtype=torch.float32)
+        return {**batch, "rewards": values[order], "advantages": adv[order].contiguous(),
+                "completion_length": lengths[order],
+                "truncated": torch.tensor(cut, dtype=torch.float32)[order]}
 
     @torch.no_grad()
     def _logprobs(self, run, b: dict) -> None:
@@ -207,7 +210,8 @@ class Grpo:
         of the counted tokens (N,), once per generation."""
         if self.g.num_iterations == 1 and self.g.beta == 0.0:
             return
-        x = {k: b[k].to(run.device) for k in ("input_ids", "attention_mask", "labels")}
+        x = {k: b[k].to(run.device) for k in ("input_ids", "attention_mask", "labels",
+                                              "position_ids") if k in b}
         with autocast_for(run.device, run.dtype):
             if self.g.num_iterations > 1:
                 b["old_logps"] = label_logprobs(run.model, x)[0].float().cpu()
