@@ -21,7 +21,7 @@ from transformers import AutoModelForSequenceClassification
 
 from .adapter import read_manifest
 from .adapter.archive import resolve_adapter
-from .adapter.files import TaskInfo
+from .adapter.sections import TaskInfo
 from .config import ModelConfig
 from .errors import ModelError
 from .model import (

@@ -61,6 +61,13 @@ def test_tiny_demo_end_to_end(tmp_path):
     man = json.loads((out / "pydoc-grpo" / "manifest.json").read_text())
     assert man["lora"]["init_from"] == str(out / "pydoc-qa")
     assert "Held-out token F1" in report and "pydoc-grpo/loss.png" in report
+    # a parity certificate for each domain adapter, in its card and in the report
+    for name in ("pydoc-qa", "stdlib-code"):
+        cert = json.loads((out / name / "manifest.json").read_text())["parity"]
+        assert cert["prompts"] == 4 and all(r["passed"] for r in cert["rows"]), cert
+        assert {"adapters", "adapters-mixed", "merged"} <= {r["runtime"] for r in cert["rows"]}
+        assert "## Parity certificate" in (out / name / "README.md").read_text()
+    assert report.count("every runtime passed") == 2
     # A second run reuses the trained adapters.
     res = subprocess.run([sys.executable, "-m", "adapters", "demo", "--tiny", "--out",
                           str(out)], capture_output=True, text=True, timeout=600,

@@ -236,4 +236,10 @@ def _manifest_summary(manifest: Manifest) -> dict[str, Any]:
     out.update({k: full.get(k) for k in ("quantization", "versions", "created")})
     if manifest.training is not None:
         out["training"] = manifest.training
+    if manifest.parity is not None:  # adapters verify --parity
+        out["parity"] = {"date": manifest.parity.date, "passed": manifest.parity.passed,
+                         "runtimes": {r.runtime: {"top1": r.top1, "kl": r.kl,
+                                                  "greedy": r.greedy, "passed": r.passed}
+                                      for r in manifest.parity.rows},
+                         "skipped": manifest.parity.skipped}
     return out

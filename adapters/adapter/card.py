@@ -170,6 +170,27 @@ def _training_section(manifest: Manifest) -> list[str]:
     return lines
 
 
+def _parity_section(manifest: Manifest) -> list[str]:
+    """The parity certificate (share/parity.py): one row per runtime that was checked."""
+    p = manifest.parity
+    if p is None:
+        return []
+    rows = [[r.runtime, r.version, r.precision, f"{r.top1:.1%}",
+             "-" if r.kl < 0 else f"{r.kl:.4f}", f"{r.greedy:.0%}",
+             ("pass" if r.passed else "FAIL") + f" ({r.threshold})" if r.threshold else
+             ("pass" if r.passed else "FAIL"), r.note] for r in p.rows]
+    return (["## Parity certificate", "",
+             f"{p.prompts} prompts, greedy continuations of up to {p.new_tokens} tokens, "
+             f"{p.date}: {'every runtime passed' if p.passed else 'a runtime FAILED'}. "
+             "top-1 and KL: next tokens teacher-forced on the reference's continuation; greedy: "
+             "prompts whose whole continuation equals the reference's. Made by `adapters "
+             "verify --parity`.", ""]
+            + _table(["runtime", "version", "precision", "top-1", "KL", "greedy", "result",
+                      "note"], rows)
+            + ([""] + [f"- not checked: {k}: {v}" for k, v in p.skipped.items()]
+               if p.skipped else []))
+
+
 def render(manifest: Manifest, name: str) -> str:
     """The README.md text of the adapter folder called `name`."""
     lora = manifest.lora
@@ -186,7 +207,8 @@ def render(manifest: Manifest, name: str) -> str:
                   f"(sha256 {manifest.converted_from.sha256}).", ""]
     lines += _base_section(manifest) + [""]
     for section in (_task_section(manifest, name), _data_section(manifest),
-                    _training_section(manifest), _eval_section(manifest)):
+                    _training_section(manifest), _eval_section(manifest),
+                    _parity_section(manifest)):
         if section:
             lines += section + [""]
     w = manifest.weights

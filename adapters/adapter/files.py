@@ -25,6 +25,19 @@ from ..errors import AdapterFileError
 from ..io import atomic_write_json, sha256_file
 from .peftconfig import CONFIG_FILE, base_problems, lora_modules, read_config, tensor_problems
 from .schema import kind, parse, read_json, to_json
+from .sections import (
+    BaseInfo,
+    CombinedFrom,
+    ConvertedFrom,
+    DataInfo,
+    EvalResult,
+    LoraInfo,
+    ParityInfo,
+    QuantInfo,
+    Section,
+    TaskInfo,
+    WeightsInfo,
+)
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -36,141 +49,8 @@ MAX_ABS_WEIGHT = 1e4  # far above trained LoRA weights (|x| < 10), far below fp1
 MAX_WEIGHTS_BYTES = 1 << 40  # a manifest stating more describes no LoRA adapter
 
 
-# ---- the manifest's sections; every one keeps the keys it does not know in `extra` ----
-
-class Section:
-    """A part of the manifest: a dataclass whose unknown JSON keys are kept in `extra`."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON form, unknown keys folded back in."""
-        return to_json(self)
-
-
-@dataclass
-class TokenizerInfo(Section):
-    vocab_size: int | None = None
-    sha256_16: str | None = None
-    eos_token: str | None = None
-    pad_token: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Fingerprint(Section):
-    """model.base_fingerprint(): architecture, shape settings, tokenizer, sampled weights."""
-    model_type: str | None = None
-    architectures: list[str] = field(default_factory=list)
-    config: dict[str, Any] = field(default_factory=dict)
-    tokenizer: TokenizerInfo | None = None
-    probe: dict[str, list[float]] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class BaseInfo(Section):
-    name: str | None  # the base spec: hub id, local folder or "default"
-    fingerprint: Fingerprint | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class QuantInfo(Section):
-    """The base as loaded for training: the recipe's model section (config.ModelConfig)."""
-    name: str | None = None
-    quantization: str = "none"
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    dtype: str = "auto"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class LoraInfo(Section):
-    """The recipe's lora section (config.LoraConfig); peft's own settings are in the config."""
-    r: int | None = None
-    alpha: float | None = None
-    dropout: float | None = None
-    targets: str | list[str] | None = None
-    use_rslora: bool | None = None
-    use_dora: bool | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class WeightsInfo(Section):
-    file: str
-    sha256: str
-    bytes: int
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class DataFile(Section):
-    split: str
-    path: str
-    bytes: int | None = None
-    sha256: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class SplitStats(Section):
-    rows: int | None = None
-    examples: int | None = None
-    tokens: int | None = None
-    trainable_tokens: int | None = None
-    truncated: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class DataInfo(Section):
-    format: str | None = None
-    files: list[DataFile] = field(default_factory=list)
-    train: SplitStats | None = None
-    eval: SplitStats | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class EvalResult(Section):
-    """One dataset's `adapters eval` numbers for this adapter and for the base beside it."""
-    dataset: str
-    adapter: dict[str, float]
-    base: dict[str, float] | None = None
-    date: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class TaskInfo(Section):
-    """A task head's section (heads.py): classification (its labels in id order) or
-    regression, the head's module name and its outputs."""
-    type: str
-    num_labels: int
-    head: str | None = None
-    labels: list[str] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class CombinedFrom(Section):
-    sources: list[str]
-    weights: list[float]
-    method: str
-    density: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ConvertedFrom(Section):
-    file: str
-    sha256: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 _OPTIONAL = ("weights", "created", "data", "recipe", "training", "eval", "combined_from",
-             "converted_from", "task")  # written only when set
+             "converted_from", "task", "parity")  # written only when set
 
 
 @dataclass(kw_only=True)
@@ -190,6 +70,7 @@ class Manifest(Section):
     weights: WeightsInfo | None = None
     created: str | None = None
     task: TaskInfo | None = None  # a classification / regression head (None: a causal LM)
+    parity: ParityInfo | None = None  # `adapters verify --parity`
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -9,10 +9,13 @@ import re
 import sys
 from pathlib import Path
 
+from ..adapter import read_base_name
 from ..adapter.archive import pack
+from ..model import load_tokenizer, resolve_model_path
 from ..share.export import DEFAULT_MAX_KL, FORMATS, export
 from ..share.gguf_io import OUT_TYPES
 from ..share.hub import pull, push
+from ..share.parity import RUNTIMES, certify, prompts_for, record
 from ..share.targets import VLLM_DEFAULT_MAX_RANK, VLLM_RANKS, check_target
 from ..share.verify import convert, verify
 from .common import (
@@ -22,6 +25,7 @@ from .common import (
     existing_dir,
     existing_file,
     non_negative_float,
+    positive_int,
     repo_id,
 )
 
@@ -50,6 +54,51 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
                         "(repeatable)")
     p.add_argument("--max-lora-rank", type=_vllm_rank, default=VLLM_DEFAULT_MAX_RANK,
                    help=f"the vLLM server's --max-lora-rank (default {VLLM_DEFAULT_MAX_RANK})")
+    g = p.add_argument_group("parity certificate (--parity)")
+    g.add_argument("--parity", action="store_true",
+                   help="run the same prompts through every runtime installed here and compare "
+                        "each with plain peft (top-1, KL, greedy agreement); the certificate "
+                        "goes into the folder's manifest and model card")
+    g.add_argument("--runtimes", type=_runtimes, default=RUNTIMES,
+                   help=f"comma-separated, from {', '.join(RUNTIMES)} (default: all)")
+    g.add_argument("--prompts", type=existing_file,
+                   help="prompts, one per line (or JSONL with `prompt`); default: the adapter's "
+                        "own eval split (from its manifest), else sample texts")
+    g.add_argument("--data", type=existing_file,
+                   help="an eval data file in the adapter's recipe format to take prompts from")
+    g.add_argument("--num-prompts", type=positive_int, default=32, help="default 32")
+    g.add_argument("--new-tokens", type=positive_int, default=64,
+                   help="greedy continuation length (default 64)")
+    g.add_argument("--no-write", action="store_true",
+                   help="print the certificate only (a .zip is never written to)")
+
+
+def _runtimes(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [x for x in names if x not in RUNTIMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(RUNTIMES)}")
+    return names
+
+
+def _parity(args: argparse.Namespace) -> int:
+    spec = args.base or read_base_name(args.path)
+    if spec is None:
+        raise SystemExit(f"{args.path}: its manifest names no base: pass --base")
+    tok = load_tokenizer(resolve_model_path(spec))
+    texts, source = prompts_for(args.path, tok, args.num_prompts, args.data, args.prompts)
+    print(f"parity: {len(texts)} prompts from {source}", file=sys.stderr)
+    info = certify(args.path, args.base, texts, args.new_tokens, args.runtimes)
+    for r in info.rows:
+        print(f"{'ok  ' if r.passed else 'FAIL'}  {r.runtime} ({r.version}, {r.precision}): "
+              f"top-1 {r.top1:.1%}, KL {r.kl:.4f}, greedy {r.greedy:.0%}"
+              + (f" [{r.threshold}]" if r.threshold else "") + (f": {r.note}" if r.note else ""))
+    for name, why in info.skipped.items():
+        print(f"skip  {name}: {why}")
+    if not args.no_write and record(args.path, info):
+        print(f"{args.path}: certificate written into manifest.json and README.md",
+              file=sys.stderr)
+    return 0 if info.passed else 1
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -64,6 +113,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"{'ok  ' if c.ok else 'FAIL'}  {c.name}: {c.detail}")
     ok = all(c.ok for c in checks)
     print(f"{args.path}: " + ("verified" if ok else "NOT verified"), file=sys.stderr)
+    if ok and args.parity:
+        return _parity(args)
     return 0 if ok else 1
 
 

@@ -21,14 +21,16 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from ..adapter import read_base_name
 from ..adapter.archive import pack
 from ..config import BASE_NAME, load_recipe
 from ..eval import evaluate, table, write_results
 from ..eval.record import record_eval
 from ..merge import merge_adapter
-from ..model import load_base
+from ..model import load_base, load_tokenizer, resolve_model_path
 from ..serving.registry import Registry
 from ..share.export import ExportError, export
+from ..share.parity import certify, prompts_for, record
 from ..share.verify import verify
 from ..training import train
 from .datasets import build_pydoc_qa, build_stdlib_code
@@ -38,6 +40,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 DOMAINS = {"pydoc-qa": "smollm2-pydoc-qa.yaml", "stdlib-code": "smollm2-stdlib-code.yaml"}
 # online RL after SFT: name -> (recipe, the adapter it starts from, steps: tiny, full)
 ONLINE = {"pydoc-grpo": ("smollm2-pydoc-grpo.yaml", "pydoc-qa", (2, 8))}
+PARITY = (16, 32)  # the full demo's certificate: prompts, greedy tokens
 TINY = ["model.quantization=none", "model.dtype=fp32", "train.batch_size=2",
         "train.eval_every=2", "train.save_every=2", "data.max_seq_len=64", "lora.r=4"]
 TEMPLATE = "Question: {prompt}\nAnswer: "
@@ -165,6 +168,27 @@ def _export_gguf(out: Path, adapters: dict[str, Path]) -> list[str]:
     return lines
 
 
+def _certify(adapters: dict[str, Path], tiny: bool) -> list[str]:
+    """Each domain adapter's parity certificate, into its card and a table here."""
+    lines = ["", "## Parity: the same answers in every runtime (`adapters verify --parity`)", ""]
+    n, new = (4, 8) if tiny else PARITY
+    for name in DOMAINS:
+        folder = adapters[name]
+        tok = load_tokenizer(resolve_model_path(read_base_name(folder)))
+        texts, source = prompts_for(folder, tok, n)
+        t0 = time.perf_counter()
+        info = certify(folder, None, texts, new)
+        record(folder, info)
+        lines += [f"### {name}: {'every runtime passed' if info.passed else 'a runtime FAILED'}"
+                  f" ({len(texts)} prompts from {source}, {time.perf_counter() - t0:.0f} s)", "",
+                  "| runtime | precision | top-1 | KL | greedy | result |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r.runtime} | {r.precision} | {r.top1:.1%} | {r.kl:.4f} | {r.greedy:.0%} "
+                  f"| {'pass' if r.passed else 'FAIL: ' + r.note[:200]} |" for r in info.rows]
+        lines += [""] + [f"- not checked: {k}: {v}" for k, v in info.skipped.items()] + [""]
+    return lines
+
+
 def _report(out: Path, rows: list[dict], samples: list[dict], merge_info: dict,
             cfgs: dict, seconds: float, shared: list[str]) -> Path:
     lines = ["# adapters demo: two domain adapters on one base", "",
@@ -225,5 +249,6 @@ def run_demo(out: str | Path = "runs/demo", tiny: bool = False, fresh: bool = Fa
     merged, check = merge_adapter(adapters["pydoc-qa"], out / "merged-pydoc-qa",
                                   data=[r["prompt"] for r in samples])
     info = {"folder": str(merged), **(check.as_dict() if check else {})}
-    shared = _share(out, adapters, rows) + _export_gguf(out, adapters)
+    shared = _export_gguf(out, adapters) + _certify(adapters, tiny)
+    shared = _share(out, adapters, rows) + shared  # packed with their certificates
     return _report(out, rows, samples, info, cfgs, time.perf_counter() - t0, shared)

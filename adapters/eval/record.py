@@ -8,7 +8,7 @@ import datetime as dt
 from pathlib import Path
 
 from ..adapter import read_manifest, write_manifest
-from ..adapter.files import EvalResult
+from ..adapter.sections import EvalResult
 from ..config import BASE_NAME
 from .metrics import HIGHER_IS_BETTER
 

@@ -83,6 +83,14 @@ def _base_gguf(src: _Adapter, base_gguf: str | Path | None) -> Iterator[Path]:
             yield write_hf_gguf(resolve_model_path(src.spec), Path(tmp) / "base.gguf", "f32")
 
 
+@contextlib.contextmanager
+def base_gguf_for(adapter: str | Path, base: str | None = None) -> Iterator[Path]:
+    """The GGUF of the adapter's base (the embedded default's, or one written from the HF
+    folder for as long as the context lasts)."""
+    with _base_gguf(_open(adapter, base), None) as path:
+        yield path
+
+
 def _prompts(tok, data: list[str] | None, max_len: int = 96) -> list[list[int]]:
     ids = [tok(t, add_special_tokens=False)["input_ids"][:max_len] for t in data or SAMPLE_TEXT]
     return [i for i in ids if len(i) >= 2]

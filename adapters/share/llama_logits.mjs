@@ -3,7 +3,10 @@
 // Called by adapters/share/llama_runtime.py (export verification), never by hand:
 //   node llama_logits.mjs REQUEST.json
 // REQUEST: {"modules": node_modules folder, "model": GGUF, "lora": LoRA GGUF or null,
-//           "prompts": [[token id, ...], ...], "threads": N, "out": file}
+//           "prompts": [[token id, ...], ...], "threads": N, "out": file,
+//           "greedy": 0, or N: instead of logits, each prompt's greedy continuation of up to
+//           N tokens (argmax of the raw logits, stopping at an end-of-generation token),
+//           written to "out" as JSON [[token id, ...], ...]}
 // Writes to "out" the float32 logits (T, V) of every prompt, one after another (V: llama.cpp's
 // vocabulary, as many logits as it returns per position), and prints one JSON line:
 // {"release", "n_vocab", "positions"}. The caller checks V against its own vocabulary.
@@ -21,13 +24,41 @@ const llama = await getLlama({
   progressLogs: false, logLevel: LlamaLogLevel.error,
 });
 const model = await llama.loadModel({ modelPath: req.model });
-const longest = Math.max(...req.prompts.map((p) => p.length));
+const longest = Math.max(...req.prompts.map((p) => p.length)) + (req.greedy || 0);
 const context = await model.createContext({
   contextSize: longest + 8, batchSize: longest + 8, sequences: 1, threads: req.threads,
   ...(req.lora ? { lora: { adapters: [{ filePath: req.lora, scale: 1 }] } } : {}),
 });
 // One sequence, cleared between prompts: each prompt is evaluated from an empty cache.
 const sequence = context.getSequence();
+if (req.greedy) {
+  const argmax = (logits) => {
+    let best = -1, top = -Infinity;
+    for (const [token, value] of logits) if (value > top) { top = value; best = token; }
+    return best;
+  };
+  const outs = [];
+  for (const prompt of req.prompts) {
+    await sequence.clearHistory();
+    const res = await sequence.controlledEvaluate(
+      prompt.map((t, i) => i === prompt.length - 1 ? [t, { generateNext: { logits: true } }] : t));
+    let next = argmax(res[prompt.length - 1].next.logits);
+    const got = [];
+    while (got.length < req.greedy && !model.isEogToken(next)) {
+      got.push(next);
+      if (got.length === req.greedy) break;
+      const step = await sequence.controlledEvaluate([[next, { generateNext: { logits: true } }]]);
+      next = argmax(step[0].next.logits);
+    }
+    outs.push(got);
+  }
+  writeFileSync(req.out, JSON.stringify(outs));
+  console.log(JSON.stringify({ release: llama.llamaCppRelease.release, prompts: outs.length }));
+  await context.dispose();
+  await model.dispose();
+  await llama.dispose();
+  process.exit(0);
+}
 const total = req.prompts.reduce((n, p) => n + p.length, 0);
 let V = 0;
 let out = null; // (total, V) float32, allocated once the first position tells V

@@ -57,6 +57,32 @@ def runtime_name() -> str:
     return f"llama.cpp ({PACKAGE} {version})"
 
 
+def _run(model: Path, prompts: list[list[int]], lora: Path | None, threads: int,
+         timeout_s: float, greedy: int = 0) -> tuple[dict, Path, tempfile.TemporaryDirectory]:
+    """Run llama_logits.mjs on a request; (its JSON line, the output file, its folder)."""
+    if not have_llama_cpp():
+        raise ExportError(f"llama.cpp is not installed: {INSTALL_HINT}")
+    tmp = tempfile.TemporaryDirectory(prefix="adapters-llama-")
+    out, request = Path(tmp.name) / "out", Path(tmp.name) / "request.json"
+    request.write_text(json.dumps({
+        "modules": str(runtime_dir() / "node_modules"), "model": str(model),
+        "lora": None if lora is None else str(lora), "prompts": prompts,
+        "threads": threads, "out": str(out), "greedy": greedy}))
+    try:
+        done = subprocess.run([shutil.which("node"), str(SCRIPT), str(request)],
+                              capture_output=True, text=True, timeout=timeout_s,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        tmp.cleanup()
+        raise ExportError(f"{lora or model}: llama.cpp did not answer within "
+                          f"{timeout_s:.0f} s") from e
+    if done.returncode != 0:
+        tmp.cleanup()
+        tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-3:]
+        raise ExportError(f"{lora or model}: llama.cpp refused to run it: " + " / ".join(tail))
+    return json.loads(done.stdout.strip().splitlines()[-1]), out, tmp
+
+
 def llama_cpp_logits(model: Path, prompts: list[list[int]], lora: Path | None = None,
                      threads: int = 2, timeout_s: float = 600) -> list[np.ndarray]:
     """Logits (T, V) for every position of each prompt, computed by llama.cpp.
@@ -65,27 +91,16 @@ def llama_cpp_logits(model: Path, prompts: list[list[int]], lora: Path | None = 
     llama.cpp's `--lora` does. Raises ExportError when the runtime is missing or refuses
     the files (its own message is kept).
     """
-    if not have_llama_cpp():
-        raise ExportError(f"llama.cpp is not installed: {INSTALL_HINT}")
-    node = shutil.which("node")
-    with tempfile.TemporaryDirectory(prefix="adapters-llama-") as tmp:
-        out = Path(tmp) / "logits.f32"
-        request = Path(tmp) / "request.json"
-        request.write_text(json.dumps({
-            "modules": str(runtime_dir() / "node_modules"), "model": str(model),
-            "lora": None if lora is None else str(lora), "prompts": prompts,
-            "threads": threads, "out": str(out)}))
-        try:
-            done = subprocess.run([node, str(SCRIPT), str(request)], capture_output=True,
-                                  text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired as e:
-            raise ExportError(f"{lora or model}: llama.cpp did not answer within "
-                              f"{timeout_s:.0f} s") from e
-        if done.returncode != 0:
-            tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-3:]
-            raise ExportError(f"{lora or model}: llama.cpp refused to run it: "
-                              + " / ".join(tail))
-        info = json.loads(done.stdout.strip().splitlines()[-1])
+    info, out, tmp = _run(model, prompts, lora, threads, timeout_s)
+    with tmp:
         flat = np.fromfile(out, dtype=np.float32).reshape(info["positions"], info["n_vocab"])
     split = np.cumsum([len(p) for p in prompts])[:-1]
     return np.split(flat, split)
+
+
+def llama_cpp_greedy(model: Path, prompts: list[list[int]], new: int, lora: Path | None = None,
+                     threads: int = 2, timeout_s: float = 900) -> list[list[int]]:
+    """Each prompt's greedy continuation in llama.cpp (up to `new` tokens, EOS not included)."""
+    _, out, tmp = _run(model, prompts, lora, threads, timeout_s, greedy=new)
+    with tmp:
+        return json.loads(out.read_text())
