@@ -322,3 +322,13 @@ def test_grpo_refuses_fsdp_and_a_task_head(tiny_gpt2, tmp_path, sevens):
         setup(_grpo(tiny_gpt2, tmp_path / "f", sevens, "train.parallel=fsdp"))
     with pytest.raises(ConfigError, match="grpo trains a causal LM"):
         setup(_grpo(tiny_gpt2, tmp_path / "h", sevens, "model.task=classification"))
+
+
+def test_4bit_base_reference_pass_keeps_the_policy_exact(tiny_llama, tmp_path, sevens):
+    """On CPU bitsandbytes repacks 4-bit weights on the first no-grad forward (the adapter-off
+    reference pass); the fused LoRA op reads the packed weights, so a run must keep them
+    unpacked: at step 1 (B = 0) the policy is the base, KL 0."""
+    out = train(_grpo(tiny_llama, tmp_path, sevens, "train.steps=2", "grpo.beta=0.1",
+                      "model.quantization=4bit"))
+    first = [m for m in _metrics(out) if "kl" in m][0]
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6), first

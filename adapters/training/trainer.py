@@ -45,7 +45,7 @@ from ..data.packing import Batcher
 from ..errors import TrainingError
 from ..io import atomic_write_text
 from ..lora import attach_lora, check_rank, set_adapter_training
-from ..model import resolve_dtype
+from ..model import exact_4bit_on_cpu, resolve_dtype
 from . import checkpoint as ckpt
 from . import distributed, fsdp, fsdp_load, heads
 from .accelerate import accelerate
@@ -164,6 +164,9 @@ def setup(cfg: RunConfig, device: str | None = None, resume: bool = False,
         model, tok = heads.load_model(cfg, device, targets)
         device = str(model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
+    # bitsandbytes repacks 4-bit weights in place on the first no-grad forward on CPU (an
+    # eval, a GRPO rollout or reference pass); the fused LoRA op reads them packed
+    exact_4bit_on_cpu(model)
     check_rank(model, cfg.lora.r)  # before lora_A / lora_B are allocated at that rank
     model = attach_lora(model, cfg.lora)
     if cfg.lora.init_from:  # e.g. GRPO from an SFT adapter
