@@ -108,4 +108,4 @@ def test_a_quantized_adapter_gets_its_merge_checked_quantized(tiny_llama, tmp_pa
     assert row.runtime == "merged-4bit" and row.precision == "4bit" and not info.skipped
     # figures, not a verdict: on a 64-wide random model nf4's rounding alone moves the argmax
     # (the README gives the default model's); the row must exist and hold real numbers
-    assert 0 <= row.top1 <= 1 and row.kl > 0 and row.threshold.startswith(">= 80%")
+    assert 0 <= row.top1 <= 1 and row.kl > 0 and row.threshold.startswith(">= 75% top-1, KL <= 0.5")

@@ -15,10 +15,10 @@ quantized as the adapter was trained, for a QLoRA adapter), `llama.cpp` (the LoR
 vLLM are listed as skipped with the reason when they are not here.
 
 Thresholds (PASS_AT): runtimes of the reference's precision must agree on >= 99% of next
-tokens and >= 95% of greedy continuations; quantized ones have the lower bounds measured on
-the demo's adapters (README). A failing runtime names the first prompt whose continuation
-diverges, both continuations, and the likely cause where one is known (a LoRA tensor the
-runtime does not hold, for llama.cpp).
+tokens and >= 95% of greedy continuations; quantized ones have bounds on top-1 and KL set from
+the demo's adapters (README), their greedy agreement is reported. A failing runtime names the
+first prompt whose continuation diverges, both continuations, and the likely cause where one
+is known (a LoRA tensor the runtime does not hold, for llama.cpp).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from ..adapter.archive import is_archive
 from ..adapter.sections import ParityInfo, ParityRow
 from ..config import ModelConfig, from_dict
 from ..data.prompts import build_prompts
+from ..data.sources import read_rows
 from ..errors import AdaptersError, DataError
 from ..generation.decode import Request, Sampling
 from ..merge import SAMPLE_TEXT, merge_adapter
@@ -60,8 +61,11 @@ log = logging.getLogger(__name__)
 
 RUNTIMES = ("adapters", "adapters-mixed", "merged", "merged-quantized", "llama.cpp", "ollama",
             "vllm")
-# runtime kind -> (top-1 at least, greedy agreement at least)
-PASS_AT = {"same": (0.99, 0.95), "quantized": (0.80, 0.25), "llama.cpp": (0.97, 0.60)}
+# runtime kind -> (top-1 at least, greedy agreement at least, mean KL at most). A quantized
+# runtime's greedy continuation leaves the reference's at its first rounding difference, so
+# only its next-token figures are held to a bound (from the demo adapters, README).
+PASS_AT = {"same": (0.99, 0.95, 0.01), "llama.cpp": (0.95, 0.0, 0.05),
+           "quantized": (0.75, 0.0, 0.5)}
 
 
 @dataclass
@@ -177,14 +181,12 @@ def _registry_side(spec: str, folder: Path, case: Case, new: int, mixed: bool):
     return logits, [o.token_ids for o in outs]
 
 
-def _merged_side(folder: Path, spec: str, case: Case, new: int, quant: str | None):
-    with tempfile.TemporaryDirectory(prefix="adapters-parity-") as tmp:
-        merged, _ = merge_adapter(folder, Path(tmp) / "merged", base=spec, against="original",
-                                  verify=False)
-        cfg = ModelConfig(name=str(merged), dtype="fp32") if quant is None else ModelConfig(
-            name=str(merged), quantization=quant, dtype="fp32")
-        model, tok = load_base(cfg, device="cpu")
-        return _hf_side(model.eval(), tok, case, new)
+def _merged_side(merged: Path, case: Case, new: int, quant: str | None):
+    """The merged model folder loaded as it is (fp32) or quantized again like the adapter."""
+    cfg = ModelConfig(name=str(merged), dtype="fp32") if quant is None else ModelConfig(
+        name=str(merged), quantization=quant, dtype="fp32")
+    model, tok = load_base(cfg, device="cpu")
+    return _hf_side(model.eval(), tok, case, new)
 
 
 def _llama_side(folder: Path, spec: str, case: Case, new: int):
@@ -228,9 +230,9 @@ def _row(name: str, version: str, precision: str, kind: str, case: Case, logits,
          tok, note: str = "") -> ParityRow:
     agree = agreement(case.logits, logits)
     same = [g == c for g, c in zip(greedy, case.greedy)]
-    top1_min, greedy_min = PASS_AT[kind]
+    top1_min, greedy_min, kl_max = PASS_AT[kind]
     greedy_rate = sum(same) / max(len(same), 1)
-    passed = agree.top1 >= top1_min and greedy_rate >= greedy_min
+    passed = agree.top1 >= top1_min and greedy_rate >= greedy_min and agree.mean_kl <= kl_max
     if not passed and not all(same):
         i = same.index(False)
         note = (f"{note + '; ' if note else ''}first divergence: prompt {i} "
@@ -238,8 +240,8 @@ def _row(name: str, version: str, precision: str, kind: str, case: Case, logits,
                 f"{tok.decode(case.greedy[i])[:80]!r}, {name} "
                 f"{tok.decode(greedy[i])[:80]!r}")
     return ParityRow(name, version, precision, round(agree.top1, 4), round(agree.mean_kl, 6),
-                     round(greedy_rate, 4), passed, f">= {top1_min:.0%} top-1, >= "
-                     f"{greedy_min:.0%} greedy", note)
+                     round(greedy_rate, 4), passed, f">= {top1_min:.0%} top-1, KL <= {kl_max:g}"
+                     + (f", >= {greedy_min:.0%} greedy" if greedy_min else ""), note)
 
 
 def certify(adapter: str | Path, base: str | None, prompts: list[str], new: int = 64,
@@ -254,19 +256,37 @@ def certify(adapter: str | Path, base: str | None, prompts: list[str], new: int 
                       True, "")]
     skipped: dict[str, str] = {}
     quant = manifest.quantization.quantization if manifest and manifest.quantized else None
+    work = tempfile.TemporaryDirectory(prefix="adapters-parity-")
+    merged: list[Path] = []
+
+    def merge() -> Path:  # one merge (into the original weights) for both merged rows
+        if not merged:
+            merged.append(merge_adapter(folder, Path(work.name) / "merged", base=spec,
+                                        against="original", verify=False)[0])
+        return merged[0]
+
     plan = {
         "adapters": lambda: _row("adapters", _version(), "fp32", "same", case,
                                  *_registry_side(spec, folder, case, new, False), tok),
         "adapters-mixed": lambda: _row("adapters-mixed", _version(), "fp32", "same", case,
                                        *_registry_side(spec, folder, case, new, True), tok),
         "merged": lambda: _row("merged", _transformers(), "fp32", "same", case,
-                               *_merged_side(folder, spec, case, new, None), tok),
+                               *_merged_side(merge(), case, new, None), tok),
         "merged-quantized": lambda: _row(
             f"merged-{quant}", _transformers(), quant, "quantized", case,
-            *_merged_side(folder, spec, case, new, quant), tok,
+            *_merged_side(merge(), case, new, quant), tok,
             "the merge quantized again, as the adapter was trained"),
         "llama.cpp": lambda: _llama_row(folder, spec, case, new, tok),
     }
+    with work:
+        rows += _run_all(plan, runtimes, quant, skipped)
+    return ParityInfo(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                      len(case.prompts), new, rows, skipped)
+
+
+def _run_all(plan: dict, runtimes: tuple[str, ...], quant: str | None,
+             skipped: dict[str, str]) -> list[ParityRow]:
+    rows = []
     for name in runtimes:
         why = _unavailable(name, quant)
         if why:
@@ -278,8 +298,7 @@ def certify(adapter: str | Path, base: str | None, prompts: list[str], new: int 
         except AdaptersError as e:  # refused: the runtime cannot take this adapter as it is
             rows.append(ParityRow(name, "", "", 0.0, -1.0, 0.0, False, "",
                                   f"could not run: {e}"))
-    return ParityInfo(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                      len(case.prompts), new, rows, skipped)
+    return rows
 
 
 def _llama_row(folder: Path, spec: str, case: Case, new: int, tok) -> ParityRow:
@@ -313,6 +332,12 @@ def prompts_for(adapter: str | Path, tok, n: int = 32, data: str | None = None,
     if recipe:
         cfg = from_dict(recipe, f"{folder}/manifest.json recipe")
         source = data or cfg.data.eval
+        if source and cfg.data.format == "text":  # a document's opening as the prompt
+            rows = read_rows(source, cfg.data.text_unit)[0][:n]
+            texts = [tok.decode(tok(str(r.data.get((cfg.data.columns or {}).get("text", "text"))
+                                        or ""), add_special_tokens=False)["input_ids"][:32])
+                     for r in rows]
+            return [t for t in texts if t.strip()], str(source)
         if source:
             cfg.data.train, cfg.data.eval = source, None
             try:
