@@ -295,8 +295,10 @@ def test_a_failing_reward_names_itself_and_the_row(tiny_gpt2, tmp_path, monkeypa
 def test_two_ranks_equal_one_rank_with_twice_the_batch(tiny_gpt2, tmp_path, sevens):
     """Under torchrun each rank samples its share of the prompts (seeded by their place in the
     global batch) and the step divides by the global counts: one rank with twice the batch
-    takes the same steps."""
-    extra = ["train.steps=3", "grpo.beta=0.05", "grpo.num_generations=4"]
+    takes the same steps, also when the two ranks are paused between the two steps of a
+    generation and resumed (each rank's rollouts are in the checkpoint)."""
+    extra = ["train.steps=3", "grpo.beta=0.05", "grpo.num_generations=4",
+             "grpo.num_iterations=2", "train.save_every=1"]
     digits = sevens.replace("sevens", "digits")
     one = train(_grpo(tiny_gpt2, tmp_path / "one", digits, *extra, "train.batch_size=2"))
     cfg = _grpo(tiny_gpt2, tmp_path / "two", digits, *extra, "train.batch_size=1")
@@ -304,9 +306,11 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tiny_gpt2, tmp_path, seve
     path.write_text(dump_recipe(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-m", "adapters", "train", str(path), "--nproc", "2"],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    for resume in ([], ["--resume"]):  # paused mid-generation: each rank's rollouts kept
+        r = subprocess.run([sys.executable, "-m", "adapters", "train", str(path), "--nproc", "2",
+                            *(resume or ["--stop-after", "1"])], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
     two = tmp_path / "two" / "out"
     ones, twos = ([m for m in _metrics(x) if "reward" in m] for x in (one, two))
     assert [m["reward"] for m in ones] == pytest.approx([m["reward"] for m in twos], abs=1e-6)

@@ -80,7 +80,12 @@ def _run(model: Path, prompts: list[list[int]], lora: Path | None, threads: int,
         tmp.cleanup()
         tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-3:]
         raise ExportError(f"{lora or model}: llama.cpp refused to run it: " + " / ".join(tail))
-    return json.loads(done.stdout.strip().splitlines()[-1]), out, tmp
+    try:
+        return json.loads(done.stdout.strip().splitlines()[-1]), out, tmp
+    except (IndexError, ValueError):
+        tmp.cleanup()
+        raise ExportError(f"{lora or model}: llama.cpp's runtime answered nothing readable: "
+                          f"{done.stdout.strip()[-200:]!r}") from None
 
 
 def llama_cpp_logits(model: Path, prompts: list[list[int]], lora: Path | None = None,

@@ -40,6 +40,7 @@ import torch
 import transformers
 from peft import PeftModel
 from safetensors import safe_open
+from transformers import GenerationConfig
 
 from ..adapter import WEIGHTS_FILE, open_with_base, write_manifest
 from ..adapter.archive import is_archive
@@ -113,8 +114,11 @@ def _hf_greedy(model, tok, prompts: list[list[int]], new: int) -> list[list[int]
         width = max(len(p) for p in part)
         ids = torch.tensor([[_pad_id(tok)] * (width - len(p)) + p for p in part])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in part])
-        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                             max_new_tokens=new, pad_token_id=_pad_id(tok))
+        # plain argmax, stopping at the tokenizer's EOS as the other runtimes do (not the
+        # model's generation_config: a repetition penalty or extra stop ids would differ)
+        plain = GenerationConfig(do_sample=False, max_new_tokens=new, num_beams=1,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=_pad_id(tok))
+        gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=plain)
         out += [gen[i, width:].tolist() for i in range(len(part))]
     return out
 
@@ -167,7 +171,7 @@ def _registry_side(spec: str, folder: Path, case: Case, new: int, mixed: bool):
         rows = [Request(r.tolist(), "a") for r in ids]
         if mixed:  # the base on a second copy of each row, in the same batch
             rows += [Request(r.tolist(), None) for r in ids]
-            ids, mask = torch.cat([ids, ids.flip(1)]), torch.cat([mask, mask.flip(1)])
+            ids, mask = torch.cat([ids, ids]), torch.cat([mask, mask])
         return reg.forward(rows, input_ids=ids, attention_mask=mask).logits[:len(rows) // (
             2 if mixed else 1)]
 
@@ -247,6 +251,8 @@ def _row(name: str, version: str, precision: str, kind: str, case: Case, logits,
 def certify(adapter: str | Path, base: str | None, prompts: list[str], new: int = 64,
             runtimes: tuple[str, ...] = RUNTIMES) -> ParityInfo:
     """The certificate of `adapter` over `prompts` (texts) on each runtime of `runtimes`."""
+    if not prompts:
+        raise ExportError("parity: no prompts to compare on (give --prompts or --data)")
     folder, manifest, spec = open_with_base(adapter, base)
     tok0 = load_tokenizer(resolve_model_path(spec))
     case = Case([tok0(t, add_special_tokens=False)["input_ids"] or [tok0.eos_token_id]

@@ -91,6 +91,13 @@ def all_sum(d: Dist, values: list[float], device: str) -> list[float]:
     return t.tolist()
 
 
+def gather_objects(d: Dist, obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    out = [None] * d.world
+    collective(d, lambda: tdist.all_gather_object(out, obj), "the ranks' checkpoint state")
+    return out
+
+
 def any_rank(d: Dist, flag: bool, device: str) -> bool:
     """True on every rank when it is true on any (e.g. a stop signal one rank caught)."""
     t = torch.tensor([int(flag)], device=device)

@@ -36,7 +36,7 @@ from ..data.prompts import Prompt, PromptSampler, build_prompts
 from ..errors import ConfigError, TrainingError
 from ..generation.decode import Request, Sampling, decode
 from . import grpo_loss, rewards
-from .distributed import Dist, all_sum
+from .distributed import Dist, all_sum, gather_objects
 from .loss import autocast_for
 from .objectives import label_logprobs
 
@@ -74,6 +74,18 @@ def _to_json(batch: dict) -> dict:
 def _from_json(batch: dict) -> dict:
     return {k: torch.tensor(v["data"], dtype=getattr(torch, v["dtype"])).view(v["shape"])
             for k, v in batch.items()}
+
+
+def _with_mask(b: dict) -> dict:
+    """A micro-batch's attention mask back from `seq`: packed rows (position_ids) get the
+    block-diagonal causal mask collate_packed makes (a pad token alone), padded rows 0/1."""
+    seq = b["seq"]  # (B, T), -1 on padding
+    if "position_ids" not in b:
+        return {**b, "attention_mask": (seq >= 0).long()}
+    T = seq.shape[1]
+    doc = torch.where(seq >= 0, seq, -1 - torch.arange(T)[None, :].expand_as(seq))
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    return {**b, "attention_mask": ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]}
 
 
 class Grpo:
@@ -290,11 +302,17 @@ class Grpo:
         return out
 
     # -- checkpoints ------------------------------------------------------------------------
-    def state(self) -> dict | None:
+    def state(self, dist: Dist) -> dict | None:
+        """The rollouts in use, every rank's (called on all ranks: a collective under
+        torchrun); None when the next step samples anew."""
         if self.gen is None or self.g.num_iterations == 1:
-            return None  # the next step samples anew
-        return {"generation": self.gen[0], "micro": [_to_json(b) for b in self.gen[1]]}
+            return None
+        mine = [_to_json({k: v for k, v in b.items() if k != "attention_mask"})
+                for b in self.gen[1]]  # the mask is rebuilt from seq: (B, 1, T, T) is large
+        ranks = gather_objects(dist, mine) if dist.active else [mine]
+        return {"generation": self.gen[0], "ranks": ranks}
 
-    def load_state(self, state: dict | None) -> None:
+    def load_state(self, state: dict | None, dist: Dist) -> None:
         if state:
-            self.gen = (state["generation"], [_from_json(b) for b in state["micro"]])
+            self.gen = (state["generation"], [_with_mask(_from_json(b))
+                                              for b in state["ranks"][dist.rank]])

@@ -55,11 +55,12 @@ class Supervised:
         ga, bpe = run.cfg.train.grad_accum, run.batcher.batches_per_epoch()
         return [run.batcher.batch(*divmod(step * ga + i, bpe)) for i in range(ga)]
 
-    def state(self) -> dict | None:
-        """What a checkpoint must hold to resume this objective exactly (JSON)."""
+    def state(self, dist: Dist) -> dict | None:
+        """What a checkpoint must hold to resume this objective exactly (JSON); called on
+        every rank (it may gather the ranks' parts)."""
         return None
 
-    def load_state(self, state: dict | None) -> None:
+    def load_state(self, state: dict | None, dist: Dist) -> None:
         """Back to where a checkpoint's `state()` left off."""
 
     def normalisers(self, micro: list[dict]) -> list[int]:

@@ -2,7 +2,8 @@
 
 `grpo.rewards` names built-ins or `module:function`; each is called as TRL calls its reward
 functions, `fn(prompts, completions, completion_ids=..., **columns) -> list[float]` (one list
-per column, a value per completion), so a function written for TRL works here unchanged. The
+per column, a value per completion), so a function written for TRL works here unchanged if it
+scores every completion (TRL's None, "cannot score", is refused with the row). The
 step's reward is the weighted sum (`grpo.reward_weights`, default 1 each). A function that
 raises, returns the wrong number of values or a value that is not a finite number fails the
 step with the reward's name and the data row, never a traceback from deep inside.
@@ -23,6 +24,7 @@ import ast
 import importlib
 import json
 import math
+import numbers
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -161,7 +163,7 @@ def score(rewards: list[Reward], prompts: list[str], completions: list[str],
             raise TrainingError(f"reward {r.name!r} returned {len(values)} values for "
                                 f"{len(completions)} completions (rows from {where[0]})")
         for i, v in enumerate(values):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
                 raise TrainingError(f"reward {r.name!r} returned {v!r} for the completion of "
                                     f"{where[i]}: expected a finite number")
         table.append([float(v) for v in values])

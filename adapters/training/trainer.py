@@ -290,6 +290,7 @@ def save(run: Run, final: bool = False, training: dict | None = None) -> Path:
 
     Under torchrun only rank 0 writes: every rank holds the same weights and optimiser state.
     """
+    objective_state = run.objective.state(run.dist)  # e.g. GRPO's rollouts in use, all ranks'
     if not run.dist.main:
         return run.out / "checkpoints"
     man = heads.with_task(manifest_for(run, training), run.model)  # + the head's labels
@@ -298,7 +299,7 @@ def save(run: Run, final: bool = False, training: dict | None = None) -> Path:
              "scheduler": run.scheduler.state_dict(),
              "scaler": run.scaler.state_dict() if run.scaler else None,
              "recipe": run.cfg.to_dict(), "world_size": run.dist.world,
-             "objective": run.objective.state()}  # e.g. GRPO's rollouts in use
+             "objective": objective_state}
     path = ckpt.save_checkpoint(
         run.out / "checkpoints", run.step,
         lambda d, name: save_adapter(run.model, d, man, name=name), run.optimizer, state,
@@ -321,7 +322,7 @@ def restore(run: Run, path: Path, state: dict) -> None:
                 run.scheduler.step()
     for key in ("step", "tokens", "trainable_tokens", "bad_in_a_row", "bad_total"):
         setattr(run, key, state[key])
-    run.objective.load_state(state.get("objective"))
+    run.objective.load_state(state.get("objective"), run.dist)
     if run.scaler and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     ckpt.set_rng_state(state["rng"])
