@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass, field
 
 from ..config import IGNORE_INDEX, DataConfig
@@ -12,7 +11,8 @@ from ..io import sha256_file
 from .formats import SkipRow, check_columns, row_segments
 from .labels import Targets, label_examples
 from .preference import keep_pairs, pair_segments
-from .sources import Row, check_sources, expand, read_rows
+from .sources import Row, expand, split_rows
+from .sources import check_data as check_data  # for the CLI and preview
 from .tokenize import tokenize_segments
 
 log = logging.getLogger(__name__)
@@ -84,40 +84,13 @@ def data_files(cfg: DataConfig) -> list[dict]:
             for f in expand(spec)]
 
 
-def check_data(cfg: DataConfig) -> None:
-    """Fail now, reading no rows, when `data.train` or `data.eval` names nothing readable
-    (a missing file, an empty folder, a hub id while offline): run it before a model loads."""
-    for name in ("train", "eval"):
-        spec = getattr(cfg, name)
-        if spec is not None:
-            try:
-                check_sources(spec)
-            except DataError as e:
-                raise DataError(f"data.{name}: {e}") from None
-
-
 def build(cfg: DataConfig, tokenizer, seed: int = 0, cache: bool = True,
           targets: Targets | None = None) -> DataBundle:
     """Load, validate and tokenise the train (and eval) data a recipe's `data` section names.
 
     targets: for format `label`, the class names (None: regression values).
     """
-    if cfg.train is None:
-        raise DataError("data.train: no training data given (a file, folder, glob or list)")
-    check_data(cfg)  # a missing eval file fails before the train files are read
-    rows, _ = read_rows(cfg.train, cfg.text_unit)
-    eval_rows: list[Row] = []
-    if cfg.eval is not None:
-        eval_rows, _ = read_rows(cfg.eval, cfg.text_unit)
-    elif cfg.eval_fraction > 0:
-        if not 0 < cfg.eval_fraction < 1:
-            raise DataError(f"data.eval_fraction: must be between 0 and 1, got {cfg.eval_fraction}")
-        order = list(range(len(rows)))
-        random.Random(seed).shuffle(order)
-        n_eval = max(1, round(len(rows) * cfg.eval_fraction))
-        held = set(order[:n_eval])
-        eval_rows = [r for i, r in enumerate(rows) if i in held]
-        rows = [r for i, r in enumerate(rows) if i not in held]
+    rows, eval_rows = split_rows(cfg, seed)
     train = _split(rows, cfg, tokenizer, "train", cache, targets)
     # an eval file that holds no rows is an error, as for train (not a run without eval)
     given = cfg.eval is not None or eval_rows

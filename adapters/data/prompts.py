@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from ..config import DataConfig
 from ..errors import DataError
-from .formats import DEFAULT_COLUMNS, DEFAULT_TEMPLATE, SHAREGPT_ROLES, _alpaca_prompt, _messages
-from .sources import Row, check_sources, read_rows
+from .formats import DEFAULT_TEMPLATE, SHAREGPT_ROLES, _alpaca_prompt, _messages, columns_for
+from .sources import Row, split_rows
 from .template import render_chat
 
 log = logging.getLogger(__name__)
@@ -46,15 +46,6 @@ class PromptSet:
     stats: dict = field(default_factory=dict)
 
 
-def _columns(cfg: DataConfig) -> dict[str, str]:
-    cols = {**DEFAULT_COLUMNS[cfg.format], **(cfg.columns or {})}
-    unknown = set(cfg.columns or {}) - set(DEFAULT_COLUMNS[cfg.format])
-    if unknown:
-        raise DataError(f"data.columns: {sorted(unknown)} mean nothing for format "
-                        f"{cfg.format!r}; its roles are {', '.join(DEFAULT_COLUMNS[cfg.format])}")
-    return cols
-
-
 def _text(value, where: str, column: str) -> str:
     if value is None:
         return ""
@@ -65,7 +56,7 @@ def _text(value, where: str, column: str) -> str:
 
 def prompt_of(row: Row, cfg: DataConfig, tokenizer) -> tuple[str, str]:
     """(the prompt as the model sees it, the answer the row carries or "")."""
-    cols, d, w = _columns(cfg), row.data, row.where
+    cols, d, w = columns_for(cfg), row.data, row.where
     if cfg.format in ("prompt_completion", "preference"):
         prompt = _text(d.get(cols["prompt"]), w, cols["prompt"])
         template = cfg.prompt_template or DEFAULT_TEMPLATE
@@ -97,7 +88,7 @@ def _split(rows: list[Row], cfg: DataConfig, tokenizer, room: int, name: str) ->
     if role is None:
         raise DataError(f"data.format: {cfg.format} rows have no prompt; train.objective: grpo "
                         "needs prompts (prompt_completion, preference, alpaca, chat, sharegpt)")
-    column = _columns(cfg)[role]
+    column = columns_for(cfg)[role]
     if column not in rows[0].data:
         raise DataError(f"{rows[0].where}: format {cfg.format!r} takes its prompt from column "
                         f"{column!r}, the data has {list(rows[0].data)}. Map it in the recipe: "
@@ -125,27 +116,11 @@ def _split(rows: list[Row], cfg: DataConfig, tokenizer, room: int, name: str) ->
 def build_prompts(cfg: DataConfig, tokenizer, completion_tokens: int,
                   seed: int = 0) -> tuple[PromptSet, PromptSet | None]:
     """The train (and eval) prompts; a prompt must leave room for `completion_tokens`."""
-    if cfg.train is None:
-        raise DataError("data.train: no training data given (a file, folder, glob or list)")
-    for name in ("train", "eval"):
-        spec = getattr(cfg, name)
-        if spec is not None:
-            try:
-                check_sources(spec)
-            except DataError as e:
-                raise DataError(f"data.{name}: {e}") from None
     room = cfg.max_seq_len - completion_tokens
     if room < 1:
         raise DataError(f"data.max_seq_len ({cfg.max_seq_len}) leaves no room for a prompt next "
                         f"to grpo.max_completion_length ({completion_tokens})")
-    rows, _ = read_rows(cfg.train, cfg.text_unit)
-    eval_rows = read_rows(cfg.eval, cfg.text_unit)[0] if cfg.eval is not None else []
-    if cfg.eval is None and cfg.eval_fraction > 0:
-        order = list(range(len(rows)))
-        random.Random(seed).shuffle(order)
-        held = set(order[:max(1, round(len(rows) * cfg.eval_fraction))])
-        eval_rows = [r for i, r in enumerate(rows) if i in held]
-        rows = [r for i, r in enumerate(rows) if i not in held]
+    rows, eval_rows = split_rows(cfg, seed)
     train = _split(rows, cfg, tokenizer, room, "train")
     ev = _split(eval_rows, cfg, tokenizer, room, "eval") if cfg.eval is not None or eval_rows \
         else None

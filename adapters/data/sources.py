@@ -13,6 +13,7 @@ import glob
 import io
 import json
 import os
+import random
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any
 import datasets
 import pyarrow.parquet as pq
 
-from ..config import HUB_ID
+from ..config import HUB_ID, DataConfig
 from ..errors import DataError
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
@@ -320,3 +321,35 @@ def read_rows(spec: str | list[str], text_unit: str = "line") -> tuple[list[Row]
             rows += read_file(f, text_unit)
             files.append(f)
     return rows, files
+
+
+def check_data(cfg: DataConfig) -> None:
+    """Fail now, reading no rows, when `data.train` or `data.eval` names nothing readable
+    (a missing file, an empty folder, a hub id while offline): run it before a model loads."""
+    for name in ("train", "eval"):
+        spec = getattr(cfg, name)
+        if spec is not None:
+            try:
+                check_sources(spec)
+            except DataError as e:
+                raise DataError(f"data.{name}: {e}") from None
+
+
+def split_rows(cfg: DataConfig, seed: int = 0) -> tuple[list[Row], list[Row]]:
+    """(train rows, eval rows) a recipe's `data` names: data.eval's, or data.eval_fraction of
+    data.train held out by a shuffle of `seed` ([] when neither is set)."""
+    if cfg.train is None:
+        raise DataError("data.train: no training data given (a file, folder, glob or list)")
+    check_data(cfg)  # a missing eval file fails before the train files are read
+    rows, _ = read_rows(cfg.train, cfg.text_unit)
+    if cfg.eval is not None:
+        return rows, read_rows(cfg.eval, cfg.text_unit)[0]
+    if cfg.eval_fraction <= 0:
+        return rows, []
+    if not 0 < cfg.eval_fraction < 1:
+        raise DataError(f"data.eval_fraction: must be between 0 and 1, got {cfg.eval_fraction}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:max(1, round(len(rows) * cfg.eval_fraction))])
+    return ([r for i, r in enumerate(rows) if i not in held],
+            [r for i, r in enumerate(rows) if i in held])
