@@ -309,17 +309,23 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
     Relative data paths in the recipe are resolved against the recipe's folder.
     """
-    raw: dict[str, Any] = {}
-    source = "overrides"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        raw = _read_recipe(path)
+    raw = read_recipe(path, overrides)
+    return finish_recipe(raw, path, str(path) if path is not None else "overrides")
+
+
+def read_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The recipe's raw mapping (defaults when path is None) with the overrides applied."""
+    raw = _read_recipe(Path(path)) if path is not None else {}
     for text in overrides:
         section, key, value = _parse_override(text)
         sect = raw.setdefault(section, {})
         if isinstance(sect, dict):
             sect[key] = value
+    return raw
+
+
+def finish_recipe(raw: dict[str, Any], path: str | Path | None, source: str) -> RunConfig:
+    """Validate a raw recipe; relative data paths resolve against the recipe's folder."""
     cfg = from_dict(raw, source)
     if path is not None:
         _resolve_data_paths(cfg, Path(path).parent)

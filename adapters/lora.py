@@ -6,7 +6,7 @@ import logging
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -34,7 +34,10 @@ def _is_linear(module: nn.Module) -> bool:
 
 def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of the linear layers (the names `targets` can use)."""
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)}
+    # On a model that already has LoRA (another job's adapter): a wrapped layer's linear is
+    # its `base_layer`, named by its parent; the adapters' own linears are not targets.
+    names = {n.removesuffix(".base_layer").rsplit(".", 1)[-1]
+             for n, m in model.named_modules() if _is_linear(m) and ".lora_" not in n}
     return sorted(names)
 
 
@@ -94,22 +97,31 @@ def check_rank(model: nn.Module, r: int) -> None:
 
 
 def attach_lora(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default"):
-    """Wrap `model` in a peft LoRA model; only the LoRA weights require grad."""
-    targets = resolve_targets(model, cfg.targets)
+    """Wrap `model` in a peft LoRA model (or add one more adapter to a peft model); only the
+    LoRA weights (of every adapter) require grad."""
+    if isinstance(model, PeftModel):
+        targets = resolve_targets(model.get_base_model(), cfg.targets)
+        head = head_module(model.get_base_model())
+    else:
+        targets = resolve_targets(model, cfg.targets)
+        head = head_module(model)
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(
         model, "is_loaded_in_8bit", False)
-    if quantized:
+    if quantized and not isinstance(model, PeftModel):
         _prepare_quantized(model)
     # A sequence-classification head (heads.py) is peft's SEQ_CLS task: its head is a
     # `modules_to_save` module, trained in full and saved with the LoRA tensors.
-    head = head_module(model)
     pcfg = PeftLoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
         use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, bias="none",
         task_type="SEQ_CLS" if head else "CAUSAL_LM",
         modules_to_save=[head[0]] if head else None,
         fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2's Conv1D stores W^T
-    peft_model = get_peft_model(model, pcfg, adapter_name=adapter_name)
+    if isinstance(model, PeftModel):  # another adapter on the same base (training/jobs.py)
+        model.add_adapter(adapter_name, pcfg)
+        peft_model = model
+    else:
+        peft_model = get_peft_model(model, pcfg, adapter_name=adapter_name)
     for name, p in peft_model.named_parameters():
         p.requires_grad_("lora_" in name or ".modules_to_save." in name)
         if p.requires_grad and p.dtype != torch.float32:

@@ -19,6 +19,8 @@ gradient checkpointing on every side); --longest: the longest sequence trained i
   .venv/bin/python scripts/bench_train.py --quick --switches   # + a row per HF switch
   .venv/bin/python scripts/bench_train.py --models smollm2 gpt2-small --steps 20
   .venv/bin/python scripts/bench_train.py --gpu                # on a CUDA machine
+  .venv/bin/python scripts/bench_train.py --jobs               # 4 adapters in one pass vs
+                                                               # one by one (bench_jobs.py)
 """
 
 from __future__ import annotations
@@ -196,6 +198,12 @@ def pool(rs: list[dict]) -> dict:
 
 
 def main() -> None:
+    if "--jobs" in sys.argv:  # many adapters in one pass: scripts/bench_jobs.py
+        sys.argv.remove("--jobs")
+        import bench_jobs
+
+        bench_jobs.main()
+        return
     a = parse_args()
     if a.worker:
         res = WORKERS[a.worker[0]](json.loads(a.worker[1]))

@@ -148,7 +148,8 @@ def load_adapter(model, folder: str | Path, tokenizer=None, adapter_name: str = 
         raise AdapterFileError(f"{folder}: does not fit this base model: {str(e)[:300]}") from e
 
 
-def start_from(model, folder: str | Path, tokenizer, r: int, alpha: float) -> None:
+def start_from(model, folder: str | Path, tokenizer, r: int, alpha: float,
+               adapter_name: str = "default") -> None:
     """Copy a trained adapter's weights into the fresh LoRA of `model` (lora.init_from), after
     the checks of every load; its rank, alpha and targets must be the recipe's."""
     folder = resolve_adapter(folder)
@@ -163,8 +164,8 @@ def start_from(model, folder: str | Path, tokenizer, r: int, alpha: float) -> No
     if wrong:
         raise AdapterFileError(f"lora.init_from: {folder}: " + "; ".join(wrong))
     weights = load_file(folder / WEIGHTS_FILE)
-    result = set_peft_model_state_dict(model, weights)
-    missing = [k for k in result.missing_keys if "lora_" in k]
+    result = set_peft_model_state_dict(model, weights, adapter_name)
+    missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter_name}." in k]
     if result.unexpected_keys or missing:
         raise AdapterFileError(
             f"lora.init_from: {folder}: its tensors do not match the recipe's lora.targets "

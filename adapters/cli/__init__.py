@@ -24,7 +24,9 @@ from ..errors import AdaptersError, ConfigError
 # peft), is imported only when that command runs or shows its own --help: `adapters --help`
 # and a mistyped command answer at once.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("training", "train a LoRA adapter from a recipe"),
+    "train": ("training", "train a LoRA adapter from a recipe (several at once: jobs:)"),
+    "sweep": ("training", "train a grid of adapters on one base in one pass, e.g. "
+                          "lora.r=8,16 train.lr=1e-4,3e-4, and compare them"),
     "eval": ("evaluation", "evaluate the base and adapters side by side"),
     "predict": ("evaluation", "predict labels or values with a task-head adapter"),
     "merge": ("merging", "merge an adapter into its base model, verified"),

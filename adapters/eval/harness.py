@@ -135,11 +135,14 @@ def _models(base_model, tok, adapters: dict[str, Path]):
 def evaluate(base: str, adapters: dict[str, str | Path], datasets: dict[str, DataConfig],
              quantization: str = "none", max_rows: int | None = None,
              accuracy: bool = True, progress: bool = False, generate: int = 0,
-             max_new_tokens: int = 64, dtype: str = "auto") -> list[dict]:
+             max_new_tokens: int = 64, dtype: str = "auto",
+             held_out: dict[str, int] | None = None) -> list[dict]:
     """One row per (model, dataset): loss, perplexity, token accuracy, token count, and with
     `generate` > 0 exact match, token F1 and ROUGE-L of greedy answers (plus samples).
 
     dtype: the model's (as `model.dtype` in a recipe); "auto" is bf16 where bf16 is fast.
+    held_out: dataset name -> training seed: that dataset is scored on its held-out split
+    (data.eval, or the data.eval_fraction rows a run with that seed held out).
     """
     task = adapters_task(adapters)  # task-head adapters: accuracy, F1, MSE... (eval/heads.py)
     if task:
@@ -151,7 +154,8 @@ def evaluate(base: str, adapters: dict[str, str | Path], datasets: dict[str, Dat
     batchers, tokenised, raw = {}, {}, {}
     for name, dcfg in datasets.items():
         raw[name] = read_rows(dcfg.train, dcfg.text_unit)[0][:max_rows or None]
-        ds = build(dcfg, tok).train.dataset
+        bundle = build(dcfg, tok, seed=(held_out or {}).get(name, 0))
+        ds = (bundle.eval if name in (held_out or {}) and bundle.eval else bundle.train).dataset
         if max_rows:
             ds = ds.select(range(min(max_rows, len(ds))))
         batchers[name] = Batcher(ds, 8, dcfg.max_seq_len, dcfg.packing, tok.pad_token_id)

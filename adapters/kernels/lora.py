@@ -121,9 +121,11 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def fused_lora(x: torch.Tensor, layers: list[nn.Module]) -> tuple[torch.Tensor, ...]:
-    """The outputs of the peft LoRA `layers` (same input x (..., d)), through the fused op."""
-    name = layers[0].active_adapters[0]
+def fused_lora(x: torch.Tensor, layers: list[nn.Module],
+               name: str | None = None) -> tuple[torch.Tensor, ...]:
+    """The outputs of the peft LoRA `layers` (same input x (..., d)), through the fused op,
+    with adapter `name` (default: the active one)."""
+    name = name or layers[0].active_adapters[0]
     lead = x.shape[:-1]
     xf = x.reshape(-1, x.shape[-1]).to(_compute_dtype(x))  # (N, d)
     bases = tuple(m.get_base_layer() for m in layers)

@@ -21,9 +21,10 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
-def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable tensors of `params` (a model's, or one job's adapter)."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in params:
         if p.requires_grad:
             # Biases, norms and DoRA magnitudes (1-D) are not decayed.
             (decay if p.ndim >= 2 else no_decay).append(p)

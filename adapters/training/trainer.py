@@ -9,11 +9,10 @@ loss fused with the lm_head at label positions only, normalised by the step's to
 trainable tokens (so accumulation equals one big batch); then clip, a non-finite guard, the
 (fused) AdamW step and the schedule. `step` is the one place the step counter advances.
 
-Below this story, each module one concern: optim (optimiser, schedule), loss (the fused loss),
-progress (pre-flight, metrics lines, bar, summary), checkpoint (the files of a resumable
-state), distributed (torchrun), runtime (seeds, signals, memory, folder checks), plots,
-objective (the objective chosen once: its normalisers, micro-batch loss, metrics, evaluation;
-objectives + reference hold the DPO/ORPO losses and DPO's reference log-probs).
+Below this story, each module one concern: optim, loss (the fused loss), progress (pre-flight,
+metrics, bar, summary), checkpoint, distributed (torchrun), runtime (seeds, signals, memory,
+folder checks), plots, objective (the objective chosen once). jobs.py runs several of these
+runs on one base in one pass.
 """
 
 from __future__ import annotations
@@ -106,6 +105,7 @@ class Run:
     objective: Supervised = field(default_factory=Supervised)  # chosen once, in setup()
     speed: dict = field(default_factory=dict)  # what accelerate() applied (compile, fused, ...)
     fsdp: dict | None = None  # under fsdp: the base's fingerprint, the per-rank weight bytes
+    adapter: str = "default"  # its peft adapter name (one of several in training/jobs.py)
 
 
 def train(cfg: RunConfig, resume: str | None = None, progress: bool = False,
@@ -185,7 +185,7 @@ def setup(cfg: RunConfig, device: str | None = None, resume: bool = False,
     steps = total_steps(cfg, batcher.batches_per_epoch())
     speed = accelerate(model, cfg.train, device, steps)  # checkpointing, fused LoRA, compile
     sharded = fsdp.shard(model, d, dtype, tok, device) if fsdp_on else None
-    opt = make_optimizer(model, cfg.train)
+    opt = make_optimizer(model.parameters(), cfg.train)
     stats = {"format": cfg.data.format, "files": data_files(cfg.data), "train": data.train.stats,
              "eval": data.eval.stats if data.eval else None}
     scaler = torch.amp.GradScaler(device.split(":")[0]) if dtype == torch.float16 else None
@@ -211,12 +211,12 @@ def fit(run: Run, signals: StopSignals, progress: bool = False,
             if run.step == start + 1 and run.speed.get("compile"):
                 log.info("first step (includes torch.compile): %.1f s", m["seconds"])
                 m["compile_seconds"] = m["seconds"]
-            if _due(t.eval_every, run.step, run.total_steps):
+            if due(t.eval_every, run.step, run.total_steps):
                 ev = evaluate(run) or {"loss": None}
                 m.update({f"eval_{k}": v for k, v in ev.items() if k in EVAL_IN_STEP_LINE
                           or k.startswith("reward")})
             report.record(m)
-            if _due(t.save_every, run.step, run.total_steps):
+            if due(t.save_every, run.step, run.total_steps):
                 save(run)
             if stop_after is not None and start + stop_after <= run.step < run.total_steps:
                 report.close()
@@ -262,7 +262,7 @@ def step(run: Run) -> dict:
     params = [p for g in run.optimizer.param_groups for p in g["params"]]  # the adapter's
     if run.dist.active:
         loss = distributed.sum_grads(run.dist, params, loss)
-    grad_norm, finite = _update(run, params, loss)
+    grad_norm, finite = apply_update(run, params, loss)
     lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
     run.step += 1
@@ -273,7 +273,7 @@ def step(run: Run) -> dict:
          "trainable_tokens": counted, "tokens_per_s": tokens / dt, "seconds": dt,
          "finite": finite}
     m.update(run.objective.metrics(sums, norms, run.dist, run.device))
-    _count_bad(run, m)
+    count_bad(run, m)
     return m
 
 
@@ -302,16 +302,16 @@ def save(run: Run, final: bool = False, training: dict | None = None) -> Path:
              "objective": objective_state}
     path = ckpt.save_checkpoint(
         run.out / "checkpoints", run.step,
-        lambda d, name: save_adapter(run.model, d, man, name=name), run.optimizer, state,
+        lambda d, name: save_adapter(run.model, d, man, run.adapter, name), run.optimizer, state,
         run.cfg.train.keep_checkpoints)
     if final:
-        save_adapter(run.model, run.out, man)
+        save_adapter(run.model, run.out, man, run.adapter)
     return path
 
 
 def restore(run: Run, path: Path, state: dict) -> None:
     """Continue exactly where a checkpoint left off: weights, optimiser, schedule, RNG, data."""
-    set_peft_model_state_dict(run.model, load_file(path / WEIGHTS_FILE))
+    set_peft_model_state_dict(run.model, load_file(path / WEIGHTS_FILE), run.adapter)
     ckpt.load_optimizer(path, run.optimizer)
     if "scheduler" in state:
         run.scheduler.load_state_dict(state["scheduler"])
@@ -331,15 +331,14 @@ def restore(run: Run, path: Path, state: dict) -> None:
     log.info("resumed from %s at step %d", path, run.step)
 
 
-# ---- helpers of the story above ------------------------------------------------------------
-
+# ---- helpers of the story above (jobs.py shares them) -------------------------------------
 
 def micro_batches(run: Run, step: int) -> list[dict]:
     """The `grad_accum` batches of optimiser step `step` (a function of the step: resumable)."""
     return run.objective.micro_batches(run, step)
 
 
-def _update(run: Run, params: list[torch.Tensor], loss: float) -> tuple[float, bool]:
+def apply_update(run: Run, params: list[torch.Tensor], loss: float) -> tuple[float, bool]:
     """Clip, then apply the gradients unless non-finite; returns (grad norm, finite)."""
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
@@ -359,7 +358,7 @@ def _update(run: Run, params: list[torch.Tensor], loss: float) -> tuple[float, b
     return grad_norm, finite
 
 
-def _count_bad(run: Run, m: dict) -> None:
+def count_bad(run: Run, m: dict) -> None:
     """Count a non-finite step; stop after max_bad_steps in a row (last checkpoint intact)."""
     if m["finite"]:
         run.bad_in_a_row = 0
@@ -377,7 +376,7 @@ def _count_bad(run: Run, m: dict) -> None:
             "data, then resume with --resume")
 
 
-def _due(every: int, step: int, last: int) -> bool:
+def due(every: int, step: int, last: int) -> bool:
     """Every `every` steps, but not at the last step (the end of the run does its own)."""
     return bool(every) and step % every == 0 and step != last
 

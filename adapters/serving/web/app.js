@@ -287,20 +287,33 @@ async function refreshRuns() {
     const sig = JSON.stringify(body.runs.map((r) => [r.path, r.metrics, r.results, r.adapter]));
     if (sig === state.runsSig) return;  // unchanged: keep the buttons (and the focus) as they are
     state.runsSig = sig;
-    list.textContent = "";
+    // Reconcile by path instead of rebuilding: a button the user is about to click (or has
+    // focused) stays the same element while a run's files change under it.
+    state.runsByPath = new Map(body.runs.map((r) => [r.path, r]));
+    const have = new Map([...list.querySelectorAll("button.run")].map((b) => [b.dataset.path, b]));
+    let prev = null;
     for (const r of body.runs) {
-      const li = document.createElement("li");
-      const b = Object.assign(document.createElement("button"), { type: "button", className: "run" });
+      let b = have.get(r.path);
+      if (!b) {
+        b = Object.assign(document.createElement("button"), { type: "button", className: "run" });
+        b.textContent = r.path;
+        b.dataset.path = r.path;
+        b.addEventListener("click", () => openRun(state.runsByPath.get(b.dataset.path)));
+        const li = document.createElement("li");
+        li.append(b);
+      }
+      have.delete(r.path);
       const kinds = ["metrics", "results", "adapter"].filter((k) => r[k]).join(", ");
-      b.textContent = r.path;
       b.title = kinds;
-      b.dataset.path = r.path;
       b.setAttribute("aria-label", r.path + " (" + kinds + ")");
       if (r.path === state.run) b.setAttribute("aria-current", "true");
-      b.addEventListener("click", () => openRun(r));
-      li.append(b);
-      list.append(li);
+      const li = b.parentElement;
+      if (prev ? prev.nextSibling !== li : list.firstChild !== li) {
+        list.insertBefore(li, prev ? prev.nextSibling : list.firstChild);
+      }
+      prev = li;
     }
+    for (const b of have.values()) b.parentElement.remove();
   } catch (e) { say(e.message); }
 }
 
