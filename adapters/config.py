@@ -28,6 +28,13 @@ IGNORE_INDEX = -100  # label of a position that no loss is counted on (PyTorch's
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name on the hub
 
 
+# Which way each metric of an eval row is better (eval/, the web page).
+HIGHER_IS_BETTER = {"loss": False, "perplexity": False, "token_accuracy": True,
+                    "choice_accuracy": True, "preference_accuracy": True, "reward_accuracy": True,
+                    "exact_match": True, "token_f1": True, "rouge_l": True, "bleu": True,
+                    # task heads (eval/heads.py)
+                    "accuracy": True, "macro_f1": True, "mse": False, "mae": False, "r2": True}
+
 def _choice(*values: str) -> dict:
     return {"choices": values}
 
@@ -128,6 +135,9 @@ class TrainConfig:
     # ddp: every rank holds the whole base; fsdp: the frozen base is sharded across ranks
     # (FSDP2), for bases that do not fit one device. The LoRA tensors are replicated either way.
     parallel: str = field(default="ddp", metadata=_choice("ddp", "fsdp"))
+    # a recipe with jobs: how many jobs' micro-batches share one forward; 0: auto (1 on CPU,
+    # all on CUDA). More stacks bigger matmuls, and holds more activations at once
+    jobs_per_forward: int = field(default=0, metadata=_range(0, 1 << 16))
     report_to: list[str] = field(default_factory=list)  # tensorboard, mlflow, wandb (extras)
     # sft: next-token loss; dpo / orpo: preference pairs (data.format: preference). DPO's
     # reference is the same base with the adapter switched off (no second model).

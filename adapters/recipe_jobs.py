@@ -28,7 +28,7 @@ SHARED: dict[str, tuple[str, ...] | None] = {
     "model": None,
     "data": ("max_seq_len",),
     "train": ("parallel", "gradient_checkpointing", "offload_checkpoints", "compile",
-              "fused_lora", "attention", "liger", "dist_timeout_s"),
+              "fused_lora", "attention", "liger", "dist_timeout_s", "jobs_per_forward"),
 }
 JOB_SECTIONS = ("lora", "data", "train", "output")
 OBJECTIVES = ("sft", "dpo", "orpo")  # grpo rolls out per job; task heads change the base
@@ -170,6 +170,12 @@ class _Unset:
     pass
 
 
+def peft_name(job: str) -> str:
+    """The job's adapter name inside peft: a module name (no ".") that is never part of
+    "lora_", which peft's loading matches names against (a job called "a" would clash)."""
+    return "job_" + job.replace(".", "_")
+
+
 def check_jobs(jobs: list[Job]) -> None:
     """ConfigError unless the jobs' recipes agree on SHARED and each job can join a pass (for
     jobs built in code, e.g. the demo's; recipe jobs were checked when read)."""
@@ -183,8 +189,8 @@ def check_jobs(jobs: list[Job]) -> None:
                                     f"{first[section].get(k)!r} in {jobs[0].name}: the jobs "
                                     "share one base and one stacked batch")
         problems += _check_job(job.cfg, where)
-    if len({j.name for j in jobs}) < len(jobs):
-        problems.append("two jobs have the same name")
+    if len({peft_name(j.name) for j in jobs}) < len(jobs):
+        problems.append("two jobs have the same name (a '.' counts as '_')")
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in the jobs:\n  " + "\n  ".join(problems))
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,14 +34,19 @@ ROOT = Path(__file__).resolve().parents[1]
 GRID = [(8, 1e-4), (8, 3e-4), (16, 1e-4), (16, 3e-4)]  # (lora.r, train.lr) per job
 
 
-def recipes(model: str, data: dict, steps: int, batch: int, n: int, out: Path) -> tuple:
+def recipes(model: str, data: dict, a, out: Path) -> tuple:
     """(the one-pass recipe, the N recipes of the one-by-one side)."""
-    common = {"model": {"name": model, "dtype": "bf16"}, "data": data,
-              "train": {"steps": steps, "batch_size": batch, "schedule": "constant",
-                        "seed": 0, "log_every": 1}, "lora": {"alpha": 32}}
+    common = {"model": {"name": model, "dtype": "bf16", "quantization": a.quantization},
+              "data": data, "lora": {"alpha": 32},
+              "train": {"steps": a.steps, "batch_size": a.batch, "schedule": "constant",
+                        "seed": 0, "log_every": 1,
+                        "gradient_checkpointing": a.checkpointing}}
+    one = {"jobs_per_forward": a.per_forward}  # the one-pass side's only extra key
+    n = a.jobs
     jobs = [{"name": f"r{r}-lr{lr:g}", "lora": {"r": r}, "train": {"lr": lr}}
             for r, lr in GRID[:n]]
-    one_pass = {**common, "output": {"dir": str(out / "pass")}, "jobs": jobs}
+    one_pass = {**common, "output": {"dir": str(out / "pass")}, "jobs": jobs,
+                "train": {**common["train"], **one}}
     alone = []
     for job in jobs:
         cfg = json.loads(json.dumps(common))
@@ -82,7 +88,8 @@ def step_seconds(folders: list[Path], stacked: bool) -> float:
 
 def one_repeat(model, data, a, work: Path, i: int) -> dict:
     out = work / f"rep{i}"
-    one_pass, alone = recipes(model, data, a.steps, a.batch, a.jobs, out)
+    shutil.rmtree(out, ignore_errors=True)  # each repeat trains afresh
+    one_pass, alone = recipes(model, data, a, out)
     sides = {}
     order = ("one pass", "one by one") if i % 2 == 0 else ("one by one", "one pass")
     for side in order:  # interleaved: the first side alternates between repeats
@@ -117,6 +124,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--checkpointing", action="store_true",
+                   help="train.gradient_checkpointing on both sides (activations recomputed)")
+    p.add_argument("--per-forward", type=int, default=0,
+                   help="train.jobs_per_forward of the one pass (0: auto, 1 on CPU); "
+                        "--per-forward 4 stacks all four")
+    p.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
     p.add_argument("--model-path", help="a model folder (default: the embedded SmolLM2 135M)")
     p.add_argument("--out", default="runs/bench-jobs")
     a = p.parse_args()
@@ -130,7 +143,10 @@ def main() -> None:
     model = a.model_path or str(default_model_dir())
     data = {**data_cfg("b-padded", work, build=True), "max_seq_len": a.seq}
     print(f"# {a.jobs} jobs (lora.r x train.lr: {GRID[:a.jobs]}), {a.steps} steps each, batch "
-          f"{a.batch} x <= {a.seq} tokens of pydoc Q&A, packed, bf16, the same recipes on both "
+          f"{a.batch} x <= {a.seq} tokens of pydoc Q&A, packed, bf16, quantization "
+          f"{a.quantization}, gradient checkpointing {'on' if a.checkpointing else 'off'}, "
+          f"jobs per forward {a.per_forward or 'auto'} (one pass), "
+          "the same recipes on both "
           f"sides; one pass = one `adapters train` with jobs:, one by one = {a.jobs} processes "
           f"in a row; {a.repeats} interleaved repeats; min/median/max", flush=True)
     reps = [one_repeat(model, data, a, work, i) for i in range(a.repeats)]

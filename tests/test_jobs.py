@@ -72,7 +72,9 @@ MIXED = [{"name": "a"},
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-op", "peft-path"])
 def test_each_job_equals_its_run_alone(tiny_model, tmp_path, fused):
-    js = load_jobs(_recipe(tiny_model, tmp_path, MIXED, train={"fused_lora": fused}))
+    # the fused op stacks all three jobs in one forward; peft's path two, then one
+    js = load_jobs(_recipe(tiny_model, tmp_path, MIXED, train={
+        "fused_lora": fused, "jobs_per_forward": 3 if fused else 2}))
     outs = train_jobs(js.jobs)
     assert outs == [tmp_path / "pass" / n for n in "abc"]
     for job, out in zip(js.jobs, outs):

@@ -152,7 +152,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this "
               "port can use the model", file=sys.stderr)
     models = [reg.base_name, *reg.names(), *heads.names()]
-    print(f"models: {models} on http://{args.host}:{args.port}/v1", flush=True)
+    page = "playground, runs" if args.adapter_root else "playground"
+    print(f"models: {models} on http://{args.host}:{args.port}/v1; the web page ({page}) at "
+          f"http://{args.host}:{args.port}/", flush=True)
     serve(app, args.host, args.port)
     return 0
 

@@ -7,11 +7,7 @@ import re
 import string
 from collections import Counter
 
-HIGHER_IS_BETTER = {"loss": False, "perplexity": False, "token_accuracy": True,
-                    "choice_accuracy": True, "preference_accuracy": True, "reward_accuracy": True,
-                    "exact_match": True, "token_f1": True, "rouge_l": True, "bleu": True,
-                    # task heads (eval/heads.py)
-                    "accuracy": True, "macro_f1": True, "mse": False, "mae": False, "r2": True}
+from ..config import HIGHER_IS_BETTER  # noqa: F401 (re-exported: eval's names)
 
 _PUNCTUATION = set(string.punctuation)
 

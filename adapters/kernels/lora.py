@@ -52,7 +52,7 @@ def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return w.to(dtype)
 
 
-def _no_autocast(device_type: str):
+def no_autocast(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
 
 
@@ -65,7 +65,7 @@ class FusedLoraFn(torch.autograd.Function):
         k = len(bases)
         As, Bs = ab[:k], ab[k:]
         dt = x.dtype
-        with _no_autocast(x.device.type):
+        with no_autocast(x.device.type):
             a = torch.cat([A.to(dt) for A in As]) if k > 1 else As[0].to(dt)  # (k r, d)
             xa = x @ a.t()  # (N, k r)
             outs, start = [], 0
@@ -89,7 +89,7 @@ class FusedLoraFn(torch.autograd.Function):
         dt = x.dtype
         need_x = ctx.needs_input_grad[0]
         gs, dBs, dx, start = [], [], None, 0
-        with _no_autocast(x.device.type):
+        with no_autocast(x.device.type):
             for base, B, s, dy in zip(ctx.bases, Bs, ctx.scales, dys, strict=True):
                 r = B.shape[1]
                 if dy is None:  # an output that was not used
@@ -114,7 +114,7 @@ class FusedLoraFn(torch.autograd.Function):
         return (dx, None, None, *dAs, *dBs)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
@@ -127,7 +127,7 @@ def fused_lora(x: torch.Tensor, layers: list[nn.Module],
     with adapter `name` (default: the active one)."""
     name = name or layers[0].active_adapters[0]
     lead = x.shape[:-1]
-    xf = x.reshape(-1, x.shape[-1]).to(_compute_dtype(x))  # (N, d)
+    xf = x.reshape(-1, x.shape[-1]).to(compute_dtype(x))  # (N, d)
     bases = tuple(m.get_base_layer() for m in layers)
     scales = tuple(float(m.scaling[name]) for m in layers)
     ab = [m.lora_A[name].weight for m in layers] + [m.lora_B[name].weight for m in layers]

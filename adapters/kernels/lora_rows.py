@@ -3,16 +3,23 @@
 Training several adapters on one frozen base (training/jobs.py) stacks the jobs' micro-batches
 along the batch dimension and runs the decoder once. Every LoRA layer then computes
 
-    y = x @ W^T (+ bias)                          the base, once for all rows
-    y[rows_j] += s_j * dropout_j(x[rows_j]) @ A_j^T @ B_j^T   for each job j
+    y = x @ W^T (+ bias)                                   the base: one matmul, all rows
+    y[rows_j] += s_j * (x[rows_j] @ A_j^T) @ B_j^T         each job j on its rows only
 
-i.e. peft's forward for adapter j, restricted to job j's rows (a job whose targets leave this
-layer out gets the base alone). With the fused op installed (kernels/lora.py) and a layer it
-supports, each job's rows go through `fused_lora` instead: base and LoRA in one autograd op,
-so a job's rows cost what they cost in a run of their own. Different ranks need no padding:
-the groups are separate matmuls. Only `RowGroups.set(...)` switches a model into this mode;
-outside it (evaluation of one job, the adapter-off reference, saving) a layer does what
-`RowGroups.only` says or falls back to the forward it had.
+i.e. peft's forward for adapter j restricted to job j's rows; a job whose targets leave this
+layer out gets the base alone. Where the fused op covers the layer (kernels/lora.py:
+`supported`), `RowLoraFn` does this as one autograd op with the hand-derived backward
+
+    g_j  = s_j * dy_j @ B_j          (n_j, r_j)
+    dB_j = s_j * dy_j^T @ xa_j       (d_out, r_j)
+    dA_j = g_j^T @ x_j               (r_j, d)
+    dx   = dy @ W  (all rows)  +  g_j @ A_j  (on rows_j)
+
+saving only x and each job's small x_j @ A_j^T. Different ranks need no padding: each group is
+its own pair of thin matmuls. Elsewhere (dropout, an 8-bit base) peft's modules run per group
+after one base call. Only `RowGroups.set(...)` switches a model into this mode; outside it
+(`only`: one job's evaluation; neither: the adapter-off reference, saving) a layer does what
+`only` says or falls back to the forward it had.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import functools
 import torch
 from torch import nn
 
-from .lora import fused_lora, is_fused, supported
+from .lora import compute_dtype, dense_weight, fused_lora, is_fused, no_autocast, supported
 
 _PREV = "_adapters_rows_prev_forward"
 
@@ -50,33 +57,88 @@ class RowGroups:
             self.groups, self.only = prev
 
 
-def _lora_rows(layer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    """Layer output (N, d_out) for rows x (N, d) under adapter `name` (peft's arithmetic)."""
-    if name not in layer.lora_A:
-        return layer.get_base_layer()(x)
-    if is_fused(layer) and supported(layer):
-        return fused_lora(x, [layer], name)[0]
-    y = layer.get_base_layer()(x)
-    a, b = layer.lora_A[name], layer.lora_B[name]
-    # peft casts the input to the adapter's dtype unless autocast does the matmuls
-    xa = x if torch.is_autocast_enabled(x.device.type) else x.to(a.weight.dtype)
-    return y + b(a(layer.lora_dropout[name](xa))) * layer.scaling[name]
+class RowLoraFn(torch.autograd.Function):
+    """(x (N, d), base, spans, scales, *A_j, *B_j) -> y (N, d_out); see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, base, spans, scales, *ab):
+        k = len(spans)
+        As, Bs = ab[:k], ab[k:]
+        dt = x.dtype
+        with no_autocast(x.device.type):
+            w = dense_weight(base, dt)
+            bias = getattr(base, "bias", None)
+            y = x @ w.t() if bias is None else torch.addmm(bias.to(dt), x, w.t())  # (N, d_out)
+            xas = []
+            for (s, e), A, B, sc in zip(spans, As, Bs, scales, strict=True):
+                xa = x[s:e] @ A.to(dt).t()  # (n_j, r_j)
+                y[s:e].addmm_(xa, B.to(dt).t(), alpha=sc)
+                xas.append(xa)
+        ctx.base, ctx.spans, ctx.scales = base, spans, scales
+        ctx.save_for_backward(x, *xas, *ab)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, *rest = ctx.saved_tensors
+        k = len(ctx.spans)
+        xas, As, Bs = rest[:k], rest[k:2 * k], rest[2 * k:]
+        dt = x.dtype
+        dy = dy.to(dt)
+        dAs, dBs = [], []
+        with no_autocast(x.device.type):
+            need_x = ctx.needs_input_grad[0]
+            dx = dy @ dense_weight(ctx.base, dt) if need_x else None  # (N, d): all rows
+            for (s, e), xa, A, B, sc in zip(ctx.spans, xas, As, Bs, ctx.scales, strict=True):
+                dyj = dy[s:e]  # (n_j, d_out)
+                dBs.append((dyj.t() @ xa).mul_(sc).to(B.dtype))  # (d_out, r_j)
+                g = (dyj @ B.to(dt)).mul_(sc)  # (n_j, r_j)
+                dAs.append((g.t() @ x[s:e]).to(A.dtype))  # (r_j, d)
+                if need_x:
+                    dx[s:e].addmm_(g, A.to(dt))
+        return (dx, None, None, None, *dAs, *dBs)
+
+
+def _fused_rows(layer: nn.Module, groups, xf: torch.Tensor) -> torch.Tensor:
+    """The layer on stacked rows xf (N, d) through RowLoraFn: the groups with its adapter."""
+    mine = [(n, s, e) for n, s, e in groups if n in layer.lora_A and e > s]
+    spans = tuple((s, e) for _, s, e in mine)
+    scales = tuple(float(layer.scaling[n]) for n, _, _ in mine)
+    ab = [layer.lora_A[n].weight for n, _, _ in mine] + [layer.lora_B[n].weight
+                                                         for n, _, _ in mine]
+    return RowLoraFn.apply(xf.to(compute_dtype(xf)), layer.get_base_layer(), spans, scales,
+                           *ab)
+
+
+def _peft_rows(layer: nn.Module, groups, xf: torch.Tensor) -> torch.Tensor:
+    """peft's arithmetic per group (dropout, 8-bit bases): one base call, each job's term."""
+    y = layer.get_base_layer()(xf)  # (N, d_out)
+    parts = []
+    for name, s, e in groups:
+        if name not in layer.lora_A:
+            parts.append(y.new_zeros(e - s, y.shape[-1]))
+            continue
+        a, b = layer.lora_A[name], layer.lora_B[name]
+        # peft casts the input to the adapter's dtype unless autocast does the matmuls
+        x = xf[s:e] if torch.is_autocast_enabled(xf.device.type) else xf[s:e].to(a.weight.dtype)
+        parts.append((b(a(layer.lora_dropout[name](x))) * layer.scaling[name]).to(y.dtype))
+    return y + (torch.cat(parts) if len(parts) > 1 else parts[0])
 
 
 def _forward(layer: nn.Module, rows: RowGroups, x: torch.Tensor, *args, **kwargs):
-    if layer.disable_adapters:  # e.g. DPO's reference: the base alone, peft's way
-        return getattr(layer, _PREV)(x, *args, **kwargs)
-    if rows.only is not None and not args and not kwargs:
-        lead = x.shape[:-1]
-        y = _lora_rows(layer, rows.only, x.reshape(-1, x.shape[-1]))
-        return y.view(*lead, y.shape[-1])
-    if rows.groups is None or args or kwargs:
+    if layer.disable_adapters or args or kwargs or (rows.groups is None and rows.only is None):
+        # e.g. DPO's reference (adapters off): the forward the layer had, peft's way
         return getattr(layer, _PREV)(x, *args, **kwargs)
     lead = x.shape[:-1]
     xf = x.reshape(-1, x.shape[-1])  # (N, d): the stacked jobs' rows
-    assert rows.groups[-1][2] == xf.shape[0], "row groups must cover the batch"
-    outs = [_lora_rows(layer, name, xf[start:end]) for name, start, end in rows.groups]
-    y = torch.cat(outs) if len(outs) > 1 else outs[0]  # (N, d_out)
+    groups = rows.groups or [(rows.only, 0, xf.shape[0])]
+    assert groups[-1][2] == xf.shape[0], "row groups must cover the batch"
+    if is_fused(layer) and supported(layer):
+        y = _fused_rows(layer, groups, xf) if len(groups) > 1 else (
+            fused_lora(xf, [layer], groups[0][0])[0] if groups[0][0] in layer.lora_A
+            else layer.get_base_layer()(xf))
+    else:
+        y = _peft_rows(layer, groups, xf)
     return y.view(*lead, y.shape[-1])
 
 

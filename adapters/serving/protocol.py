@@ -114,6 +114,10 @@ def _unsupported(*accepted: Any, what: str):
     return Annotated[Any, AfterValidator(check)]
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(False, strict=True)  # OpenAI's: a last chunk with the usage
+
+
 class _Common(BaseModel):
     # Unknown fields are accepted and ignored (clients send vendor extras); the numbers are
     # strict: JSON's own types only, so "5" is not a number and "true" not a bool.
@@ -124,6 +128,7 @@ class _Common(BaseModel):
     top_p: float | None = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, strict=True)
     n: int = Field(1, ge=1, strict=True)  # n x prompts: at most the server's --max-batch
     stream: bool = Field(False, strict=True)
+    stream_options: StreamOptions | None = None
     stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=SEEDS[0], le=SEEDS[1], strict=True)
     ignore_eos: bool = Field(False, strict=True)  # as in vLLM: always max_tokens (benchmarks)
@@ -178,39 +183,51 @@ def error_body(e: ApiError) -> dict:
     return {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}}
 
 
-async def sse_events(outcome, events: asyncio.Queue, n: int, head: dict, chat: bool):
+async def sse_events(outcome, events: asyncio.Queue, n: int, head: dict, chat: bool,
+                     include_usage: bool = False):
+    """The events of a streamed reply; with include_usage, a last chunk (no choices) carries
+    the token counts, as OpenAI's `stream_options.include_usage`."""
     task = asyncio.ensure_future(outcome)
-    if chat:  # the role first, as OpenAI's stream does
-        for i in range(n):
-            yield chunk(head, chat, i, None, None)
-    ended = 0
-    while ended < n:
-        if task.done():  # every event of the batch is queued before its future completes
-            if events.empty():
-                break
-            item = events.get_nowait()
-        else:
-            getter = asyncio.ensure_future(events.get())
-            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
+    outs, getter = [], None
+    try:
+        if chat:  # the role first, as OpenAI's stream does
+            for i in range(n):
+                yield chunk(head, chat, i, None, None)
+        ended = 0
+        while ended < n:
+            if task.done():  # every event of the batch is queued before its future completes
+                if events.empty():
+                    break
+                item = events.get_nowait()
+            else:
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    continue
+                item = getter.result()
+            i, text, out = item
+            if out is None:
+                yield chunk(head, chat, i, text, None)
                 continue
-            item = getter.result()
-        i, text, out = item
-        if out is None:
-            yield chunk(head, chat, i, text, None)
-            continue
-        ended += 1
-        if out.error:  # only this row failed: say so, OpenAI-style; the stream ends cleanly
-            err = ApiError(500, f"choice {i}: {out.error}", kind="server_error")
-            yield f"data: {json.dumps(error_body(err))}\n\n"
-        else:
-            yield chunk(head, chat, i, "", out.finish_reason)
-    if ended < n:  # the job failed before its rows ran (adapter unloaded, batch failed)
-        try:
-            await task
-        except ApiError as e:
-            yield f"data: {json.dumps(error_body(e))}\n\n"
+            ended += 1
+            outs.append(out)
+            if out.error:  # only this row failed: say so, OpenAI-style; the stream ends cleanly
+                err = ApiError(500, f"choice {i}: {out.error}", kind="server_error")
+                yield f"data: {json.dumps(error_body(err))}\n\n"
+            else:
+                yield chunk(head, chat, i, "", out.finish_reason)
+        if ended < n:  # the job failed before its rows ran (adapter unloaded, batch failed)
+            try:
+                await task
+            except ApiError as e:
+                yield f"data: {json.dumps(error_body(e))}\n\n"
+    finally:  # also when the client went away mid-stream: no task is left pending
+        for t in (getter, task):
+            if t is not None and not t.done():
+                t.cancel()
+    if include_usage and outs:
+        yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(outs)})}\n\n"
     yield "data: [DONE]\n\n"
 
 

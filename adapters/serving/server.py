@@ -188,7 +188,8 @@ class Service:
             raise ApiError(500, f"generation failed: {type(e).__name__}: {str(e)[:200]}",
                            kind="server_error") from None
 
-    def stream(self, reqs: list[Request], head: dict, chat: bool) -> StreamingResponse:
+    def stream(self, reqs: list[Request], head: dict, chat: bool,
+               include_usage: bool = False) -> StreamingResponse:
         """Server-sent events: a chunk per piece of text, each row's finish (or error) as soon
         as it ends, then [DONE]."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -203,13 +204,18 @@ class Service:
 
         async def send():
             try:
-                async for event in sse_events(self.wait(fut), events, len(reqs), head, chat):
+                async for event in sse_events(self.wait(fut), events, len(reqs), head, chat,
+                                              include_usage):
                     yield event
             finally:  # done, or the client went away: its rows leave the batch (and free it)
                 for r in reqs:
                     r.cancelled = True
 
         return StreamingResponse(send(), media_type="text/event-stream")
+
+
+def _usage_wanted(body) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
 
 
 async def _client_gone(http: HttpRequest) -> None:
@@ -247,7 +253,7 @@ def create_app(registry: Registry, adapter_root: str | Path | None = None,
     _inference_routes(app, svc)
     classify.install(app, svc)
     _adapter_routes(app, svc)
-    install_ui(app, svc.root, registry)  # the web page at /, runs from --adapter-root
+    install_ui(app, svc.root, registry, limits)  # the web page at /, runs from --adapter-root
     return app
 
 
@@ -307,7 +313,7 @@ def _inference_routes(app: FastAPI, svc: Service) -> None:
         head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
                 "created": int(time.time()), "model": body.model}
         if body.stream:
-            return svc.stream(reqs, head, chat=False)
+            return svc.stream(reqs, head, chat=False, include_usage=_usage_wanted(body))
         outs = await svc.run(reqs, http)
         return {**head, "choices": [{"index": i, "text": o.text, "logprobs": None,
                                      "finish_reason": o.finish_reason}
@@ -319,7 +325,8 @@ def _inference_routes(app: FastAPI, svc: Service) -> None:
         head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion",
                 "created": int(time.time()), "model": body.model}
         if body.stream:
-            return svc.stream(reqs, {**head, "object": "chat.completion.chunk"}, chat=True)
+            return svc.stream(reqs, {**head, "object": "chat.completion.chunk"}, chat=True,
+                              include_usage=_usage_wanted(body))
         outs = await svc.run(reqs, http)
         return {**head, "choices": [{"index": i, "finish_reason": o.finish_reason,
                                      "message": {"role": "assistant", "content": o.text}}

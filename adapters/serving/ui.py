@@ -21,13 +21,19 @@ from fastapi import APIRouter, FastAPI
 from starlette.responses import FileResponse, JSONResponse
 
 from ..adapter.files import CARD_FILE, CONFIG_FILE, MANIFEST_FILE
-from ..config import BASE_NAME
+from ..config import BASE_NAME, HIGHER_IS_BETTER
+from ..data.formats import DEFAULT_TEMPLATE
 from .protocol import ApiError, Guard, error_body
 
 WEB = Path(__file__).parent / "web"
 PAGE_FILES = {"/": "index.html", "/ui/index.html": "index.html", "/ui/app.js": "app.js",
-              "/ui/style.css": "style.css"}
-MEDIA = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+              "/ui/style.css": "style.css", "/favicon.ico": "favicon.svg",
+              "/ui/favicon.svg": "favicon.svg"}
+MEDIA = {".html": "text/html", ".js": "text/javascript", ".css": "text/css",
+         ".svg": "image/svg+xml"}
+# data.format -> how the page sends a prompt to an adapter trained on it
+PROMPT_MODES = {"prompt_completion": "template", "preference": "template", "chat": "chat",
+                "sharegpt": "chat"}
 METRICS, RESULTS, RECIPE = "metrics.jsonl", "results.json", "recipe.resolved.yaml"
 MAX_CHUNK = 1 << 20  # bytes of metrics.jsonl per request; the page asks again for more
 MAX_TEXT = 256 << 10  # a card, recipe or manifest larger than this is cut
@@ -137,12 +143,29 @@ def metrics_tail(path: Path, offset: int, file_id: str | None) -> dict:
 
 
 def run_summary(root: Path, rel: str) -> dict:
-    """A run's manifest figures (once finished), recipe, and model card."""
+    """A run's manifest figures (once finished), recipe, model card, and its state: finished,
+    or stopped at a checkpoint (with the command that resumes it), or running / not started."""
     manifest = _read_json(confined(root, rel, MANIFEST_FILE))
     manifest = manifest if isinstance(manifest, dict) else {}
+    folder = confined(root, rel)
+    steps = sorted(int(p.name[5:]) for p in (folder / "checkpoints").glob("step-*")
+                   if p.name[5:].isdigit() and not p.is_symlink())
+    state = {"finished": bool(manifest.get("training")), "checkpoint_step": steps[-1]
+             if steps else None}
+    if not state["finished"] and steps:
+        state["resume"] = f"adapters train {rel}/{RECIPE} --resume"
     return {"training": manifest.get("training"), "base": manifest.get("base"),
             "recipe": _read_text(confined(root, rel, RECIPE)),
-            "card": _read_text(confined(root, rel, CARD_FILE))}
+            "card": _read_text(confined(root, rel, CARD_FILE)), "state": state}
+
+
+def prompt_mode(manifest: dict) -> dict:
+    """How the page should send a prompt to an adapter: through the template it was trained
+    with (prompt data), as chat messages (chat data), or as it is (text, unknown)."""
+    data = ((manifest.get("recipe") or {}).get("data") or {}) if manifest else {}
+    mode = PROMPT_MODES.get(data.get("format"), "raw")
+    template = (data.get("prompt_template") or DEFAULT_TEMPLATE) if mode == "template" else None
+    return {"mode": mode, "template": template}
 
 
 def eval_results(root: Path, rel: str) -> list[dict]:
@@ -162,9 +185,10 @@ def eval_results(root: Path, rel: str) -> list[dict]:
 
 # ---- routes -------------------------------------------------------------------------------
 
-def routes(root: str | Path | None, registry=None) -> APIRouter:
+def routes(root: str | Path | None, registry=None, limits=None) -> APIRouter:
     """The page and its JSON. root: the folder of runs and adapters (None: none to show);
-    registry: the server's models (None: the page shows runs only)."""
+    registry: the server's models (None: the page shows runs only); limits: the server's
+    request limits (protocol.Limits), which the page's fields take."""
     root = Path(root) if root else None
     router = APIRouter()
 
@@ -178,7 +202,18 @@ def routes(root: str | Path | None, registry=None) -> APIRouter:
     async def info():
         return {"playground": registry is not None, "runs": root is not None,
                 "base": registry.base_name if registry is not None else None,
-                "root": root.name if root else None, "results_base": BASE_NAME}
+                "root": root.name if root else None, "results_base": BASE_NAME,
+                "higher_is_better": HIGHER_IS_BETTER,
+                "limits": {"max_tokens": limits.max_new_tokens, "context": limits.context}
+                if limits is not None else None}
+
+    @router.get("/ui/api/models")
+    async def models():
+        """Each loaded adapter's prompt mode (and template), read from its manifest."""
+        if registry is None:
+            return {"models": []}
+        return {"models": [{"id": name, **prompt_mode(_read_json(
+            Path(registry.folder(name)) / MANIFEST_FILE) or {})} for name in registry.names()]}
 
     @router.get("/ui/api/runs")
     async def runs():
@@ -206,9 +241,9 @@ def routes(root: str | Path | None, registry=None) -> APIRouter:
     return router
 
 
-def install(app: FastAPI, root: str | Path | None, registry=None) -> None:
+def install(app: FastAPI, root: str | Path | None, registry=None, limits=None) -> None:
     """Add the page (at /) and its JSON routes to `app`."""
-    app.include_router(routes(root, registry))
+    app.include_router(routes(root, registry, limits))
     app.add_middleware(PageFiles)  # added last, so outermost: ahead of the app's Guard
 
 

@@ -35,7 +35,7 @@ HARMLESS = {"train.steps", "train.epochs", "train.eval_every", "train.save_every
             "data.eval", "train.dist_timeout_s", "output.license", "output.datasets",
             "train.compile", "train.fused_lora", "train.gradient_checkpointing",
             "train.offload_checkpoints", "train.report_to", "train.dpo_reference",
-            "train.attention", "train.liger"}
+            "train.attention", "train.liger", "train.jobs_per_forward"}
 
 
 def rng_state() -> dict[str, Any]:

@@ -33,7 +33,7 @@ from ..io import atomic_write_text
 from ..kernels.lora_rows import RowGroups, install_row_groups
 from ..lora import attach_lora, check_rank, set_adapter_training
 from ..model import exact_4bit_on_cpu, resolve_dtype
-from ..recipe_jobs import Job, check_jobs
+from ..recipe_jobs import Job, check_jobs, peft_name
 from . import checkpoint as ckpt
 from . import distributed, heads
 from .accelerate import accelerate
@@ -80,13 +80,13 @@ def train_jobs(jobs: list[Job], resume: str | None = None, progress: bool = Fals
                             "without torchrun / --nproc")
     for job in jobs:
         prepare_output(Path(job.cfg.output.dir), fresh=not resume, main=True)
-    found = {j.name: ckpt.resumable(j.cfg, resume, 1) for j in jobs} if resume else {}
+    found = {peft_name(j.name): ckpt.resumable(j.cfg, resume, 1) for j in jobs} if resume else {}
     runs, rows = setup_jobs(jobs, device, resume=bool(found), progress=progress)
     kept = keep_freed_host_memory()
     try:
         for run in runs:
-            if job_name(run) in found:
-                restore(run, *found[job_name(run)])
+            if run.adapter in found:
+                restore(run, *found[run.adapter])
             atomic_write_text(run.out / "recipe.resolved.yaml", dump_recipe(run.cfg))
             info = preflight(run)
             check_disk(run.out, info["checkpoint_bytes"] * (run.cfg.train.keep_checkpoints + 2))
@@ -99,13 +99,8 @@ def train_jobs(jobs: list[Job], resume: str | None = None, progress: bool = Fals
     return outs
 
 
-def peft_name(job: str) -> str:
-    """The job's adapter name inside peft: never part of "lora_", which peft's loading
-    matches names against (a job called "a" or "lo" would clash)."""
-    return f"job_{job}"
-
-
 def job_name(run: Run) -> str:
+    """The job's name as logs show it (run.adapter is recipe_jobs.peft_name of it)."""
     return run.adapter.removeprefix("job_")
 
 
@@ -200,8 +195,8 @@ def fit_jobs(runs: list[Run], rows: RowGroups, signals: StopSignals, progress: b
                     _finish(run, rows, reports[run.adapter])
                     live.remove(run)
             bar.update(len(results))
-            bar.set_postfix({name.removeprefix("job_"): f"{m['loss']:.3f}"
-                             for name, m in results.items()})
+            bar.set_postfix({job_name(r): f"{results[r.adapter]['loss']:.3f}"
+                             for r in runs if r.adapter in results})
             paused = stop_after is not None and any(
                 start[r.adapter] + stop_after <= r.step for r in live)
             if paused or signals.requested is not None:
@@ -247,8 +242,11 @@ def step_jobs(runs: list[Run], rows: RowGroups) -> dict[str, dict]:
                       "counted": sum(heads.counted(b) for b in micro),
                       "tokens": sum(int(b["n_tokens"]) for b in micro),
                       "norms": run.objective.normalisers(micro)})
+    per = per_forward(runs[0].cfg.train.jobs_per_forward, runs[0].device, len(plans))
     for k in range(max(len(p["micro"]) for p in plans)):
-        _micro_step([p for p in plans if k < len(p["micro"])], k, rows)
+        now = [p for p in plans if k < len(p["micro"])]
+        for i in range(0, len(now), per):
+            _micro_step(now[i:i + per], k, rows)
     dt = time.perf_counter() - t0
     out = {}
     for p in plans:
@@ -267,6 +265,15 @@ def step_jobs(runs: list[Run], rows: RowGroups) -> dict[str, dict]:
         m.update(run.objective.metrics(p["sums"], p["norms"], run.dist, run.device))
         out[run.adapter] = m
     return out
+
+
+def per_forward(setting: int, device: str, jobs: int) -> int:
+    """How many jobs' micro-batches share one forward: train.jobs_per_forward, or with 0
+    (auto) one at a time on CPU, where the matmuls are compute-bound already and stacking only
+    multiplies the activations held (scripts/bench_jobs.py), and all of them on CUDA."""
+    if setting:
+        return setting
+    return jobs if str(device).startswith("cuda") else 1
 
 
 def _micro_step(plans: list[dict], k: int, rows: RowGroups) -> None:

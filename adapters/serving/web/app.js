@@ -11,6 +11,9 @@ const state = {
   chats: {},           // model id -> [{role, content}] in chat mode
   run: null,           // the run shown in Runs
   rows: [], offset: 0, fileId: null, pollTimer: null,
+  prompting: {},       // model id -> {mode: template | chat | raw, template} (/ui/api/models)
+  inflight: [],        // AbortControllers of the answers streaming now
+  round: 0,            // bumped by each Send and Clear: late answers of an old round are dropped
 };
 
 // ---- talking to the server -------------------------------------------------------------
@@ -78,13 +81,19 @@ for (const t of document.querySelectorAll('[role="tab"]')) {
 // ---- playground: models ------------------------------------------------------------------
 
 async function refreshModels() {
-  const body = await api("/v1/models");
-  state.models = body.data.map((m) => m.id);
+  const [body, extra] = await Promise.all([api("/v1/models"), api("/ui/api/models")]);
+  const ids = body.data.map((m) => m.id);
+  state.prompting = Object.fromEntries(extra.models.map((m) => [m.id, m]));
   const base = state.info.base;
-  if (state.checked === null) state.checked = new Set(state.models.filter((m) => m !== base));
+  if (state.checked === null) state.checked = new Set(ids.filter((m) => m !== base));
+  for (const id of Array.from(state.checked)) if (!ids.includes(id)) state.checked.delete(id);
+  const sig = JSON.stringify(ids);
+  state.models = ids;
+  if (sig === state.modelsSig) return;  // unchanged: keep the boxes (and the focus) as they are
+  state.modelsSig = sig;
   const list = $("model-list");
   list.textContent = "";
-  state.models.forEach((id, i) => {
+  ids.forEach((id, i) => {
     const li = document.createElement("li");
     const box = Object.assign(document.createElement("input"),
                               { type: "checkbox", id: "model-" + i, value: id,
@@ -115,9 +124,20 @@ async function showCard(id) {
   try {
     const body = await api("/ui/api/card?model=" + encodeURIComponent(id));
     $("card-title").textContent = "Model card: " + id;
-    $("card-text").textContent = body.card || "(this adapter has no README.md)";
+    state.cardText = body.card || "";
+    renderMarkdown($("card-text"), body.card || "(this adapter has no README.md)");
     $("card-dialog").showModal();
   } catch (e) { say(e.message); }
+}
+
+$("card-copy").addEventListener("click", () => copy(state.cardText || "", $("card-copy")));
+
+async function copy(text, btn) {
+  try {
+    await navigator.clipboard.writeText(text);
+    btn.textContent = "Copied";
+  } catch (e) { btn.textContent = "Copy failed"; }
+  setTimeout(() => { btn.textContent = "Copy"; }, 1500);
 }
 
 async function unload(id) {
@@ -137,24 +157,39 @@ async function refreshLoadable() {
     return;
   }
   const body = await api("/ui/api/runs");
+  const paths = body.runs.filter((r) => r.adapter).map((r) => r.path);
+  const sig = JSON.stringify(paths);
+  if (sig === state.loadableSig) return;  // keep the user's pick while nothing changed
+  state.loadableSig = sig;
   const keep = select.value;
   select.textContent = "";
-  for (const r of body.runs.filter((r) => r.adapter)) {
-    select.append(new Option(r.path, r.path, false, r.path === keep));
-  }
-  suggestName();
+  for (const p of paths) select.append(new Option(p, p, false, p === keep));
+  if (select.value !== keep) suggestName();
 }
 
+// The folder's last part, made a valid name that no loaded model has yet.
 function suggestName() {
   const path = $("load-path").value || "";
-  const last = path.split("/").filter(Boolean).pop() || "";
-  $("load-name").value = last.replace(/[^A-Za-z0-9._-]/g, "-").slice(0, 64);
+  const last = (path.split("/").filter(Boolean).pop() || "adapter")
+    .replace(/[^A-Za-z0-9._-]/g, "-").slice(0, 60);
+  let name = last, n = 2;
+  while (state.models.includes(name)) name = last + "-" + n++;
+  $("load-name").value = name;
 }
 
 $("load-path").addEventListener("change", suggestName);
+$("load-name").addEventListener("input", () => {
+  const el = $("load-name");
+  el.setCustomValidity(el.validity.patternMismatch
+    ? "Use letters, digits, '.', '_' or '-' (at most 64 characters)." : "");
+});
 $("load-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const name = $("load-name").value, path = $("load-path").value;
+  if (state.models.includes(name)) {  // the server would replace it: say so instead
+    say("An adapter named " + name + " is loaded already: unload it first, or pick another name.");
+    return;
+  }
   say("Loading " + name + "...");
   try {
     await api("/v1/adapters", { method: "POST", headers: { "Content-Type": "application/json" },
@@ -162,6 +197,7 @@ $("load-form").addEventListener("submit", async (ev) => {
     state.checked.add(name);
     say("Loaded " + name + ".");
     await refreshModels();
+    suggestName();
   } catch (e) { say("Load failed: " + e.message); }
 });
 
@@ -169,31 +205,60 @@ $("load-form").addEventListener("submit", async (ev) => {
 
 function sampling() {
   const s = { max_tokens: Number($("max-tokens").value), temperature: Number($("temperature").value),
-              top_p: Number($("top-p").value), stream: true };
+              top_p: Number($("top-p").value), stream: true,
+              stream_options: { include_usage: true } };
   if ($("seed").value !== "") s.seed = Number($("seed").value);
   if ($("stop").value !== "") s.stop = $("stop").value;
   return s;
 }
 
-function column(id) {
+// What the model is sent in prompt mode: an adapter trained on prompts gets its own template
+// around the text (as in training), unless the box is unticked; the base gets the text.
+function promptFor(id, text) {
+  const p = state.prompting[id];
+  if (!$("use-template").checked || !p || p.mode !== "template") return text;
+  return p.template.split("{prompt}").join(text);
+}
+
+function column(id, ctrl) {
   const col = document.createElement("article");
   col.className = "answer";
   col.dataset.model = id;
   col.setAttribute("aria-busy", "true");
+  const head = document.createElement("div");
+  head.className = "head";
   const h = document.createElement("h3");
   h.textContent = id;
+  const stop = button("Stop", "Stop the answer of " + id, () => ctrl.abort());
+  stop.classList.add("stop");
+  const copyBtn = button("Copy", "Copy the answer of " + id,
+                         () => copy(col.querySelector(".text").textContent, copyBtn));
+  head.append(h, stop, copyBtn);
   const out = document.createElement("pre");
   out.className = "text";
   const foot = document.createElement("p");
   foot.className = "finish";
-  foot.setAttribute("role", "status");
-  col.append(h, out, foot);
+  const numbers = document.createElement("p");
+  numbers.className = "numbers";
+  col.append(head, out, foot, numbers);
   return col;
 }
 
-function transcript(col, id, prompt, chat) {
+function transcript(col, id, prompt, chat, sent) {
   const out = col.querySelector(".text");
-  if (!chat) return out;
+  if (!chat) {
+    if (sent !== prompt) {
+      const d = document.createElement("details");
+      d.className = "sent";
+      const sum = document.createElement("summary");
+      sum.textContent = "sent with its prompt template";
+      const pre = document.createElement("pre");
+      pre.textContent = sent;
+      d.append(sum, pre);
+      col.insertBefore(d, out);
+    }
+    return out;
+  }
   for (const turn of state.chats[id] || []) {
     const p = document.createElement("p");
     p.className = "turn " + turn.role;
@@ -207,16 +272,25 @@ function transcript(col, id, prompt, chat) {
   return out;
 }
 
-async function stream(id, prompt, chat, col) {
-  const out = transcript(col, id, prompt, chat);
+const FINISH = { stop: "finished: the model ended its answer",
+                 length: "finished: reached max tokens" };
+
+// One model's answer, streamed. The column's controller stops it (Stop, Stop all, Clear):
+// closing the connection makes the server drop the request from its batch at once.
+async function stream(id, prompt, chat, col, ctrl, round) {
+  const sent = chat ? prompt : promptFor(id, prompt);
+  const out = transcript(col, id, prompt, chat, sent);
   const history = state.chats[id] || [];
-  const body = Object.assign({ model: id }, sampling(),
-    chat ? { messages: history.concat([{ role: "user", content: prompt }]) } : { prompt });
-  let text = "", finish = "";
+  const system = $("system").value.trim();
+  const messages = (system ? [{ role: "system", content: system }] : []).concat(
+    history, [{ role: "user", content: prompt }]);
+  const body = Object.assign({ model: id }, sampling(), chat ? { messages } : { prompt: sent });
+  let text = "", finish = "", usage = null, first = null, pieces = 0;
+  const t0 = performance.now();
   try {
     const r = await fetch(chat ? "/v1/chat/completions" : "/v1/completions",
                           { method: "POST", headers: headers({ "Content-Type": "application/json" }),
-                            body: JSON.stringify(body) });
+                            body: JSON.stringify(body), signal: ctrl.signal });
     if (!r.ok) {
       const err = await r.json().catch(() => ({}));
       if (r.status === 401) askKey();
@@ -236,23 +310,42 @@ async function stream(id, prompt, chat, col) {
           if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
           const msg = JSON.parse(line.slice(6));
           if (msg.error) throw new Error(msg.error.message);
+          if (msg.usage) usage = msg.usage;
           const c = msg.choices[0];
-          text += chat ? (c.delta.content || "") : (c.text || "");
+          if (!c) continue;
+          const piece = chat ? (c.delta.content || "") : (c.text || "");
+          if (piece) { pieces += 1; if (first === null) first = performance.now(); }
+          text += piece;
           if (c.finish_reason) finish = c.finish_reason;
           out.textContent = text;
         }
       }
     }
     col.dataset.state = "done";
-    col.querySelector(".finish").textContent = "finished: " + (finish || "?");
-    if (chat) state.chats[id] = history.concat([{ role: "user", content: prompt },
-                                                { role: "assistant", content: text }]);
+    col.querySelector(".finish").textContent = FINISH[finish] || "finished: " + (finish || "?");
+    if (chat && round === state.round) {  // a Clear since: the conversation is gone
+      state.chats[id] = history.concat([{ role: "user", content: prompt },
+                                        { role: "assistant", content: text }]);
+    }
   } catch (e) {
-    col.dataset.state = "error";
-    col.querySelector(".finish").textContent = "error: " + e.message;
+    const stopped = ctrl.signal.aborted;
+    col.dataset.state = stopped ? "stopped" : "error";
+    col.querySelector(".finish").textContent = stopped ? "stopped" : "error: " + e.message;
   } finally {
     col.setAttribute("aria-busy", "false");
+    col.querySelector(".stop").disabled = true;
+    col.querySelector(".numbers").textContent = numbers(t0, first, performance.now(), usage, pieces);
   }
+}
+
+function numbers(t0, first, end, usage, pieces) {
+  if (first === null) return "";
+  const n = usage ? usage.completion_tokens : pieces;
+  const rate = n > 1 && end > first ? (n - 1) / ((end - first) / 1000) : null;
+  const parts = ["first token " + Math.round(first - t0) + " ms"];
+  if (rate !== null) parts.push(rate.toFixed(1) + " tokens/s");
+  if (usage) parts.push(usage.prompt_tokens + " prompt + " + usage.completion_tokens + " answer tokens");
+  return parts.join(" · ");
 }
 
 async function ask(ev) {
@@ -261,21 +354,51 @@ async function ask(ev) {
   const prompt = $("prompt").value;
   if (!picked.length) { say("Pick at least one model."); return; }
   const chat = $("mode-chat").checked;
+  stopAll();
+  const round = ++state.round;
   const answers = $("answers");
   answers.textContent = "";
-  const cols = picked.map((id) => { const c = column(id); answers.append(c); return c; });
+  const ctrls = picked.map(() => new AbortController());
+  state.inflight = ctrls;
+  const cols = picked.map((id, i) => { const c = column(id, ctrls[i]); answers.append(c); return c; });
   $("send").disabled = true;
-  say("Asking " + picked.join(", ") + "...");
-  await Promise.all(picked.map((id, i) => stream(id, prompt, chat, cols[i])));
+  $("stop-all").disabled = false;
+  $("answers-status").textContent = "Asking " + picked.join(", ") + "...";
+  $("answers-title").scrollIntoView({ block: "start", behavior: "smooth" });
+  await Promise.all(picked.map((id, i) => stream(id, prompt, chat, cols[i], ctrls[i], round)));
+  if (round !== state.round) return;  // a newer round (or a Clear) owns the buttons now
   $("send").disabled = false;
-  say("Answers done.");
+  $("stop-all").disabled = true;
+  state.inflight = [];
+  const done = cols.filter((c) => c.dataset.state === "done").length;
+  const stopped = cols.filter((c) => c.dataset.state === "stopped").length;
+  $("answers-status").textContent = done === cols.length ? "Answers done."
+    : done ? done + " of " + cols.length + " answered" + (stopped ? ", " + stopped + " stopped." : "; the others failed.")
+    : stopped ? "Stopped." : "Every answer failed.";
+}
+
+function stopAll() {
+  for (const c of state.inflight) c.abort();
 }
 
 $("ask").addEventListener("submit", ask);
 $("prompt").addEventListener("keydown", (ev) => {
   if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) $("ask").requestSubmit();
 });
-$("clear").addEventListener("click", () => { state.chats = {}; $("answers").textContent = ""; });
+$("stop-all").addEventListener("click", stopAll);
+$("clear").addEventListener("click", () => {
+  stopAll();
+  state.round += 1;  // answers still arriving belong to nothing now
+  state.inflight = [];
+  state.chats = {};
+  $("answers").textContent = "";
+  $("answers-status").textContent = "Cleared.";
+  $("send").disabled = false;
+  $("stop-all").disabled = true;
+});
+for (const id of ["mode-prompt", "mode-chat"]) {
+  $(id).addEventListener("change", () => { $("system-box").hidden = !$("mode-chat").checked; });
+}
 
 // ---- runs ------------------------------------------------------------------------------
 
@@ -319,13 +442,13 @@ async function refreshRuns() {
 
 async function openRun(r) {
   clearTimeout(state.pollTimer);
-  Object.assign(state, { run: r.path, rows: [], offset: 0, fileId: null });
+  Object.assign(state, { run: r.path, rows: [], offset: 0, fileId: null, summaryShown: false });
   for (const b of document.querySelectorAll("button.run")) {
     if (b.dataset.path === r.path) b.setAttribute("aria-current", "true");
     else b.removeAttribute("aria-current");
   }
   $("run-title").textContent = r.path;
-  for (const id of ["loss-figure", "reward-figure", "latest-box", "summary-box", "results-box", "recipe-box", "run-card-box"]) {
+  for (const id of ["loss-figure", "reward-figure", "latest-box", "summary-box", "results-box", "recipe-box", "run-card-box", "run-state"]) {
     $(id).hidden = true;
   }
   await Promise.all([loadSummary(r.path), r.results ? loadResults(r.path) : null]);
@@ -377,12 +500,20 @@ function drawLoss() {
   $("loss-chart").setAttribute("aria-label", "Training loss and eval loss by step; " + caption);
   lineChart($("loss-chart"), [{ name: "train loss", color: "#1f5fbf", points: loss },
                               { name: "eval loss", color: "#c2410c", points: evals, dots: true }]);
-  const row = state.rows.filter((r) => typeof r.loss === "number").pop();
+  const steps = state.rows.filter((r) => typeof r.loss === "number");
+  const row = steps[steps.length - 1];
   if (row) {
+    // one step's tokens/s is noisy: the median of the last ten steps
+    const recent = steps.slice(-10).map((r) => r.tokens_per_s).filter((v) => typeof v === "number");
     pairs($("latest"), [["step", row.step], ["loss", fmt(row.loss)], ["learning rate", fmt(row.lr)],
-                        ["grad norm", fmt(row.grad_norm)], ["tokens/s", fmt(row.tokens_per_s)],
+                        ["grad norm", fmt(row.grad_norm)],
+                        ["tokens/s (median of last " + recent.length + ")", fmt(Math.round(median(recent)))],
                         ["peak memory", gb(row.peak_memory_bytes)]]);
     $("latest-box").hidden = false;
+  }
+  if (!state.summaryShown && state.run && !state.summaryAsked) {  // finished since it was opened?
+    state.summaryAsked = true;
+    loadSummary(state.run).finally(() => { state.summaryAsked = false; });
   }
 }
 
@@ -419,6 +550,12 @@ function fmt(v) {
   return String(Math.round(v * 1e4) / 1e4);
 }
 
+function median(xs) {
+  if (!xs.length) return NaN;
+  const s = xs.slice().sort((a, b) => a - b), m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
 function gb(v) { return typeof v === "number" ? (v / 1e9).toFixed(2) + " GB" : "-"; }
 
 function pairs(dl, items) {
@@ -443,9 +580,16 @@ async function loadSummary(path) {
                            ["peak memory", gb(t.peak_memory_bytes)], ["dtype", t.dtype],
                            ["global batch", t.global_batch]]);
       $("summary-box").hidden = false;
+      state.summaryShown = true;
     }
+    const st = s.state || {};
+    const line = st.finished ? "Finished." : st.resume
+      ? "Stopped at step " + st.checkpoint_step + " (checkpoint kept); resume with: " + st.resume
+      : "Running, or not started yet.";
+    $("run-state").textContent = line;
+    $("run-state").hidden = false;
     if (s.recipe) { $("recipe").textContent = s.recipe; $("recipe-box").hidden = false; }
-    if (s.card) { $("run-card").textContent = s.card; $("run-card-box").hidden = false; }
+    if (s.card) { renderMarkdown($("run-card"), s.card); $("run-card-box").hidden = false; }
   } catch (e) { say(e.message); }
 }
 
@@ -462,7 +606,12 @@ async function loadResults(path) {
     const dsets = Array.from(new Set(rows.map((r) => r.dataset)));
     const box = $("results-tables");
     box.textContent = "";
-    for (const m of metrics) box.append(resultTable(rows, m, models, dsets));
+    for (const m of metrics) {
+      const wrap = document.createElement("div");
+      wrap.className = "table-wrap";  // a wide table scrolls inside, not the page
+      wrap.append(resultTable(rows, m, models, dsets));
+      box.append(wrap);
+    }
     const metric = metrics.includes("loss") ? "loss" : metrics[0];
     if (metric) {
       barChart($("results-chart"), rows, metric, models, dsets);
@@ -476,7 +625,9 @@ async function loadResults(path) {
 function resultTable(rows, metric, models, dsets) {
   const t = document.createElement("table");
   const cap = t.createCaption();
-  cap.textContent = metric;
+  const better = state.info.higher_is_better || {};
+  cap.textContent = metric + (metric in better ? (better[metric] ? " (higher is better)"
+                                                                : " (lower is better)") : "");
   const head = t.createTHead().insertRow();
   for (const h of ["dataset"].concat(models)) {
     const th = document.createElement("th");
@@ -496,13 +647,94 @@ function resultTable(rows, metric, models, dsets) {
       const r = rows.find((x) => x.dataset === d && x.model === m);
       const v = r ? r[metric] : undefined;
       let text = typeof v === "number" ? fmt(v) : "-";
-      if (base && m !== base.model && typeof v === "number" && base[metric]) {
+      if (metric in better && base && m !== base.model && typeof v === "number" && base[metric]) {
         text += " (" + (v / base[metric] - 1 >= 0 ? "+" : "") + (100 * (v / base[metric] - 1)).toFixed(1) + "%)";
       }
       tr.insertCell().textContent = text;
     }
   }
   return t;
+}
+
+// ---- model cards: markdown as text nodes (never innerHTML: a card is someone else's file) ----
+
+function renderMarkdown(el, md) {
+  el.textContent = "";
+  const lines = md.replace(/^---\n[\s\S]*?\n---\n/, "").split("\n");  // YAML front matter out
+  let i = 0;
+  while (i < lines.length) {
+    const line = lines[i];
+    if (/^```/.test(line)) {
+      const pre = document.createElement("pre");
+      const body = [];
+      for (i++; i < lines.length && !/^```/.test(lines[i]); i++) body.push(lines[i]);
+      pre.textContent = body.join("\n");
+      el.append(pre);
+      i++;
+    } else if (/^#{1,6} /.test(line)) {
+      const level = Math.min(line.match(/^#+/)[0].length + 2, 6);
+      const h = document.createElement("h" + level);
+      inline(h, line.replace(/^#+ /, ""));
+      el.append(h);
+      i++;
+    } else if (/^\s*\|/.test(line)) {
+      const rows = [];
+      for (; i < lines.length && /^\s*\|/.test(lines[i]); i++) rows.push(lines[i]);
+      el.append(mdTable(rows));
+    } else if (/^\s*[-*] /.test(line)) {
+      const ul = document.createElement("ul");
+      for (; i < lines.length && /^\s*[-*] /.test(lines[i]); i++) {
+        const li = document.createElement("li");
+        inline(li, lines[i].replace(/^\s*[-*] /, ""));
+        ul.append(li);
+      }
+      el.append(ul);
+    } else if (line.trim()) {
+      const p = document.createElement("p");
+      const body = [];
+      for (; i < lines.length && lines[i].trim() && !/^(```|#{1,6} |\s*\||\s*[-*] )/.test(lines[i]); i++) {
+        body.push(lines[i]);
+      }
+      inline(p, body.join(" "));
+      el.append(p);
+    } else {
+      i++;
+    }
+  }
+}
+
+function mdTable(rows) {
+  const cells = (r) => r.trim().replace(/^\||\|$/g, "").split("|").map((c) => c.trim());
+  const wrap = document.createElement("div");
+  wrap.className = "table-wrap";
+  const t = document.createElement("table");
+  const head = t.createTHead().insertRow();
+  for (const c of cells(rows[0])) {
+    const th = document.createElement("th");
+    inline(th, c);
+    head.append(th);
+  }
+  const body = t.createTBody();
+  for (const r of rows.slice(1).filter((r) => !/^\s*\|?\s*:?-{2,}/.test(r))) {
+    const tr = body.insertRow();
+    for (const c of cells(r)) inline(tr.insertCell(), c);
+  }
+  wrap.append(t);
+  return wrap;
+}
+
+// `code` and **bold** as elements, the rest as text.
+function inline(el, text) {
+  for (const part of text.split(/(`[^`]+`|\*\*[^*]+\*\*)/)) {
+    if (!part) continue;
+    if (part.startsWith("`") && part.endsWith("`") && part.length > 1) {
+      el.append(Object.assign(document.createElement("code"), { textContent: part.slice(1, -1) }));
+    } else if (part.startsWith("**") && part.endsWith("**") && part.length > 3) {
+      el.append(Object.assign(document.createElement("strong"), { textContent: part.slice(2, -2) }));
+    } else {
+      el.append(document.createTextNode(part));
+    }
+  }
 }
 
 // ---- charts (canvas, no library) -------------------------------------------------------
@@ -614,6 +846,11 @@ async function start() {
     $("tab-play").hidden = !state.info.playground;
     $("tab-runs").hidden = !state.info.runs;
     if (!state.info.playground) showTab($("tab-runs"), false);
+    const lim = state.info.limits;
+    if (lim && lim.max_tokens) {
+      $("max-tokens").max = String(lim.max_tokens);
+      $("max-tokens").value = String(Math.min(Number($("max-tokens").value), lim.max_tokens));
+    }
     if (state.info.playground) await Promise.all([refreshModels(), refreshLoadable()]);
     if (state.info.runs) await refreshRuns();
     document.body.dataset.ready = "true";
@@ -621,5 +858,12 @@ async function start() {
   } catch (e) { say(e.message); }
 }
 
-setInterval(() => { if (!$("runs").hidden) refreshRuns(); }, 5000);
+// Models and folders change elsewhere (another tab, a run that finished): look again every 5 s.
+setInterval(() => {
+  if (!state.info || document.hidden) return;
+  if (!$("runs").hidden) refreshRuns();
+  if (!$("play").hidden && state.info.playground) {
+    Promise.all([refreshModels(), refreshLoadable()]).catch((e) => say(e.message));
+  }
+}, 5000);
 start();
