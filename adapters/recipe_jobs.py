@@ -33,6 +33,7 @@ SHARED: dict[str, tuple[str, ...] | None] = {
 JOB_SECTIONS = ("lora", "data", "train", "output")
 OBJECTIVES = ("sft", "dpo", "orpo")  # grpo rolls out per job; task heads change the base
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+RESERVED = {"eval", "report.md", "losses.png"}  # what the pass writes beside the job folders
 
 
 @dataclass
@@ -110,7 +111,12 @@ def build_jobs(raw: dict, jobs: list, path: str | Path) -> JobSet:
             continue
         merged, problems = _merge(raw, job, where)
         errors += problems
-        own_dir = (job.get("output") or {}).get("dir") or job.get("output.dir")
+        if name in RESERVED:
+            errors.append(f"{where}: the name {name!r} is the pass's own file or folder "
+                          f"({', '.join(sorted(RESERVED))}); pick another")
+            continue
+        own = job.get("output")
+        own_dir = (own.get("dir") if isinstance(own, dict) else None) or job.get("output.dir")
         # the recipe's output.dir holds the pass: each job's folder is inside it
         merged.setdefault("output", {})["dir"] = own_dir or str(Path(base_dir) / name)
         try:
@@ -121,9 +127,12 @@ def build_jobs(raw: dict, jobs: list, path: str | Path) -> JobSet:
         errors += _check_job(cfg, where)
         if name in {j.name for j in out}:
             errors.append(f"{where}: the name {name!r} is taken by another job")
-        if cfg.output.dir in dirs:
-            errors.append(f"{where}: output.dir {cfg.output.dir} is {dirs[cfg.output.dir]}'s too")
-        dirs[cfg.output.dir] = where
+        mine = Path(cfg.output.dir).resolve()
+        for other, who in dirs.items():
+            if mine == other or mine.is_relative_to(other) or other.is_relative_to(mine):
+                errors.append(f"{where}: output.dir {cfg.output.dir} is, holds or lies in "
+                              f"{who}'s folder; each job needs a folder of its own")
+        dirs[mine] = where
         out.append(Job(name, cfg))
     if errors:
         raise ConfigError(f"{path}: {len(errors)} problem(s) in the jobs:\n  " +

@@ -12,11 +12,12 @@ import pytest
 import torch
 import yaml
 from conftest import qa_csv, run_cli, write_jsonl
+from parked import start_parked
 from safetensors.torch import load_file
 from test_dpo import pairs
-from test_resume import _start_parked
 
 from adapters.errors import ConfigError
+from adapters.kernels.lora_rows import RowLoraFn
 from adapters.recipe_jobs import load_jobs, sweep_jobs
 from adapters.training import jobs as jobs_mod
 from adapters.training import train
@@ -40,7 +41,8 @@ def _recipe(base, tmp_path, jobs, **top):
     a, b = _data(tmp_path)
     raw = {"model": {"name": str(base), "dtype": "fp32"},
            "data": {"train": str(a), "max_seq_len": 64},
-           "train": {"batch_size": 2, "lr": 5e-3, "steps": 4},
+           # every job in one forward (on CPU auto is one at a time): the stacked path
+           "train": {"batch_size": 2, "lr": 5e-3, "steps": 4, "jobs_per_forward": 8},
            "lora": {"r": 4}, "output": {"dir": str(tmp_path / "pass")}}
     for section, body in top.items():
         raw.setdefault(section, {}).update(body)
@@ -73,8 +75,9 @@ MIXED = [{"name": "a"},
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-op", "peft-path"])
 def test_each_job_equals_its_run_alone(tiny_model, tmp_path, fused):
     # the fused op stacks all three jobs in one forward; peft's path two, then one
+    per = 3 if fused else 2
     js = load_jobs(_recipe(tiny_model, tmp_path, MIXED, train={
-        "fused_lora": fused, "jobs_per_forward": 3 if fused else 2}))
+        "fused_lora": fused, "jobs_per_forward": per}))
     outs = train_jobs(js.jobs)
     assert outs == [tmp_path / "pass" / n for n in "abc"]
     for job, out in zip(js.jobs, outs):
@@ -86,7 +89,10 @@ def test_each_job_equals_its_run_alone(tiny_model, tmp_path, fused):
         assert any(float(v.abs().max()) > 0 for k, v in lora_b.items() if "lora_B" in k)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         # every step of a ran stacked with the others (c, 3 steps, sits out the 4th)
-        assert [r["jobs_in_step"] for r in rows if "loss" in r][:3] == [3, 3, 3]
+        steps = [r for r in rows if "loss" in r]
+        assert [r["jobs_in_step"] for r in steps][:3] == [3, 3, 3]
+        # step 1: micro-batch 0 of all three (1 or 2 forwards), then b's second one
+        assert steps[0]["forwards_in_step"] == (2 if fused else 3)
         man = json.loads((out / "manifest.json").read_text())
         assert man["training"]["steps"] == job.cfg.train.steps
     # the three adapters differ: each kept its own rows
@@ -144,7 +150,7 @@ def test_resume_after_kill_9_equals_straight(tiny_gpt2, tmp_path):
     path = _recipe(tiny_gpt2, tmp_path, MIXED[:2],
                    train={"steps": 5, "save_every": 1, "keep_checkpoints": 3})
     # parked inside the 4th checkpoint write: job a has written step 2, job b only step 1
-    proc = _start_parked("checkpoint-write", 4, path, tmp_path / "stderr.txt")
+    proc = start_parked("checkpoint-write", 4, path, tmp_path / "stderr.txt")
     proc.kill()
     proc.wait(timeout=60)
     newest = {n: sorted((tmp_path / "pass" / n / "checkpoints").glob("step-*"))[-1].name
@@ -194,7 +200,8 @@ def test_what_jobs_must_share_is_checked_at_once(tiny_gpt2, tmp_path):
     path = _recipe(tiny_gpt2, tmp_path, [
         {"name": "ok"}, {"name": "x", "model": {"dtype": "bf16"}},
         {"name": "y", "data.max_seq_len": 32, "train": {"objective": "grpo"}},
-        {"name": "ok"}, {"name": "bad name!"}])
+        {"name": "ok"}, {"name": "bad name!"}, {"name": "eval"},
+        {"name": "inner", "output": {"dir": str(tmp_path / "pass" / "ok" / "sub")}}])
     with pytest.raises(ConfigError) as e:
         load_jobs(path)
     msg = str(e.value)
@@ -203,6 +210,8 @@ def test_what_jobs_must_share_is_checked_at_once(tiny_gpt2, tmp_path):
     assert "jobs[2] (y): train.objective 'grpo'" in msg
     assert "jobs[3] (ok): the name 'ok' is taken" in msg
     assert "jobs[4] (bad name!): name must be letters" in msg
+    assert "jobs[5] (eval): the name 'eval' is the pass's own" in msg
+    assert "jobs[6] (inner): output.dir" in msg and "lies in jobs[0] (ok)'s folder" in msg
     with pytest.raises(ConfigError, match="no axis to sweep"):
         sweep_jobs(_plain(tmp_path), ["lora.r=4"])
 
@@ -211,6 +220,22 @@ def _plain(tmp_path):
     p = tmp_path / "plain.yaml"
     p.write_text("lora: {r: 4}\n")
     return p
+
+
+def test_row_lora_gradients_equal_finite_differences():
+    """RowLoraFn's hand-written backward against autograd's numerical check (float64): two
+    groups of different ranks, a base-only group between them, a bias."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5).double()
+    base.weight.requires_grad_(False)
+    base.bias.requires_grad_(False)
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    ab = [torch.randn(2, 6, dtype=torch.float64, requires_grad=True),
+          torch.randn(3, 6, dtype=torch.float64, requires_grad=True),
+          torch.randn(5, 2, dtype=torch.float64, requires_grad=True),
+          torch.randn(5, 3, dtype=torch.float64, requires_grad=True)]
+    assert torch.autograd.gradcheck(
+        lambda x, *ab: RowLoraFn.apply(x, base, ((0, 3), (5, 7)), (0.5, 2.0), *ab), (x, *ab))
 
 
 def test_stacked_rows_keep_each_batch_as_it_was():
@@ -224,6 +249,8 @@ def test_stacked_rows_keep_each_batch_as_it_was():
     assert spans == [(0, 1), (1, 3)]
     assert inputs["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 0, 0], [11, 0, 0, 0]]
     assert inputs["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 0], [0, 1, 0, 0]]
+    only_padded, _ = stack_batches([padded, padded], pad_id=0)
+    assert "position_ids" not in only_padded  # as alone: the decoder counts them itself
     m = inputs["attention_mask"]
     assert m.shape == (3, 1, 4, 4)
     assert torch.equal(m[0], packed["attention_mask"][0])

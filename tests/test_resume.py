@@ -1,17 +1,16 @@
 """Training that survives: exact resume, kill -9 mid-write, SIGINT, NaN guard, refusals."""
 
 import json
-import queue
 import signal
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from conftest import qa_csv, recipe
+from parked import start_parked
 from safetensors.torch import load_file
 
 import adapters.training.heads as heads
@@ -181,71 +180,10 @@ def _recipe_file(model, tmp_path, steps, save_every=1):
     return r
 
 
-# The real CLI in a child process, with one hook: at a chosen point the child prints "parked"
-# and blocks reading stdin, so the test acts (kill -9, SIGINT) at exactly that point, with no
-# timing window. `after-step N`: after optimiser step N; `checkpoint-write N`: inside the N-th
-# checkpoint's temporary folder, adapter and optimiser written, state.json not yet.
-_PARKED = """
-import sys
-import adapters.training.checkpoint as ckpt
-import adapters.training.trainer as trainer
-from adapters.cli import main
-
-where, n = sys.argv[1], int(sys.argv[2])
-calls = [0]
-
-def park():
-    print("parked", flush=True)
-    sys.stdin.readline()
-
-def rng_state(real=ckpt.rng_state):
-    calls[0] += 1
-    if calls[0] == n:
-        park()
-    return real()
-
-def step(run, real=trainer.step):
-    m = real(run)
-    if run.step == n:
-        park()
-    return m
-
-if where == "checkpoint-write":
-    ckpt.rng_state = rng_state
-else:
-    trainer.step = step
-sys.exit(main(sys.argv[3:]))
-"""
-
-
-def _start_parked(where, n, recipe_path, log):
-    """The CLI training `recipe_path`, parked at (where, n); returns once it is parked."""
-    with open(log, "w") as err:  # the child keeps its own copy of the file
-        proc = subprocess.Popen([sys.executable, "-c", _PARKED, where, str(n), "train",
-                                 str(recipe_path)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=err, text=True)
-    lines = queue.Queue()
-    threading.Thread(target=lambda: [*map(lines.put, proc.stdout), lines.put("")],
-                     daemon=True).start()  # drains stdout to the end
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
-        except queue.Empty:
-            proc.kill()
-            raise AssertionError(f"not parked after 240 s: {log.read_text()[-2000:]}") from None
-        if line.strip() == "parked":
-            return proc
-        if line == "":
-            proc.wait(timeout=60)
-            raise AssertionError(f"exit {proc.returncode} before parking: "
-                                 f"{log.read_text()[-2000:]}")
-
-
 def test_kill_9_during_checkpoint_write_leaves_previous_loadable(tiny_gpt2, tmp_path):
     r = _recipe_file(tiny_gpt2, tmp_path, steps=10)
     root = tmp_path / "out" / "checkpoints"
-    proc = _start_parked("checkpoint-write", 2, r, tmp_path / "stderr.txt")
+    proc = start_parked("checkpoint-write", 2, r, tmp_path / "stderr.txt")
     proc.kill()  # SIGKILL in the middle of writing step-000002
     proc.wait(timeout=60)
     assert [p.name for p in root.iterdir() if p.name.startswith(".tmp-step-000002-")]
@@ -265,7 +203,7 @@ def test_kill_9_during_checkpoint_write_leaves_previous_loadable(tiny_gpt2, tmp_
 def test_sigint_checkpoints_then_resume_finishes(tiny_gpt2, tmp_path):
     r = _recipe_file(tiny_gpt2, tmp_path, steps=400, save_every=1000)
     log = tmp_path / "stderr.txt"
-    proc = _start_parked("after-step", 3, r, log)
+    proc = start_parked("after-step", 3, r, log)
     proc.send_signal(signal.SIGINT)  # caught while parked: the run stops after this step
     proc.stdin.close()  # let it go on
     assert proc.wait(timeout=120) == 128 + signal.SIGINT, log.read_text()[-2000:]

@@ -53,6 +53,14 @@ def test_models_completion_chat_and_streaming(server):
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == \
         chat.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+    # stream_options.include_usage: a last chunk, no choices, with the same counts (openai)
+    with_usage = list(c.chat.completions.create(
+        model="a2", messages=msgs, max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert with_usage[-1].choices == [] and with_usage[-1].usage.model_dump() == {
+        **chat.usage.model_dump(), "completion_tokens_details": None,
+        "prompt_tokens_details": None}
+    assert all(ch.usage is None for ch in with_usage[:-1])
 
 
 def test_concurrent_requests_over_four_adapters_get_their_own_tokens(server):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import urllib.request
 
-from conftest import recipe, trained_adapter
+from conftest import qa_csv, recipe, trained_adapter
 from live_server import block, wait_until
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -22,6 +22,7 @@ from adapters.model import load_base
 from adapters.serving.protocol import Limits
 from adapters.serving.registry import Registry
 from adapters.serving.server import create_app
+from adapters.serving.studio import UPLOADS
 
 TEMPLATE = "Q: {prompt}\nA:"
 
@@ -71,7 +72,7 @@ def _setup(tiny_gpt2, tmp_path):
     train(paused, stop_after=2)
     rows = evaluate(str(tiny_gpt2), {"a1": root / "a1"},
                     {"qa": DataConfig(train=str(tmp_path / "data" / "qa.csv"), max_seq_len=64)},
-                    dtype="fp32", max_rows=8)
+                    dtype="fp32", max_rows=8, generate=2, max_new_tokens=4)
     write_results(rows, root / "evals")
     model, tok = load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))
     reg = Registry(model, tok)
@@ -234,6 +235,10 @@ def test_the_studio_page(tiny_gpt2, tmp_path):
                    what="paused listed").pop().click()
         state = find(By.ID, "run-state")
         wait_until(lambda: "Stopped at step 2" in state.text, what="stopped state")
+        line = lambda run: find(By.CSS_SELECTOR,  # noqa: E731
+                                f"button.run[data-path='{run}'] ~ .run-line").text
+        assert line("paused") == "stopped at step 2, resumable"
+        assert line("qa").startswith("finished, eval loss ")
         assert "adapters train paused/recipe.resolved.yaml --resume" in state.text
         assert driver.execute_script(width) <= 390
         _keep(driver, tmp_path, "studio-390-runs.png")
@@ -252,6 +257,13 @@ def test_the_studio_page(tiny_gpt2, tmp_path):
             By.CSS_SELECTOR, "#results-tables caption")}
         assert "loss (lower is better)" in caps and "tokens" in caps, list(caps)
         assert "%" in caps["loss (lower is better)"].text and "%" not in caps["tokens"].text
+        find(By.CSS_SELECTOR, "#results-samples-box summary").click()
+        assert driver.find_elements(By.CSS_SELECTOR, "#results-samples .sample")
+        # the board: loss curves of two runs on one chart
+        for run in ("qa", "paused"):
+            find(By.CSS_SELECTOR, f"input.compare[data-path='{run}']").click()
+        wait_until(lambda: find(By.ID, "compare-figure").is_displayed(), what="compare chart")
+        assert find(By.ID, "compare-figure").get_attribute("data-lines") == "2"
         _keep(driver, tmp_path, "studio-1280-runs.png")
 
         # dark mode follows the system setting
@@ -264,6 +276,78 @@ def test_the_studio_page(tiny_gpt2, tmp_path):
         logs = driver.get_log("browser")
         assert not [e for e in logs if e["source"] == "javascript"], logs
         assert not [e for e in logs if "favicon" in e["message"]], logs
+    finally:
+        driver.quit()
+        srv.close()
+
+
+def test_from_an_empty_page_to_a_trained_adapter_with_clicks_only(tiny_gpt2, tmp_path):
+    """Upload a CSV, train on the served base, stop, resume, load, ask: all from the page."""
+    driver = _browser()
+    root = tmp_path / "root"
+    root.mkdir()
+    data = qa_csv(tmp_path / "qa.csv", 24)
+    model, tok = load_base(ModelConfig(name=str(tiny_gpt2), dtype="fp32"))
+    srv = Running(create_app(Registry(model, tok), adapter_root=root))
+    find = driver.find_element
+    try:
+        driver.get(srv.url + "/")
+        wait_until(lambda: driver.execute_script("return document.body.dataset.ready"),
+                   what="page ready")
+        assert not driver.find_elements(By.CSS_SELECTOR, "#model-list button")  # no adapter
+        find(By.ID, "tab-train").click()
+        train_view = find(By.ID, "train")
+
+        # a long run, stopped from the page while it trains, then resumed from its checkpoint
+        find(By.ID, "train-name").send_keys("long")
+        find(By.ID, "train-file").send_keys(str(data))  # the file picker
+        steps = find(By.ID, "train-steps")
+        steps.clear()
+        steps.send_keys("1200")
+        find(By.ID, "train-start").click()
+        wait_until(lambda: (root / "long" / "metrics.jsonl").exists()
+                   and (root / "long" / "metrics.jsonl").stat().st_size, 120, what="training")
+        find(By.ID, "tab-runs").click()  # the board shows it training, with its step and ETA
+        board = wait_until(lambda: driver.find_elements(
+            By.CSS_SELECTOR, "button.run[data-path='long'] ~ .run-line"), what="long listed")
+        wait_until(lambda: "training: step " in board[0].text, what="training on the board")
+        assert " of 1200" in board[0].text and " left" in board[0].text
+        find(By.ID, "tab-train").click()
+        find(By.ID, "train-stop").click()
+        wait_until(lambda: train_view.get_attribute("data-state") == "stopped", 120,
+                   what="stopped")
+        assert "stopped (checkpoint kept)" in find(By.ID, "train-status").text
+        assert list((root / "long" / "checkpoints").glob("step-*"))
+        assert (root / UPLOADS / "qa.csv").read_text() == data.read_text()
+        find(By.ID, "train-resume").click()
+        wait_until(lambda: train_view.get_attribute("data-state") == "finished", 240,
+                   what="resumed run finished")
+        assert json.loads((root / "long" / "manifest.json").read_text())["training"][
+            "steps"] == 1200
+
+        # a short one, loaded with one click, answering beside the base
+        name = find(By.ID, "train-name")
+        name.clear()
+        name.send_keys("mine")
+        Select(find(By.ID, "train-data")).select_by_visible_text(f"{UPLOADS}/qa.csv")
+        steps.clear()
+        steps.send_keys("6")
+        find(By.ID, "train-start").click()
+        wait_until(lambda: train_view.get_attribute("data-state") == "training", 60,
+                   what="training mine")
+        wait_until(lambda: train_view.get_attribute("data-state") == "finished", 120,
+                   what="mine finished")
+        find(By.ID, "train-load").click()
+        wait_until(lambda: find(By.ID, "play").is_displayed(), what="back in the playground")
+        _pick(driver, "base", "mine")
+        _send(driver, "What is 2 plus 2?")
+        cols = _columns(driver, 2)
+        for m, prompt in (("base", "What is 2 plus 2?"), ("mine", "What is 2 plus 2?\n")):
+            want = _api(srv, "/v1/completions", {"model": m, "prompt": prompt, "max_tokens": 64,
+                                                 "temperature": 0})
+            assert cols[m].find_element(By.CSS_SELECTOR, ".text").text == \
+                want["choices"][0]["text"].strip(), m
+        _keep(driver, tmp_path, "studio-trained.png")
     finally:
         driver.quit()
         srv.close()

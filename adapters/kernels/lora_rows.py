@@ -119,8 +119,10 @@ def _peft_rows(layer: nn.Module, groups, xf: torch.Tensor) -> torch.Tensor:
             parts.append(y.new_zeros(e - s, y.shape[-1]))
             continue
         a, b = layer.lora_A[name], layer.lora_B[name]
-        # peft casts the input to the adapter's dtype unless autocast does the matmuls
-        x = xf[s:e] if torch.is_autocast_enabled(xf.device.type) else xf[s:e].to(a.weight.dtype)
+        # as peft's layer: the input in the adapter's dtype, unless the run turned that cast
+        # off (training/jobs.py under autocast, where autocast picks the matmul dtype)
+        cast = getattr(layer, "cast_input_dtype_enabled", True)
+        x = xf[s:e].to(a.weight.dtype) if cast else xf[s:e]
         parts.append((b(a(layer.lora_dropout[name](x))) * layer.scaling[name]).to(y.dtype))
     return y + (torch.cat(parts) if len(parts) > 1 else parts[0])
 

@@ -163,6 +163,11 @@ class LoadAdapterBody(BaseModel):
     path: Text = Field(min_length=1, max_length=MAX_PATH_CHARS)
 
 
+def wants_usage(body: _Common) -> bool:
+    """stream_options.include_usage: the stream ends with a chunk of token counts."""
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
 def usage(outs: list[Output]) -> dict[str, int]:
     p = sum(o.prompt_tokens for o in outs)
     c = sum(len(o.token_ids) for o in outs)

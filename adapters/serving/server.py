@@ -43,6 +43,7 @@ from .protocol import (
     short,
     sse_events,
     usage,
+    wants_usage,
 )
 from .registry import Registry, RegistryError
 from .rootfs import Copies, inside_root
@@ -214,10 +215,6 @@ class Service:
         return StreamingResponse(send(), media_type="text/event-stream")
 
 
-def _usage_wanted(body) -> bool:
-    return bool(body.stream_options and body.stream_options.include_usage)
-
-
 async def _client_gone(http: HttpRequest) -> None:
     """Return once the client has gone away. The body is read by now, so the server's next
     message is the disconnect (uvicorn sends it when the connection closes or the reply is
@@ -243,6 +240,8 @@ def create_app(registry: Registry, adapter_root: str | Path | None = None,
         yield
         engine.close()
         svc.close()
+        if getattr(app.state, "studio", None):  # a run started from the page checkpoints
+            app.state.studio.close()
 
     app = FastAPI(title="adapters", lifespan=lifespan)
     app.add_middleware(Guard, api_key=api_key, max_body=limits.max_body_bytes,
@@ -313,7 +312,7 @@ def _inference_routes(app: FastAPI, svc: Service) -> None:
         head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
                 "created": int(time.time()), "model": body.model}
         if body.stream:
-            return svc.stream(reqs, head, chat=False, include_usage=_usage_wanted(body))
+            return svc.stream(reqs, head, chat=False, include_usage=wants_usage(body))
         outs = await svc.run(reqs, http)
         return {**head, "choices": [{"index": i, "text": o.text, "logprobs": None,
                                      "finish_reason": o.finish_reason}
@@ -326,7 +325,7 @@ def _inference_routes(app: FastAPI, svc: Service) -> None:
                 "created": int(time.time()), "model": body.model}
         if body.stream:
             return svc.stream(reqs, {**head, "object": "chat.completion.chunk"}, chat=True,
-                              include_usage=_usage_wanted(body))
+                              include_usage=wants_usage(body))
         outs = await svc.run(reqs, http)
         return {**head, "choices": [{"index": i, "finish_reason": o.finish_reason,
                                      "message": {"role": "assistant", "content": o.text}}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
@@ -23,7 +24,10 @@ from starlette.responses import FileResponse, JSONResponse
 from ..adapter.files import CARD_FILE, CONFIG_FILE, MANIFEST_FILE
 from ..config import BASE_NAME, HIGHER_IS_BETTER
 from ..data.formats import DEFAULT_TEMPLATE
+from ..errors import ConfigError
+from ..safe_yaml import load_yaml
 from .protocol import ApiError, Guard, error_body
+from .studio import Studio, base_settings, studio_routes
 
 WEB = Path(__file__).parent / "web"
 PAGE_FILES = {"/": "index.html", "/ui/index.html": "index.html", "/ui/app.js": "app.js",
@@ -38,6 +42,7 @@ METRICS, RESULTS, RECIPE = "metrics.jsonl", "results.json", "recipe.resolved.yam
 MAX_CHUNK = 1 << 20  # bytes of metrics.jsonl per request; the page asks again for more
 MAX_TEXT = 256 << 10  # a card, recipe or manifest larger than this is cut
 MAX_DEPTH, MAX_RUNS = 4, 500
+STALE_S = 120  # a run whose metrics.jsonl has not changed for this long is not training
 SKIP_DIRS = {"checkpoints", "tensorboard", "wandb", "mlartifacts", "__pycache__"}
 # The page works offline and loads nothing from elsewhere.
 HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
@@ -95,7 +100,7 @@ def _read_json(path: Path):
 
 def list_runs(root: Path) -> list[dict]:
     """Folders under root (links not followed, a few levels deep) holding a run's files."""
-    real_root, found = root.resolve(), []
+    real_root, found, now = root.resolve(), [], time.time()
     for here, dirs, files in os.walk(real_root):
         depth = len(Path(here).relative_to(real_root).parts)
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith(".")
@@ -107,10 +112,64 @@ def list_runs(root: Path) -> list[dict]:
             mtime = max((folder / f).stat().st_mtime for f in (METRICS, RESULTS, CONFIG_FILE)
                         if f in files)
             found.append({"path": folder.relative_to(real_root).as_posix() or ".",
-                          "mtime": mtime, **kinds})
+                          "mtime": mtime, **kinds,
+                          "status": run_status(folder, now) if kinds["metrics"] else None})
             if len(found) >= MAX_RUNS:
                 break
     return sorted(found, key=lambda r: -r["mtime"])
+
+
+def _metrics_rows(path: Path, limit: int = 4 << 20) -> list[dict]:
+    """metrics.jsonl's rows (its last `limit` bytes: enough for the board's figures)."""
+    if not path.is_file():
+        return []
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - limit))
+        text = f.read().decode("utf-8", errors="replace")
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a cut first line, or one still being written
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def run_status(folder: Path, now: float) -> dict:
+    """A run's line on the board: finished (final and best eval loss), training (step of
+    steps, ETA), stopped at a checkpoint (resumable), or neither."""
+    rows = _metrics_rows(folder / METRICS)
+    steps = [r for r in rows if isinstance(r.get("loss"), (int, float))]
+    evals = [r["eval_loss"] for r in rows if isinstance(r.get("eval_loss"), (int, float))]
+    out = {"step": steps[-1].get("step") if steps else None,
+           "final_eval": evals[-1] if evals else None, "best_eval": min(evals, default=None)}
+    if (folder / MANIFEST_FILE).is_file() and (_read_json(folder / MANIFEST_FILE) or {}).get(
+            "training"):
+        return {**out, "state": "finished"}
+    metrics = folder / METRICS
+    ended = bool(rows) and rows[-1].get("event") in ("paused", "stopped")  # progress.py
+    if steps and not ended and metrics.is_file() and now - metrics.stat().st_mtime < STALE_S:
+        recipe = folder / RECIPE
+        total = _total_steps(_read_text(recipe)) if recipe.is_file() else None
+        secs = sorted(r.get("seconds", 0) for r in steps[-10:])
+        left = (total - out["step"]) if total else None
+        eta = round(secs[len(secs) // 2] * left) if left is not None and secs else None
+        return {**out, "state": "training", "total": total, "eta_s": eta}
+    ckpts = [p for p in (folder / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
+    if ckpts:
+        return {**out, "state": "stopped", "step": max(int(p.name[5:]) for p in ckpts)}
+    return {**out, "state": "unfinished" if steps else "no steps yet"}
+
+
+def _total_steps(recipe: str | None) -> int | None:
+    try:
+        raw = load_yaml(recipe or "", RECIPE) or {}
+    except ConfigError:
+        return None
+    steps = (raw.get("train") or {}).get("steps") if isinstance(raw, dict) else None
+    return steps if isinstance(steps, int) else None
 
 
 def metrics_tail(path: Path, offset: int, file_id: str | None) -> dict:
@@ -204,6 +263,7 @@ def routes(root: str | Path | None, registry=None, limits=None) -> APIRouter:
                 "base": registry.base_name if registry is not None else None,
                 "root": root.name if root else None, "results_base": BASE_NAME,
                 "higher_is_better": HIGHER_IS_BETTER,
+                "train": root is not None and registry is not None,
                 "limits": {"max_tokens": limits.max_new_tokens, "context": limits.context}
                 if limits is not None else None}
 
@@ -242,8 +302,12 @@ def routes(root: str | Path | None, registry=None, limits=None) -> APIRouter:
 
 
 def install(app: FastAPI, root: str | Path | None, registry=None, limits=None) -> None:
-    """Add the page (at /) and its JSON routes to `app`."""
+    """Add the page (at /) and its JSON routes to `app`; with a runs folder and a model, also
+    training from the page (studio.py; app.state.studio, closed with the app)."""
     app.include_router(routes(root, registry, limits))
+    if root is not None and registry is not None:
+        app.state.studio = Studio(Path(root), base_settings(registry.model))
+        app.include_router(studio_routes(app.state.studio))
     app.add_middleware(PageFiles)  # added last, so outermost: ahead of the app's Guard
 
 

@@ -16,10 +16,10 @@ fails (too many non-finite steps) drops out and the rest go on.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from .loss import autocast_for
 from .objective import for_config as objective_for
 from .optim import make_optimizer, make_scheduler, total_steps
 from .plots import plot_losses
-from .progress import Progress, preflight
+from .progress import Progress, eval_line, preflight, truncate_metrics
 from .runtime import (
     Interrupted,
     StopSignals,
@@ -54,7 +54,6 @@ from .runtime import (
 )
 from .stack import HiddenView, stack_batches
 from .trainer import (
-    EVAL_IN_STEP_LINE,
     Outcome,
     Run,
     apply_update,
@@ -80,7 +79,7 @@ def train_jobs(jobs: list[Job], resume: str | None = None, progress: bool = Fals
                             "without torchrun / --nproc")
     for job in jobs:
         prepare_output(Path(job.cfg.output.dir), fresh=not resume, main=True)
-    found = {peft_name(j.name): ckpt.resumable(j.cfg, resume, 1) for j in jobs} if resume else {}
+    found = _resumable(jobs) if resume else {}
     runs, rows = setup_jobs(jobs, device, resume=bool(found), progress=progress)
     kept = keep_freed_host_memory()
     try:
@@ -88,8 +87,10 @@ def train_jobs(jobs: list[Job], resume: str | None = None, progress: bool = Fals
             if run.adapter in found:
                 restore(run, *found[run.adapter])
             atomic_write_text(run.out / "recipe.resolved.yaml", dump_recipe(run.cfg))
-            info = preflight(run)
-            check_disk(run.out, info["checkpoint_bytes"] * (run.cfg.train.keep_checkpoints + 2))
+            # one checkpoint: this job's LoRA and its two AdamW moments (fp32), and the files
+            mine = sum(p.numel() for g in run.optimizer.param_groups for p in g["params"])
+            check_disk(run.out, (mine * 4 * 3 + (1 << 20)) * (run.cfg.train.keep_checkpoints + 2))
+        preflight(runs[0])  # sizes and the memory estimate (of one job's batch)
         with StopSignals() as signals:
             fit_jobs(runs, rows, signals, progress, stop_after)
     finally:
@@ -97,6 +98,19 @@ def train_jobs(jobs: list[Job], resume: str | None = None, progress: bool = Fals
         del runs
         give_back_host_memory(kept)
     return outs
+
+
+def _resumable(jobs: list[Job]) -> dict[str, tuple]:
+    """Each job's newest checkpoint (peft name -> (path, state)); a job that wrote none yet
+    (it failed early, or saves less often than the others) starts again from step 0."""
+    found = {}
+    for j in jobs:
+        if not ckpt.list_checkpoints(Path(j.cfg.output.dir) / "checkpoints"):
+            log.warning("job %s has no checkpoint yet: it starts again from step 0", j.name)
+            truncate_metrics(Path(j.cfg.output.dir) / "metrics.jsonl", 0)
+            continue
+        found[peft_name(j.name)] = ckpt.resumable(j.cfg, "latest", 1)
+    return found
 
 
 def job_name(run: Run) -> str:
@@ -170,29 +184,14 @@ def fit_jobs(runs: list[Run], rows: RowGroups, signals: StopSignals, progress: b
     """
     start = {run.adapter: run.step for run in runs}
     live = [run for run in runs if run.step < run.total_steps]
-    with contextlib.ExitStack() as stack:
-        reports = {run.adapter: stack.enter_context(Progress(run, False)) for run in runs}
-        bar = stack.enter_context(tqdm(
-            total=sum(r.total_steps for r in runs), initial=sum(r.step for r in runs),
-            disable=not progress, unit="step", dynamic_ncols=True, desc=f"{len(runs)} jobs"))
+    reports = {run.adapter: Progress(run, False) for run in runs}  # each job's metrics file
+    bar = tqdm(total=sum(r.total_steps for r in runs), initial=sum(r.step for r in runs),
+               disable=not progress, unit="step", dynamic_ncols=True, desc=f"{len(runs)} jobs")
+    try:
         while live:
             results = step_jobs(live, rows)
             for run in list(live):
-                m = results[run.adapter]
-                try:
-                    count_bad(run, m)
-                except TrainingError as e:  # this job stops; its last checkpoint is intact
-                    log.error("job %s failed: %s", job_name(run), e)
-                    live.remove(run)
-                    continue
-                if due(run.cfg.train.eval_every, run.step, run.total_steps):
-                    ev = evaluate_job(run, rows) or {"loss": None}
-                    m.update({f"eval_{k}": v for k, v in ev.items() if k in EVAL_IN_STEP_LINE})
-                reports[run.adapter].record(m)
-                if due(run.cfg.train.save_every, run.step, run.total_steps):
-                    save(run)
-                if run.step >= run.total_steps:
-                    _finish(run, rows, reports[run.adapter])
+                if not _after_step(run, results[run.adapter], rows, reports):
                     live.remove(run)
             bar.update(len(results))
             bar.set_postfix({job_name(r): f"{results[r.adapter]['loss']:.3f}"
@@ -201,14 +200,41 @@ def fit_jobs(runs: list[Run], rows: RowGroups, signals: StopSignals, progress: b
                 start[r.adapter] + stop_after <= r.step for r in live)
             if paused or signals.requested is not None:
                 bar.close()
+                for run in live:
+                    reports[run.adapter].close("paused" if paused else "stopped")
                 saved = [str(save(run)) for run in live]
                 if paused:
                     log.info("paused; checkpoints %s; continue with --resume", ", ".join(saved))
                     return Outcome.PAUSED
-                raise Interrupted(f"stopped; checkpoints {', '.join(saved)}. Resume with: "
-                                  "adapters train RECIPE --resume",
+                raise Interrupted(f"stopped; checkpoints {', '.join(saved)}. Resume: the same "
+                                  "command (adapters train / adapters sweep) with --resume",
                                   signals.requested or signal.SIGTERM)
+    finally:
+        bar.close()
+        exc = sys.exc_info()
+        for report in reports.values():  # trackers see a failed pass as failed
+            report.__exit__(*exc)
     return Outcome.FINISHED
+
+
+def _after_step(run: Run, m: dict, rows: RowGroups, reports: dict[str, Progress]) -> bool:
+    """A job's step done: its guard, eval, metrics line, checkpoint, finish; False when the
+    job leaves the pass (finished, or failed: its last checkpoint stays intact)."""
+    try:
+        count_bad(run, m)
+    except TrainingError as e:
+        log.error("job %s failed: %s", job_name(run), e)
+        reports.pop(run.adapter).__exit__(type(e), e, e.__traceback__)  # its trackers: failed
+        return False
+    if due(run.cfg.train.eval_every, run.step, run.total_steps):
+        m.update(eval_line(evaluate_job(run, rows) or {"loss": None}))
+    reports[run.adapter].record(m)
+    if due(run.cfg.train.save_every, run.step, run.total_steps):
+        save(run)
+    if run.step >= run.total_steps:
+        _finish(run, rows, reports[run.adapter])
+        return False
+    return True
 
 
 def _finish(run: Run, rows: RowGroups, report: Progress) -> None:
@@ -243,10 +269,12 @@ def step_jobs(runs: list[Run], rows: RowGroups) -> dict[str, dict]:
                       "tokens": sum(int(b["n_tokens"]) for b in micro),
                       "norms": run.objective.normalisers(micro)})
     per = per_forward(runs[0].cfg.train.jobs_per_forward, runs[0].device, len(plans))
+    forwards = 0
     for k in range(max(len(p["micro"]) for p in plans)):
         now = [p for p in plans if k < len(p["micro"])]
         for i in range(0, len(now), per):
             _micro_step(now[i:i + per], k, rows)
+            forwards += 1
     dt = time.perf_counter() - t0
     out = {}
     for p in plans:
@@ -261,7 +289,7 @@ def step_jobs(runs: list[Run], rows: RowGroups) -> dict[str, dict]:
         m = {"step": run.step, "loss": p["loss"], "lr": lr, "grad_norm": grad_norm,
              "tokens": p["tokens"], "trainable_tokens": p["counted"],
              "tokens_per_s": p["tokens"] / dt, "seconds": dt, "finite": finite,
-             "jobs_in_step": len(plans)}
+             "jobs_in_step": len(plans), "forwards_in_step": forwards}
         m.update(run.objective.metrics(p["sums"], p["norms"], run.dist, run.device))
         out[run.adapter] = m
     return out

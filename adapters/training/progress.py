@@ -24,11 +24,17 @@ from .trackers import Trackers
 log = logging.getLogger(__name__)
 
 
+def eval_line(ev: dict) -> dict:
+    """An evaluation's figures for a step's metrics line: its loss and every reward*."""
+    return {f"eval_{k}": v for k, v in ev.items() if k == "loss" or k.startswith("reward")}
+
+
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics lines past the checkpoint: the resumed run writes them again."""
+    """Drop metrics lines past the checkpoint (the resumed run writes them again) and the
+    paused / stopped marks (it goes on)."""
     if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines()
-                 if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        lines = [json.dumps(r) for r in rows if r.get("step", 0) <= step and "event" not in r]
         atomic_write_text(path, "".join(ln + "\n" for ln in lines))
 
 
@@ -84,9 +90,14 @@ class Progress:
         self.trackers.close(failed=exc[0] is not None)
         return False
 
-    def close(self) -> None:
-        """End the bar (before the last log lines of a run); closing twice is harmless."""
+    def close(self, event: str | None = None) -> None:
+        """End the bar (before the last log lines of a run); closing twice is harmless.
+        event: "paused" / "stopped": a metrics row saying the run stopped at this step (the
+        web page's board reads it; plots and trackers skip it)."""
         self.bar.close()
+        if event and not self.file.closed:
+            self.file.write(json.dumps({"step": self.run.step, "event": event}) + "\n")
+            self.file.flush()
 
     def record(self, m: dict) -> None:
         """After a step: its metrics line when due (always for a bad step or an eval)."""

@@ -33,11 +33,12 @@ def stack_batches(batches: list[dict], pad_id: int) -> tuple[dict, list[tuple[in
     """(decoder inputs of all batches stacked, each batch's (first row, end row)).
 
     batches: input_ids (B_j, T_j), attention_mask (B_j, T_j) or (B_j, 1, T_j, T_j),
-    position_ids (B_j, T_j) when packed. Returns input_ids, attention_mask, position_ids for
-    (sum B_j, max T_j).
+    position_ids (B_j, T_j) when packed. Returns input_ids, attention_mask and (when any batch
+    has them) position_ids for (sum B_j, max T_j).
     """
     T = max(b["input_ids"].shape[1] for b in batches)
     four_d = any(b["attention_mask"].dim() == 4 for b in batches)
+    positions = any("position_ids" in b for b in batches)  # else the decoder's own, as alone
     ids, masks, pos, spans, row = [], [], [], [], 0
     for b in batches:
         x = b["input_ids"]
@@ -53,8 +54,9 @@ def stack_batches(batches: list[dict], pad_id: int) -> tuple[dict, list[tuple[in
             masks.append(torch.nn.functional.pad(b["attention_mask"], (0, T - t), value=0))
         spans.append((row, row + B))
         row += B
-    inputs = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks),
-              "position_ids": torch.cat(pos)}
+    inputs = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks)}
+    if positions:
+        inputs["position_ids"] = torch.cat(pos)
     return inputs, spans
 
 

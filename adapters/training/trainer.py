@@ -54,7 +54,7 @@ from .objective import Supervised
 from .objective import for_config as objective_for
 from .optim import make_optimizer, make_scheduler, total_steps
 from .plots import plot_losses
-from .progress import Progress, preflight, truncate_metrics
+from .progress import Progress, eval_line, preflight, truncate_metrics
 from .runtime import (
     Interrupted,
     StopSignals,
@@ -67,9 +67,6 @@ from .runtime import (
 )
 
 log = logging.getLogger(__name__)
-
-
-EVAL_IN_STEP_LINE = ("loss",)  # of an evaluation's results, with every reward*: eval_<key>
 
 
 class Outcome(enum.Enum):
@@ -212,19 +209,17 @@ def fit(run: Run, signals: StopSignals, progress: bool = False,
                 log.info("first step (includes torch.compile): %.1f s", m["seconds"])
                 m["compile_seconds"] = m["seconds"]
             if due(t.eval_every, run.step, run.total_steps):
-                ev = evaluate(run) or {"loss": None}
-                m.update({f"eval_{k}": v for k, v in ev.items() if k in EVAL_IN_STEP_LINE
-                          or k.startswith("reward")})
+                m.update(eval_line(evaluate(run) or {"loss": None}))
             report.record(m)
             if due(t.save_every, run.step, run.total_steps):
                 save(run)
             if stop_after is not None and start + stop_after <= run.step < run.total_steps:
-                report.close()
+                report.close("paused")
                 log.info("paused at step %d; checkpoint %s; continue with --resume",
                          run.step, save(run))
                 return Outcome.PAUSED
             if _stop_requested(run, signals):
-                report.close()
+                report.close("stopped")
                 raise Interrupted(f"stopped at step {run.step}; checkpoint {save(run)}. Resume "
                                   "with: adapters train RECIPE --resume",
                                   signals.requested or signal.SIGTERM)

@@ -65,6 +65,7 @@ function showTab(tab, focus) {
   }
   if (focus) tab.focus();
   if (tab.id === "tab-runs") refreshRuns();
+  if (tab.id === "tab-train") refreshTrain();
 }
 
 for (const t of document.querySelectorAll('[role="tab"]')) {
@@ -407,7 +408,8 @@ async function refreshRuns() {
   try {
     const body = await api("/ui/api/runs");
     const list = $("run-list");
-    const sig = JSON.stringify(body.runs.map((r) => [r.path, r.metrics, r.results, r.adapter]));
+    const sig = JSON.stringify(body.runs.map((r) => [r.path, r.metrics, r.results, r.adapter,
+                                                      r.status]));
     if (sig === state.runsSig) return;  // unchanged: keep the buttons (and the focus) as they are
     state.runsSig = sig;
     // Reconcile by path instead of rebuilding: a button the user is about to click (or has
@@ -423,7 +425,17 @@ async function refreshRuns() {
         b.dataset.path = r.path;
         b.addEventListener("click", () => openRun(state.runsByPath.get(b.dataset.path)));
         const li = document.createElement("li");
-        li.append(b);
+        const line = document.createElement("span");
+        line.className = "run-line";
+        li.append(b, line);
+        if (r.metrics) {  // overlay this run's loss curve with the others ticked
+          const box = Object.assign(document.createElement("input"), { type: "checkbox",
+                                                                       className: "compare" });
+          box.setAttribute("aria-label", "Compare the loss curve of " + r.path);
+          box.dataset.path = r.path;
+          box.addEventListener("change", drawCompare);
+          li.prepend(box);
+        }
       }
       have.delete(r.path);
       const kinds = ["metrics", "results", "adapter"].filter((k) => r[k]).join(", ");
@@ -431,6 +443,7 @@ async function refreshRuns() {
       b.setAttribute("aria-label", r.path + " (" + kinds + ")");
       if (r.path === state.run) b.setAttribute("aria-current", "true");
       const li = b.parentElement;
+      li.querySelector(".run-line").textContent = statusLine(r.status);
       if (prev ? prev.nextSibling !== li : list.firstChild !== li) {
         list.insertBefore(li, prev ? prev.nextSibling : list.firstChild);
       }
@@ -438,6 +451,49 @@ async function refreshRuns() {
     }
     for (const b of have.values()) b.parentElement.remove();
   } catch (e) { say(e.message); }
+}
+
+// A run's line on the board (ui.py run_status).
+function statusLine(st) {
+  if (!st) return "";
+  const ev = st.final_eval !== null ? ", eval loss " + fmt(st.final_eval) +
+    (st.best_eval !== null && st.best_eval !== st.final_eval ? " (best " + fmt(st.best_eval) + ")" : "") : "";
+  if (st.state === "finished") return "finished" + ev;
+  if (st.state === "training") {
+    return "training: step " + st.step + (st.total ? " of " + st.total : "") +
+      (st.eta_s !== null && st.eta_s !== undefined ? ", about " + duration(st.eta_s) + " left" : "") + ev;
+  }
+  if (st.state === "stopped") return "stopped at step " + st.step + ", resumable" + ev;
+  return st.state + ev;
+}
+
+function duration(s) {
+  return s < 90 ? s + " s" : s < 5400 ? Math.round(s / 60) + " min" : (s / 3600).toFixed(1) + " h";
+}
+
+// The ticked runs' training loss, one line each, on one chart.
+async function drawCompare() {
+  const paths = [...document.querySelectorAll("#run-list input.compare:checked")].map((b) => b.dataset.path);
+  const fig = $("compare-figure");
+  fig.hidden = paths.length < 2;
+  fig.dataset.lines = String(paths.length);
+  if (paths.length < 2) return;
+  const lines = [];
+  for (const [i, path] of paths.entries()) {
+    const rows = [];
+    let offset = 0, more = true;
+    while (more) {
+      const body = await api("/ui/api/metrics?run=" + encodeURIComponent(path) + "&offset=" + offset);
+      rows.push(...body.rows);
+      offset = body.offset;
+      more = body.more;
+    }
+    const pts = rows.filter((r) => typeof r.loss === "number" && isFinite(r.loss)).map((r) => [r.step, r.loss]);
+    lines.push({ name: path, color: PALETTE[i % PALETTE.length], points: pts });
+  }
+  $("compare-caption").textContent = "training loss of " + paths.join(", ");
+  $("compare-chart").setAttribute("aria-label", "Training loss by step of " + paths.join(", "));
+  lineChart($("compare-chart"), lines);
 }
 
 async function openRun(r) {
@@ -618,6 +674,19 @@ async function loadResults(path) {
       $("results-caption").textContent = metric + " by dataset and model";
       $("results-chart").setAttribute("aria-label", metric + " by dataset and model (the tables above hold the numbers)");
     }
+    const samples = $("results-samples");
+    samples.textContent = "";
+    for (const r of rows) {
+      for (const smp of r.samples || []) {
+        const li = document.createElement("li");
+        li.className = "sample";
+        li.textContent = r.model + " on " + r.dataset + ": " + JSON.stringify(smp.prompt || "") +
+          " -> " + JSON.stringify(smp.answer || "") +
+          (smp.reference ? " (reference " + JSON.stringify(smp.reference) + ")" : "");
+        samples.append(li);
+      }
+    }
+    $("results-samples-box").hidden = !samples.childElementCount;
     $("results-box").hidden = false;
   } catch (e) { say(e.message); }
 }
@@ -655,6 +724,103 @@ function resultTable(rows, metric, models, dsets) {
   }
   return t;
 }
+
+// ---- train from the page (one run at a time, a child `adapters train` on the server) -------
+
+async function refreshTrain() {
+  try {
+    const o = await api("/ui/api/train");
+    fillSelect($("train-recipe"), o.recipes, "(none: the fields here)");
+    fillSelect($("train-data"), o.uploads, "(none)");
+    showTrain(o);
+  } catch (e) { say(e.message); }
+}
+
+function fillSelect(select, values, none) {
+  const keep = select.value;
+  const sig = JSON.stringify(values);
+  if (select.dataset.sig === sig) return;
+  select.dataset.sig = sig;
+  select.textContent = "";
+  select.append(new Option(none, ""));
+  for (const v of values) select.append(new Option(v, v, false, v === keep));
+}
+
+const TRAIN_STATES = { finished: "finished", stopped: "stopped (checkpoint kept): Resume goes on",
+                       failed: "failed: see the console" };
+
+function showTrain(o) {
+  const last = o.last, busy = Boolean(o.training);
+  state.trainLast = last;
+  $("train-start").disabled = busy;
+  $("train-stop").disabled = !busy;
+  $("train-resume").disabled = busy || !last || last.state !== "stopped";
+  $("train-load").disabled = busy || !last || last.state !== "finished";
+  if (last) {
+    $("train-status").textContent = busy ? "Training " + last.name + "... (its curve is in Runs)"
+      : last.name + ": " + (TRAIN_STATES[last.state] || last.state);
+    $("train-log").textContent = last.log;
+    $("train-log-box").hidden = false;
+    $("train").dataset.state = busy ? "training" : last.state;
+  }
+  clearTimeout(state.trainTimer);
+  if (busy) state.trainTimer = setTimeout(refreshTrain, 1000);
+}
+
+function trainBody() {
+  return { name: $("train-name").value, recipe: $("train-recipe").value || null,
+           data: $("train-data").value || null, format: $("train-format").value || null,
+           r: Number($("train-r").value), steps: Number($("train-steps").value),
+           lr: Number($("train-lr").value) };
+}
+
+$("train-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  try {
+    const file = $("train-file").files[0];
+    if (file) {
+      $("train-status").textContent = "Uploading " + file.name + "...";
+      const up = await api("/ui/api/upload?filename=" + encodeURIComponent(file.name),
+                           { method: "POST", headers: { "Content-Type": "application/octet-stream" },
+                             body: file });
+      await refreshTrain();
+      $("train-data").value = up.path;
+      $("train-file").value = "";
+    }
+    $("train-status").textContent = "Starting " + $("train-name").value + "...";
+    showTrain(await api("/ui/api/train", { method: "POST",
+                                           headers: { "Content-Type": "application/json" },
+                                           body: JSON.stringify(trainBody()) }));
+  } catch (e) { $("train-status").textContent = "Could not start: " + e.message; }
+});
+
+$("train-stop").addEventListener("click", async () => {
+  try { showTrain(await api("/ui/api/train/stop", { method: "POST" })); }
+  catch (e) { $("train-status").textContent = "Stop failed: " + e.message; }
+});
+
+$("train-resume").addEventListener("click", async () => {
+  try {
+    const body = Object.assign(trainBody(), { name: state.trainLast.name });
+    showTrain(await api("/ui/api/train/resume", { method: "POST",
+                                                  headers: { "Content-Type": "application/json" },
+                                                  body: JSON.stringify(body) }));
+  } catch (e) { $("train-status").textContent = "Resume failed: " + e.message; }
+});
+
+$("train-load").addEventListener("click", async () => {
+  const name = state.trainLast.name;
+  try {
+    if (!state.models.includes(name)) {
+      await api("/v1/adapters", { method: "POST", headers: { "Content-Type": "application/json" },
+                                  body: JSON.stringify({ name, path: name }) });
+    }
+    state.checked.add(name);
+    await refreshModels();
+    showTab($("tab-play"), true);
+    say("Loaded " + name + ": it answers beside the others.");
+  } catch (e) { $("train-status").textContent = "Load failed: " + e.message; }
+});
 
 // ---- model cards: markdown as text nodes (never innerHTML: a card is someone else's file) ----
 
@@ -845,6 +1011,7 @@ async function start() {
     state.info = await api("/ui/api/info");
     $("tab-play").hidden = !state.info.playground;
     $("tab-runs").hidden = !state.info.runs;
+    $("tab-train").hidden = !state.info.train;
     if (!state.info.playground) showTab($("tab-runs"), false);
     const lim = state.info.limits;
     if (lim && lim.max_tokens) {
