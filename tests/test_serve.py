@@ -231,6 +231,8 @@ def test_api_key_is_checked_on_every_route(tiny_gpt2, root):
         with pytest.raises(openai.AuthenticationError):
             s.client("wrong").models.list()
         assert http("DELETE", s.url + "/v1/adapters/a0")[0] == 401
+        assert http("GET", s.url + "/ui/api/train")[0] == 401  # the page's training too
+        assert http("POST", s.url + "/ui/api/upload?filename=x.csv")[0] == 401
         assert [m.id for m in s.client("sekret").models.list()] == [BASE_NAME, "a0"]
         with pytest.raises(openai.BadRequestError, match="1 to 16"):
             s.client("sekret").completions.create(model="a0", prompt="x", max_tokens=17)
@@ -251,12 +253,14 @@ def test_the_serve_and_generate_commands(tiny_gpt2, root, tmp_path):
                              f"a0={root / 'a0'}", "--port", "0"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        url = None
+        url, lines = None, []
         for line in proc.stdout:  # uvicorn prints the port it bound
+            lines.append(line)
             if "Uvicorn running on" in line:
                 url = line.split("running on ")[1].split()[0]
                 break
         assert url and url.startswith("http://127.0.0.1:")
+        assert any("the web page (playground) at http://127.0.0.1:" in ln for ln in lines), lines
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         r = c.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=6, temperature=0)
         assert r.choices[0].text == answers[1]["text"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import urllib.request
 
+import yaml
 from conftest import qa_csv, recipe, trained_adapter
 from live_server import block, wait_until
 from selenium.webdriver.common.by import By
@@ -25,6 +26,7 @@ from adapters.serving.server import create_app
 from adapters.serving.studio import UPLOADS
 
 TEMPLATE = "Q: {prompt}\nA:"
+RECIPE = "smollm2-pydoc-qa.yaml"  # in recipes/: its prompt template and settings
 
 
 def _api(srv, path: str, body: dict) -> dict:
@@ -88,6 +90,9 @@ def test_the_studio_page(tiny_gpt2, tmp_path):
     engine = srv.server.config.app.state.engine
     find = driver.find_element
     try:
+        driver.set_window_size(1280, 900)
+        driver.execute_cdp_cmd("Browser.grantPermissions", {  # for the Copy buttons
+            "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
         driver.get(srv.url + "/")
         wait_until(lambda: driver.execute_script("return document.body.dataset.ready"),
                    what="page ready")
@@ -122,6 +127,13 @@ def test_the_studio_page(tiny_gpt2, tmp_path):
         top = driver.execute_script(
             "return document.getElementById('answers-title').getBoundingClientRect().top")
         assert 0 <= top < driver.execute_script("return window.innerHeight")
+        copy = cols["qa"].find_element(By.CSS_SELECTOR,
+                                       "button[aria-label='Copy the answer of qa']")
+        copy.click()
+        wait_until(lambda: copy.text == "Copied", what="answer copied")
+        assert driver.execute_async_script(
+            "navigator.clipboard.readText().then(arguments[0])") == \
+            cols["qa"].find_element(By.CSS_SELECTOR, ".text").text
         find(By.ID, "use-template").click()  # off: the raw text, as typed
         _send(driver, "What is 3 plus 3?")
         assert not _columns(driver, 2)["qa"].find_elements(By.CSS_SELECTOR, "details.sent")
@@ -141,6 +153,17 @@ def test_the_studio_page(tiny_gpt2, tmp_path):
         wait_until(lambda: engine.waiting() == 0 and not engine.running(),
                    what="the stopped request gone from the server")
         assert find(By.ID, "answers-status").text == "Stopped."
+        started, release = block(engine)  # Stop all: both columns, both requests gone
+        assert started.wait(60)
+        _pick(driver, "qa", "a1")
+        _send(driver, "Stop us")
+        wait_until(lambda: engine.waiting() == 2, what="both queued")
+        find(By.ID, "stop-all").click()
+        assert {c.find_element(By.CSS_SELECTOR, ".finish").text
+                for c in _columns(driver, 2).values()} == {"stopped"}
+        release.set()
+        wait_until(lambda: engine.waiting() == 0 and not engine.running(), what="queue empty")
+        _pick(driver, "qa")
 
         # 2. Clear while streaming stops it, and the cleared chat does not come back
         find(By.ID, "mode-chat").click()
@@ -213,14 +236,16 @@ def test_the_studio_page(tiny_gpt2, tmp_path):
         wait_until(lambda: not driver.find_elements(
             By.CSS_SELECTOR, "#model-list input[value='a1']"), what="a1 gone from the list")
         trained_adapter(tiny_gpt2, root / "late", seed=3)
-        wait_until(lambda: "late" in [o.text for o in Select(find(
-            By.ID, "load-path")).options], what="a new adapter folder offered")
+        wait_until(lambda: "late" in driver.execute_script(  # read at once: the list renews
+            "return [...document.getElementById('load-path').options].map((o) => o.text)"),
+                   what="a new adapter folder offered")
 
         # 10. the card is formatted text: no YAML header, its figures in a table
         find(By.CSS_SELECTOR, "button[aria-label='Model card of qa']").click()
         card = find(By.ID, "card-text")
         wait_until(card.is_displayed, what="card shown")
         assert not card.text.startswith("---") and card.find_elements(By.TAG_NAME, "h3")
+        assert card.find_elements(By.CSS_SELECTOR, "table th")  # its figures as a table
         find(By.ID, "card-dialog").send_keys(Keys.ESCAPE)
 
         # 9. phone width: no sideways scroll in either view
@@ -303,7 +328,7 @@ def test_from_an_empty_page_to_a_trained_adapter_with_clicks_only(tiny_gpt2, tmp
         find(By.ID, "train-file").send_keys(str(data))  # the file picker
         steps = find(By.ID, "train-steps")
         steps.clear()
-        steps.send_keys("1200")
+        steps.send_keys("400")
         find(By.ID, "train-start").click()
         wait_until(lambda: (root / "long" / "metrics.jsonl").exists()
                    and (root / "long" / "metrics.jsonl").stat().st_size, 120, what="training")
@@ -311,7 +336,12 @@ def test_from_an_empty_page_to_a_trained_adapter_with_clicks_only(tiny_gpt2, tmp
         board = wait_until(lambda: driver.find_elements(
             By.CSS_SELECTOR, "button.run[data-path='long'] ~ .run-line"), what="long listed")
         wait_until(lambda: "training: step " in board[0].text, what="training on the board")
-        assert " of 1200" in board[0].text and " left" in board[0].text
+        assert " of 400" in board[0].text and " left" in board[0].text
+        code, _, text = http(srv.url + "/ui/api/train", None, {  # one run at a time
+            "name": "second", "data": f"{UPLOADS}/qa.csv", "steps": 2})
+        assert code == 409 and "'long' is training" in text
+        code, _, text = http(srv.url + "/ui/api/upload?filename=..%2Fx.csv", None, {})
+        assert code == 400 and "file name" in text  # uploads stay in the runs folder
         find(By.ID, "tab-train").click()
         find(By.ID, "train-stop").click()
         wait_until(lambda: train_view.get_attribute("data-state") == "stopped", 120,
@@ -323,13 +353,18 @@ def test_from_an_empty_page_to_a_trained_adapter_with_clicks_only(tiny_gpt2, tmp
         wait_until(lambda: train_view.get_attribute("data-state") == "finished", 240,
                    what="resumed run finished")
         assert json.loads((root / "long" / "manifest.json").read_text())["training"][
-            "steps"] == 1200
+            "steps"] == 400
 
-        # a short one, loaded with one click, answering beside the base
+        code, _, text = http(srv.url + "/ui/api/train", None, {
+            "name": "outside", "data": "../qa.csv", "steps": 2})
+        assert code == 400 and "not an uploaded file" in text
+        # a short one with a recipe's settings (its template, format) and the uploaded data,
+        # loaded with one click, answering beside the base
         name = find(By.ID, "train-name")
         name.clear()
         name.send_keys("mine")
         Select(find(By.ID, "train-data")).select_by_visible_text(f"{UPLOADS}/qa.csv")
+        Select(find(By.ID, "train-recipe")).select_by_visible_text(RECIPE)
         steps.clear()
         steps.send_keys("6")
         find(By.ID, "train-start").click()
@@ -342,7 +377,12 @@ def test_from_an_empty_page_to_a_trained_adapter_with_clicks_only(tiny_gpt2, tmp
         _pick(driver, "base", "mine")
         _send(driver, "What is 2 plus 2?")
         cols = _columns(driver, 2)
-        for m, prompt in (("base", "What is 2 plus 2?"), ("mine", "What is 2 plus 2?\n")):
+        recipe = json.loads(json.dumps(yaml.safe_load((root / "mine" / "studio-recipe.yaml")
+                                                       .read_text())))
+        template = recipe["data"]["prompt_template"]  # the recipe's, kept
+        assert recipe["model"]["name"] == str(tiny_gpt2) and recipe["lora"]["r"] == 8
+        for m, prompt in (("base", "What is 2 plus 2?"),
+                          ("mine", template.replace("{prompt}", "What is 2 plus 2?"))):
             want = _api(srv, "/v1/completions", {"model": m, "prompt": prompt, "max_tokens": 64,
                                                  "temperature": 0})
             assert cols[m].find_element(By.CSS_SELECTOR, ".text").text == \

@@ -639,11 +639,13 @@ async function loadSummary(path) {
       state.summaryShown = true;
     }
     const st = s.state || {};
+    const run = (state.runsByPath || new Map()).get(path) || {};
     const line = st.finished ? "Finished." : st.resume
       ? "Stopped at step " + st.checkpoint_step + " (checkpoint kept); resume with: " + st.resume
-      : "Running, or not started yet.";
+      : "Training, or not started yet.";
     $("run-state").textContent = line;
-    $("run-state").hidden = false;
+    $("run-state").hidden = !run.metrics;  // a folder of eval results or an adapter alone
+    if (st.finished && s.training) refreshRuns();  // its line on the board says so too
     if (s.recipe) { $("recipe").textContent = s.recipe; $("recipe-box").hidden = false; }
     if (s.card) { renderMarkdown($("run-card"), s.card); $("run-card-box").hidden = false; }
   } catch (e) { say(e.message); }
