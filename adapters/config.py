@@ -124,6 +124,10 @@ class TrainConfig:
     liger: bool | str = "auto"
     # 0: only at the end (when there is eval data)
     eval_every: int = field(default=0, metadata=_range(0, MAX_STEPS))
+    # stop (and finish: final adapter, summary) once this many evaluations in a row did not
+    # lower the best eval loss by more than early_stop_min_delta; 0: never
+    early_stop_patience: int = field(default=0, metadata=_range(0, MAX_STEPS))
+    early_stop_min_delta: float = field(default=0.0, metadata=_range(0.0, 1e6))
     save_every: int = field(default=0, metadata=_range(0, MAX_STEPS))  # 0: only at the end
     keep_checkpoints: int = field(default=2, metadata=_range(0, 1 << 20))
     log_every: int = field(default=1, metadata=_range(1, MAX_STEPS))

@@ -256,3 +256,22 @@ def test_stacked_rows_keep_each_batch_as_it_was():
     assert torch.equal(m[0], packed["attention_mask"][0])
     # row 2: token 0 real, token 1 its own padding (sees token 0), 2 and 3 added (alone)
     assert m[2, 0].int().tolist() == [[1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+
+
+def test_early_stop_finishes_a_run_and_drops_a_job_while_the_others_go_on(tiny_gpt2, tmp_path):
+    """train.early_stop_patience: at a learning rate too small to move the eval loss by
+    early_stop_min_delta, the run finishes after that many evaluations without improvement."""
+    slow = {"lr": 1e-9, "eval_every": 1, "early_stop_patience": 2, "early_stop_min_delta": 1e-3}
+    js = load_jobs(_recipe(tiny_gpt2, tmp_path, [
+        {"name": "stuck", "train": slow}, {"name": "learns"}],
+        data={"eval_fraction": 0.25}, train={"steps": 6}))
+    stuck, learns = train_jobs(js.jobs)
+    summary = json.loads((stuck / "manifest.json").read_text())["training"]
+    # eval 1 sets the best; evals 2 and 3 do not beat it by 1e-3: finished at step 3
+    assert summary["steps"] == 3 and summary["stopped_early_at"] == 3
+    assert (stuck / "adapter_model.safetensors").exists()
+    assert json.loads((learns / "manifest.json").read_text())["training"]["steps"] == 6
+    assert _max_diff(learns, _alone(js.jobs[1], tmp_path)) <= 1e-5
+    # a single run stops the same way
+    alone = _alone(js.jobs[0], tmp_path)
+    assert json.loads((alone / "manifest.json").read_text())["training"]["steps"] == 3

@@ -100,6 +100,8 @@ def test_the_studio_page(tiny_gpt2, tmp_path):
         code, headers, _ = http(srv.url + "/favicon.ico")
         assert code == 200 and headers["Content-Type"].startswith("image/svg+xml")
         assert find(By.ID, "max-tokens").get_attribute("max") == "40"
+        assert find(By.ID, "max-tokens").get_attribute("title").startswith(
+            "this server allows 1 to 40; prompt + answer at most ")  # the model's context
         find(By.ID, "max-tokens").clear()
         find(By.ID, "max-tokens").send_keys("12")
 
@@ -316,6 +318,7 @@ def test_from_an_empty_page_to_a_trained_adapter_with_clicks_only(tiny_gpt2, tmp
     srv = Running(create_app(Registry(model, tok), adapter_root=root))
     find = driver.find_element
     try:
+        driver.set_window_size(1280, 900)
         driver.get(srv.url + "/")
         wait_until(lambda: driver.execute_script("return document.body.dataset.ready"),
                    what="page ready")

@@ -231,7 +231,7 @@ def _after_step(run: Run, m: dict, rows: RowGroups, reports: dict[str, Progress]
     reports[run.adapter].record(m)
     if due(run.cfg.train.save_every, run.step, run.total_steps):
         save(run)
-    if run.step >= run.total_steps:
+    if run.step >= run.total_steps or reports[run.adapter].early_stop():
         _finish(run, rows, reports[run.adapter])
         return False
     return True

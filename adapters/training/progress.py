@@ -74,6 +74,9 @@ class Progress:
         self.t0 = time.perf_counter()
         self.step_seconds = 0.0  # time in training steps only (no eval, no checkpoint writes)
         self.eval_loss: float | None = None
+        self.best_eval: float | None = None
+        self.evals_since_best = 0
+        self.stopped_early_at: int | None = None
         self.last: dict = {}
         self.trackers = Trackers.open(run)  # train.report_to; before any file opens
         self.bar = tqdm(total=run.total_steps, initial=run.step, disable=not show, unit="step",
@@ -106,6 +109,7 @@ class Progress:
         self.last = m
         if "eval_loss" in m:
             self.eval_loss = m["eval_loss"]
+            self._track_best(m["eval_loss"])
         if run.step % t.log_every == 0 or not m["finite"] or "eval_loss" in m:
             m["peak_memory_bytes"] = peak_memory_bytes(run.device)
             m["tokens_total"] = run.tokens
@@ -121,6 +125,26 @@ class Progress:
             post.update(reward=f"{m['reward']:.3f}", rollout_s=f"{m['rollout_seconds']:.1f}")
         self.bar.set_postfix(post)
         self.bar.update(1)
+
+    def _track_best(self, loss: float | None) -> None:
+        if loss is None:
+            return
+        delta = self.run.cfg.train.early_stop_min_delta
+        if self.best_eval is None or loss < self.best_eval - delta:
+            self.best_eval, self.evals_since_best = loss, 0
+        else:
+            self.evals_since_best += 1
+
+    def early_stop(self) -> bool:
+        """True (once, logged) when train.early_stop_patience evaluations in a row brought no
+        improvement: the run then finishes where it is."""
+        patience = self.run.cfg.train.early_stop_patience
+        if not patience or self.evals_since_best < patience or self.stopped_early_at:
+            return False
+        self.stopped_early_at = self.run.step
+        log.info("early stop at step %d: %d evaluations without an eval loss below %.4f",
+                 self.run.step, patience, self.best_eval)
+        return True
 
     def record_eval(self, ev: dict | None) -> None:
         """The end-of-run evaluation (None on ranks other than 0)."""
@@ -149,7 +173,9 @@ class Progress:
                 "final_train_loss": self.last.get("loss"), "final_eval_loss": self.eval_loss,
                 "bad_steps": run.bad_total, "dtype": str(run.dtype).replace("torch.", ""),
                 "global_batch": run.cfg.train.batch_size * run.cfg.train.grad_accum
-                * run.dist.world, "ranks": run.dist.world}
+                * run.dist.world, "ranks": run.dist.world,
+                **({"stopped_early_at": self.stopped_early_at, "best_eval_loss": self.best_eval}
+                   if self.stopped_early_at else {})}
 
     def log_done(self, summary: dict) -> None:
         run = self.run

@@ -211,6 +211,8 @@ def fit(run: Run, signals: StopSignals, progress: bool = False,
             if due(t.eval_every, run.step, run.total_steps):
                 m.update(eval_line(evaluate(run) or {"loss": None}))
             report.record(m)
+            if report.early_stop():  # train.early_stop_patience: finish here
+                break
             if due(t.save_every, run.step, run.total_steps):
                 save(run)
             if stop_after is not None and start + stop_after <= run.step < run.total_steps:

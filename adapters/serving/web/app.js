@@ -1018,6 +1018,8 @@ async function start() {
     const lim = state.info.limits;
     if (lim && lim.max_tokens) {
       $("max-tokens").max = String(lim.max_tokens);
+      $("max-tokens").title = "this server allows 1 to " + lim.max_tokens +
+        (lim.context ? "; prompt + answer at most " + lim.context + " tokens" : "");
       $("max-tokens").value = String(Math.min(Number($("max-tokens").value), lim.max_tokens));
     }
     if (state.info.playground) await Promise.all([refreshModels(), refreshLoadable()]);
