@@ -80,7 +80,8 @@ def _setup(tiny_gpt2, tmp_path):
     reg = Registry(model, tok)
     reg.load("a1", root / "a1")
     reg.load("qa", root / "qa")
-    srv = Running(create_app(reg, adapter_root=root, limits=Limits(max_new_tokens=40)))
+    srv = Running(create_app(reg, adapter_root=root,
+                             limits=Limits(max_new_tokens=40, context=1024)))
     return root, reg, srv, paused
 
 
