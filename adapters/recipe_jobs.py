@@ -217,7 +217,4 @@ def _check_job(cfg: RunConfig, where: str) -> list[str]:
     if cfg.model.dtype == "fp16":
         problems.append(f"{where}: model.dtype fp16: its loss scaling is per optimiser, and "
                         "the jobs share one backward; use bf16 or fp32")
-    if cfg.lora.use_dora:
-        problems.append(f"{where}: lora.use_dora: DoRA's per-row arithmetic is not in the "
-                        "stacked forward yet; train it on its own")
     return problems

@@ -114,6 +114,21 @@ def test_dpo_and_sft_jobs_in_one_pass_equal_their_runs_alone(tiny_gpt2, tmp_path
     assert "reward_accuracy" in rows[0]  # the DPO job's own metrics
 
 
+def test_dora_and_dropout_jobs_beside_plain_lora(tiny_llama, tmp_path):
+    """DoRA goes through peft's own variant code on its rows: equal to its run alone; a job
+    with LoRA dropout trains beside them (its masks come from the pass's shared stream)."""
+    js = load_jobs(_recipe(tiny_llama, tmp_path, [
+        {"name": "plain"}, {"name": "dora", "lora": {"use_dora": True, "r": 2}},
+        {"name": "drop", "lora": {"dropout": 0.1}}], train={"steps": 3}))
+    outs = train_jobs(js.jobs)
+    for job, out in zip(js.jobs[:2], outs[:2]):
+        assert _max_diff(out, _alone(job, tmp_path)) <= 1e-5, job.name
+    dora = load_file(outs[1] / "adapter_model.safetensors")
+    assert any("lora_magnitude_vector" in k for k in dora)
+    assert json.loads((outs[1] / "adapter_config.json").read_text())["use_dora"] is True
+    assert (outs[2] / "adapter_model.safetensors").exists()
+
+
 def test_a_4bit_base_trains_jobs_as_runs_alone(tiny_llama, tmp_path):
     js = load_jobs(_recipe(tiny_llama, tmp_path, MIXED[:2],
                            model={"quantization": "4bit"}, train={"steps": 3}))

@@ -16,10 +16,10 @@ layer out gets the base alone. Where the fused op covers the layer (kernels/lora
     dx   = dy @ W  (all rows)  +  g_j @ A_j  (on rows_j)
 
 saving only x and each job's small x_j @ A_j^T. Different ranks need no padding: each group is
-its own pair of thin matmuls. Elsewhere (dropout, an 8-bit base) peft's modules run per group
-after one base call. Only `RowGroups.set(...)` switches a model into this mode; outside it
-(`only`: one job's evaluation; neither: the adapter-off reference, saving) a layer does what
-`only` says or falls back to the forward it had.
+its own pair of thin matmuls. Elsewhere (dropout, DoRA, an 8-bit base) peft's modules (DoRA:
+peft's own variant code) run per group after one base call. Only `RowGroups.set(...)` switches
+a model into this mode; outside it (`only`: one job's evaluation; neither: the adapter-off
+reference, saving) a layer does what `only` says or falls back to the forward it had.
 """
 
 from __future__ import annotations
@@ -111,20 +111,25 @@ def _fused_rows(layer: nn.Module, groups, xf: torch.Tensor) -> torch.Tensor:
 
 
 def _peft_rows(layer: nn.Module, groups, xf: torch.Tensor) -> torch.Tensor:
-    """peft's arithmetic per group (dropout, 8-bit bases): one base call, each job's term."""
+    """peft's arithmetic per group (dropout, DoRA, 8-bit bases): one base call, then each
+    job's term on its rows, exactly as peft's layer adds it for one active adapter."""
     y = layer.get_base_layer()(xf)  # (N, d_out)
+    variants = getattr(layer, "lora_variant", {})
     parts = []
     for name, s, e in groups:
-        if name not in layer.lora_A:
-            parts.append(y.new_zeros(e - s, y.shape[-1]))
-            continue
-        a, b = layer.lora_A[name], layer.lora_B[name]
-        # as peft's layer: the input in the adapter's dtype, unless the run turned that cast
-        # off (training/jobs.py under autocast, where autocast picks the matmul dtype)
-        cast = getattr(layer, "cast_input_dtype_enabled", True)
-        x = xf[s:e].to(a.weight.dtype) if cast else xf[s:e]
-        parts.append((b(a(layer.lora_dropout[name](x))) * layer.scaling[name]).to(y.dtype))
-    return y + (torch.cat(parts) if len(parts) > 1 else parts[0])
+        out = y[s:e]
+        if name in layer.lora_A:
+            a, b = layer.lora_A[name], layer.lora_B[name]
+            # as peft's layer: the input in the adapter's dtype, unless the run turned that
+            # cast off (training/jobs.py under autocast, where autocast picks the matmul dtype)
+            cast = getattr(layer, "cast_input_dtype_enabled", True)
+            x = xf[s:e].to(a.weight.dtype) if cast else xf[s:e]
+            if name in variants:  # DoRA: peft's own variant code, on these rows
+                out = variants[name].forward(layer, active_adapter=name, x=x, result=out)
+            else:
+                out = out + b(a(layer.lora_dropout[name](x))) * layer.scaling[name]
+        parts.append(out.to(y.dtype))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def _forward(layer: nn.Module, rows: RowGroups, x: torch.Tensor, *args, **kwargs):
@@ -153,7 +158,7 @@ def install_row_groups(model: nn.Module, rows: RowGroups) -> int:
     """Route every LoRA layer of `model` through `rows`; returns how many layers.
 
     Call it after the fused op is installed (it wraps whatever forward a layer has then).
-    DoRA and LoRA bias are refused by the caller: their per-row arithmetic is not here.
+    LoRA bias is refused by the caller (peft's lora_bias has no per-row arithmetic here).
     """
     n = 0
     for m in lora_layers(model):
