@@ -114,15 +114,19 @@ def test_dpo_and_sft_jobs_in_one_pass_equal_their_runs_alone(tiny_gpt2, tmp_path
     assert "reward_accuracy" in rows[0]  # the DPO job's own metrics
 
 
-def test_dora_and_dropout_jobs_beside_plain_lora(tiny_llama, tmp_path):
-    """DoRA goes through peft's own variant code on its rows: equal to its run alone; a job
-    with LoRA dropout trains beside them (its masks come from the pass's shared stream)."""
+def test_targets_dora_and_dropout_differ_between_jobs(tiny_llama, tmp_path):
+    """A job adapting q/v only (the other layers give its rows the base), a DoRA job (peft's
+    own variant code on its rows): each equal to its run alone; a job with LoRA dropout trains
+    beside them (its masks come from the pass's shared stream)."""
     js = load_jobs(_recipe(tiny_llama, tmp_path, [
-        {"name": "plain"}, {"name": "dora", "lora": {"use_dora": True, "r": 2}},
+        {"name": "qv", "lora": {"targets": ["q_proj", "v_proj"]}},  # other layers: base only
+        {"name": "dora", "lora": {"use_dora": True, "r": 2}},
         {"name": "drop", "lora": {"dropout": 0.1}}], train={"steps": 3}))
     outs = train_jobs(js.jobs)
     for job, out in zip(js.jobs[:2], outs[:2]):
         assert _max_diff(out, _alone(job, tmp_path)) <= 1e-5, job.name
+    qv = load_file(outs[0] / "adapter_model.safetensors")
+    assert {k.split(".")[-3] for k in qv} == {"q_proj", "v_proj"}
     dora = load_file(outs[1] / "adapter_model.safetensors")
     assert any("lora_magnitude_vector" in k for k in dora)
     assert json.loads((outs[1] / "adapter_config.json").read_text())["use_dora"] is True
