@@ -21,7 +21,8 @@ from .common import positive_int
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("recipe", help="recipe YAML file (with a jobs: list, several adapters on one "
+                                   "base in one pass)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=10")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the newest checkpoint in the output folder, or PATH")
