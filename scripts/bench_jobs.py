@@ -14,6 +14,7 @@ Prints min / median / max and the ratios of medians (one pass / one by one).
 
   .venv/bin/python scripts/bench_jobs.py                 # 4 jobs, default model, 3 repeats
   .venv/bin/python scripts/bench_train.py --jobs         # the same, from the main benchmark
+  scripts/gpu_check.sh                                   # on a lent GPU: 1B shape, QLoRA
 """
 
 from __future__ import annotations
@@ -86,6 +87,13 @@ def step_seconds(folders: list[Path], stacked: bool) -> float:
     return sum(per_step.values()) if stacked else total
 
 
+def device_peak(folders: list[Path]) -> int:
+    """The largest peak_memory_bytes the runs' manifests record (CUDA: device memory)."""
+    peaks = [json.loads((f / "manifest.json").read_text()).get("training", {}).get(
+        "peak_memory_bytes", 0) for f in folders if (f / "manifest.json").exists()]
+    return max(peaks, default=0)
+
+
 def one_repeat(model, data, a, work: Path, i: int) -> dict:
     out = work / f"rep{i}"
     shutil.rmtree(out, ignore_errors=True)  # each repeat trains afresh
@@ -96,7 +104,8 @@ def one_repeat(model, data, a, work: Path, i: int) -> dict:
         if side == "one pass":
             wall, peak = run(one_pass, out.with_suffix(".pass.yaml"), ["--no-compare"])
             folders = [Path(one_pass["output"]["dir"]) / j["name"] for j in one_pass["jobs"]]
-            sides[side] = {"wall": wall, "peak": peak, "steps": step_seconds(folders, True)}
+            sides[side] = {"wall": wall, "peak": peak, "steps": step_seconds(folders, True),
+                           "device_peak": device_peak(folders)}
         else:
             walls, peaks = [], []
             for k, cfg in enumerate(alone):
@@ -105,7 +114,8 @@ def one_repeat(model, data, a, work: Path, i: int) -> dict:
                 peaks.append(p)
             folders = [Path(c["output"]["dir"]) for c in alone]
             sides[side] = {"wall": sum(walls), "peak": max(peaks),
-                           "steps": step_seconds(folders, False)}
+                           "steps": step_seconds(folders, False),
+                           "device_peak": device_peak(folders)}
         print(f"  repeat {i + 1} {side}: wall {sides[side]['wall']:.1f} s, steps "
               f"{sides[side]['steps']:.1f} s, peak {sides[side]['peak'] / 1e9:.2f} GB",
               flush=True)
@@ -130,6 +140,9 @@ def main() -> None:
                    help="train.jobs_per_forward of the one pass (0: auto, 1 on CPU); "
                         "--per-forward 4 stacks all four")
     p.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
+    p.add_argument("--gpu", action="store_true",
+                   help="on CUDA: also the device peak and the tokens/s ratio "
+                        "(scripts/gpu_check.sh)")
     p.add_argument("--model-path", help="a model folder (default: the embedded SmolLM2 135M)")
     p.add_argument("--out", default="runs/bench-jobs")
     a = p.parse_args()
@@ -158,6 +171,11 @@ def main() -> None:
                      f"{spread([r[s]['steps'] for r in reps])} | "
                      f"{spread([r[s]['peak'] for r in reps], 1e9, '{:.2f}')} |")
     ratio = {k: med["one pass"][k] / med["one by one"][k] for k in ("wall", "steps", "peak")}
+    if a.gpu:  # device memory from the manifests; throughput: the same tokens on both sides
+        dev = {side: statistics.median(r[side]["device_peak"] for r in reps) for side in med}
+        lines += [f"CUDA: peak device memory {dev['one pass'] / 1e9:.2f} GB one pass, "
+                  f"{dev['one by one'] / 1e9:.2f} GB one job; tokens/s one pass / one by one "
+                  f"{1 / ratio['steps']:.2f}x (target >= 1.3x)"]
     lines += ["", f"one pass / one by one (medians): wall {ratio['wall']:.2f}x, steps "
               f"{ratio['steps']:.2f}x, peak memory {ratio['peak']:.2f}x of one run "
               f"({med['one pass']['peak'] / (a.jobs * med['one by one']['peak']):.2f}x of "

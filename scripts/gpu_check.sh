@@ -44,3 +44,21 @@ timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench_train.py --models smollm2 
 # 3. Mixed-adapter generation on CUDA.
 timeout "${SWAP_TIMEOUT:-90}" python3 scripts/bench_swap.py --base /tmp/smol --device cuda \
   --work /tmp/swap --out "$OUT" --repeat 3 2>&1 | tail -10
+# 4. Four adapters in one pass vs one after another (issue #31's GPU target: total tokens/s
+#    >= 1.3x sequential), QLoRA on a random model of Llama-3.2-1B's shape, small micro-batches.
+python3 - <<'EOF'
+import shutil, torch
+from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+small = AutoConfig.from_pretrained(".gpu/smollm2")
+cfg = LlamaConfig(vocab_size=small.vocab_size, hidden_size=2048, intermediate_size=8192,
+                  num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                  tie_word_embeddings=True, bos_token_id=small.bos_token_id,
+                  eos_token_id=small.eos_token_id)
+torch.manual_seed(0)
+LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained("/tmp/llama1b")
+for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    shutil.copy(f".gpu/smollm2/{f}", "/tmp/llama1b/")
+print("random Llama-3.2-1B-shaped model in /tmp/llama1b")
+EOF
+timeout "${JOBS_TIMEOUT:-240}" python3 scripts/bench_jobs.py --gpu --model-path /tmp/llama1b \
+  --quantization 4bit --steps 8 --batch 2 --repeats 3 --out "$OUT/jobs" 2>&1 | tail -10
