@@ -267,3 +267,53 @@ def test_the_serve_and_generate_commands(tiny_gpt2, root, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_metrics_in_prometheus_format(tiny_gpt2, root):
+    """GET /metrics (behind the key), read back with prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    s = start(tiny_gpt2, root, names=("a0", "a1"), api_key="sekret")
+    try:
+        assert http("GET", s.url + "/metrics")[0] == 401
+        c = s.client("sekret")
+        r = c.completions.create(model="a0", prompt=PROMPTS[1], max_tokens=6, temperature=0)
+        chunks = list(c.chat.completions.create(model="a1", max_tokens=5, temperature=0,
+                                                stream=True, messages=[
+                                                    {"role": "user", "content": "hi"}]))
+        with pytest.raises(openai.NotFoundError):
+            c.completions.create(model="nope", prompt="x", max_tokens=2)
+        req = urllib.request.Request(s.url + "/v1/adapters", method="POST", data=json.dumps(
+            {"name": "a2", "path": "a2"}).encode(), headers={
+                "Authorization": "Bearer sekret", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert resp.status == 200
+        req = urllib.request.Request(s.url + "/metrics",
+                                     headers={"Authorization": "Bearer sekret"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert resp.headers["Content-Type"].startswith("text/plain")
+            text = resp.read().decode()
+    finally:
+        s.close()
+    samples = {(x.name, tuple(sorted(x.labels.items()))): x.value
+               for fam in text_string_to_metric_families(text) for x in fam.samples}
+
+    def value(name, **labels):
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    assert value("adapters_requests_total", route="/v1/completions", status="200",
+                 adapter="a0") == 1
+    assert value("adapters_requests_total", route="/v1/chat/completions", status="200",
+                 adapter="a1") == 1
+    assert value("adapters_requests_total", route="/v1/completions", status="404",
+                 adapter="nope") == 1
+    assert value("adapters_generated_tokens_total", adapter="a0") == r.usage.completion_tokens
+    streamed = sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content)
+    assert 1 <= value("adapters_generated_tokens_total", adapter="a1") >= streamed - 1
+    assert value("adapters_time_to_first_token_seconds_count", adapter="a0") == 1
+    assert value("adapters_time_per_output_token_seconds_count", adapter="a0") == 1
+    assert value("adapters_adapter_loads_total", tier="disk", outcome="ok") == 1
+    assert value("adapters_adapter_load_seconds_count", tier="disk") == 1
+    assert value("adapters_resident_adapters", tier="device") == 3
+    assert value("adapters_queue_depth") == 0 and value("adapters_running_rows") == 0
+    assert value("adapters_tokens_per_second") > 0

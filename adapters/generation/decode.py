@@ -10,6 +10,7 @@ one forward per new token runs for all rows still going; `decode` runs a fixed s
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ class Request:
     on_text: Callable[[str], None] | None = None  # called with each new piece of text
     on_done: Callable[[Output], None] | None = None  # called once, when this row finishes
     cancelled: bool = False  # set when the client went away: the row leaves at the next step
+    created: float = field(default_factory=time.monotonic)  # when it arrived (latencies)
 
 
 @dataclass
@@ -53,6 +55,8 @@ class Output:
     finish_reason: str  # "stop" (EOS or a stop string), "length", or "error"
     prompt_tokens: int
     error: str | None = None  # why this row failed (finish_reason "error"); others go on
+    first_token_s: float | None = None  # from arrival to the first generated token
+    decode_s: float | None = None  # from the first token to the end
 
 
 class _Row:
@@ -68,6 +72,7 @@ class _Row:
         self.finish: str | None = None
         self.error: str | None = None
         self.reported = False  # on_done called
+        self.first_at: float | None = None  # when the first token came (monotonic)
         self.stops = tuple(x for x in req.sampling.stop if x)
         self.gen = None
         if _sampled(req.sampling):
@@ -77,6 +82,8 @@ class _Row:
                                  else int(torch.seed() % 2**63))
 
     def push(self, token: int, eos_ids: set[int]) -> None:
+        if self.first_at is None:
+            self.first_at = time.monotonic()
         s = self.req.sampling
         if token in eos_ids and not s.ignore_eos:
             self.finish = "stop"
@@ -134,8 +141,10 @@ class _Row:
             self.sent = end
 
     def output(self) -> Output:
+        first = self.first_at
         return Output(self.text, self.ids, self.finish or "length", len(self.req.prompt_ids),
-                      self.error)
+                      self.error, None if first is None else first - self.req.created,
+                      None if first is None else time.monotonic() - first)
 
 
 def _sampled(s: Sampling) -> bool:

@@ -163,6 +163,14 @@ class LoadAdapterBody(BaseModel):
     path: Text = Field(min_length=1, max_length=MAX_PATH_CHARS)
 
 
+async def client_gone(http) -> None:
+    """Return once the client has gone away. The body is read by now, so the server's next
+    message is the disconnect (uvicorn sends it when the connection closes or the reply is
+    complete): awaited, not polled."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
 def wants_usage(body: _Common) -> bool:
     """stream_options.include_usage: the stream ends with a chunk of token counts."""
     return bool(body.stream_options and body.stream_options.include_usage)

@@ -31,6 +31,7 @@ from ..generation.decode import Output, Request, Sampling
 from . import classify
 from .classify import Heads
 from .engine import Engine, QueueFull
+from .metrics import install as install_metrics
 from .protocol import (
     ApiError,
     ChatBody,
@@ -38,6 +39,7 @@ from .protocol import (
     Guard,
     Limits,
     LoadAdapterBody,
+    client_gone,
     context_len,
     error_body,
     short,
@@ -57,6 +59,7 @@ class Service:
     def __init__(self, registry: Registry, heads: Heads, engine: Engine, limits: Limits,
                  root: Path | None):
         self.registry, self.engine, self.limits, self.root = registry, engine, limits, root
+        self.metrics = None  # metrics.py: set when the app installs /metrics
         self.heads = heads
         self.created = int(time.time())
         # Tokenizing (and rendering a chat template) takes time in proportion to the prompt:
@@ -152,6 +155,8 @@ class Service:
                         self.limits.stops(body.stop), body.ignore_eos)
 
     def submit(self, reqs: list[Request]):
+        if self.metrics is not None:
+            self.metrics.track(reqs, self.registry.base_name)
         try:
             return self.engine.submit(reqs)
         except QueueFull as e:
@@ -161,7 +166,7 @@ class Service:
         """The outputs of a request that is not streamed. A client that goes away meanwhile
         cancels its rows: they leave the batch at the next step, freeing their places."""
         outcome = asyncio.ensure_future(self.wait(self.submit(reqs)))
-        gone = asyncio.ensure_future(_client_gone(http))
+        gone = asyncio.ensure_future(client_gone(http))
         try:
             await asyncio.wait({outcome, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:  # also when this handler is cancelled (the server stopping)
@@ -215,14 +220,6 @@ class Service:
         return StreamingResponse(send(), media_type="text/event-stream")
 
 
-async def _client_gone(http: HttpRequest) -> None:
-    """Return once the client has gone away. The body is read by now, so the server's next
-    message is the disconnect (uvicorn sends it when the connection closes or the reply is
-    complete): awaited, not polled."""
-    while (await http.receive())["type"] != "http.disconnect":
-        pass
-
-
 def create_app(registry: Registry, adapter_root: str | Path | None = None,
                api_key: str | None = None, limits: Limits | None = None,
                max_batch: int = 16, max_queue: int = 64, max_kv_tokens: int | None = None,
@@ -253,6 +250,7 @@ def create_app(registry: Registry, adapter_root: str | Path | None = None,
     classify.install(app, svc)
     _adapter_routes(app, svc)
     install_ui(app, svc.root, registry, limits)  # the web page at /, runs from --adapter-root
+    install_metrics(app, svc)  # GET /metrics
     return app
 
 
@@ -307,6 +305,7 @@ def _inference_routes(app: FastAPI, svc: Service) -> None:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HttpRequest):
+        http.state.adapter = body.model  # the label of this request in /metrics
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         reqs = await svc.prepare(body, prompts, chat=False)
         head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
@@ -320,6 +319,7 @@ def _inference_routes(app: FastAPI, svc: Service) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, http: HttpRequest):
+        http.state.adapter = body.model
         reqs = await svc.prepare(body, [[m.model_dump() for m in body.messages]], chat=True)
         head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion",
                 "created": int(time.time()), "model": body.model}
@@ -342,7 +342,7 @@ def _queue_load(svc: Service, name: str, copy: Path):
             svc.loaded(copy)
 
     try:
-        return svc.engine.call(load)
+        return svc.engine.call(svc.metrics.timed(load) if svc.metrics else load)
     except QueueFull as e:
         svc.copies.discard(copy)
         raise ApiError(429, str(e), kind="rate_limit_error") from None
