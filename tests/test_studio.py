@@ -362,6 +362,11 @@ def test_from_an_empty_page_to_a_trained_adapter_with_clicks_only(tiny_gpt2, tmp
         code, _, text = http(srv.url + "/ui/api/train", None, {
             "name": "outside", "data": "../qa.csv", "steps": 2})
         assert code == 400 and "not an uploaded file" in text
+        code, _, text = http(srv.url + "/ui/api/train", None, {
+            "name": "other", "data": f"{UPLOADS}/qa.csv", "base": "/etc", "steps": 2})
+        assert code == 400 and "base '/etc': not one of default" in text
+        assert [o.text for o in Select(find(By.ID, "train-base")).options] == [
+            "this server's base (loadable here)", "default"]
         # a short one with a recipe's settings (its template, format) and the uploaded data,
         # loaded with one click, answering beside the base
         name = find(By.ID, "train-name")

@@ -39,6 +39,7 @@ SUFFIXES = {".csv": "prompt_completion", ".jsonl": "prompt_completion", ".txt": 
 
 class TrainBody(BaseModel):
     name: str = Field(pattern=NAME.pattern)
+    base: str | None = None  # None: the served base; "default"; or a model folder in the root
     recipe: str | None = None  # a file name in recipes/, or None: the fields below alone
     data: str | None = None  # an uploaded file: "uploads/NAME"
     format: Literal["prompt_completion", "text", "chat", "preference"] | None = None
@@ -64,17 +65,27 @@ class Studio:
         self.root, self.base = root.resolve(), base
         self.proc: subprocess.Popen | None = None
         self.name: str | None = None
+        self.served_base = True  # the last run trains on the served base (loadable here)
         self.lock = threading.Lock()
 
     def recipes(self) -> list[str]:
         return sorted(p.name for p in RECIPES.glob("*.yaml")) if RECIPES.is_dir() else []
+
+    def bases(self) -> list[str]:
+        """What else a run may train on: the embedded default, and full models (config.json
+        with weights, e.g. a merged adapter) in the runs folder. Adapters trained on another
+        base than the served one cannot load here: the page says so."""
+        found = [p.parent.relative_to(self.root).as_posix() for p in sorted(
+            self.root.glob("*/config.json")) if not (p.parent / "adapter_config.json").exists()
+            and list(p.parent.glob("model*.safetensors"))]
+        return ["default", *found]
 
     def options(self) -> dict:
         uploads = self.root / UPLOADS
         files = sorted(p.name for p in uploads.iterdir() if p.is_file()) if uploads.is_dir() \
             else []
         return {"recipes": self.recipes(), "uploads": [f"{UPLOADS}/{f}" for f in files],
-                "base": self.base, **self.status()}
+                "base": self.base, "bases": self.bases(), **self.status()}
 
     def upload(self, filename: str, data: bytes) -> str:
         """Write an uploaded data file into DIR/uploads/; returns its path in the root."""
@@ -111,7 +122,9 @@ class Studio:
             with open(out / LOG_FILE, "ab") as log:  # the child keeps its own descriptor
                 self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=log, stderr=log,
                                              stdin=subprocess.DEVNULL, start_new_session=True)
+            model = yaml.safe_load(recipe.read_text()).get("model") if resume else None
             self.name = body.name
+            self.served_base = model == self.base if resume else body.base is None
             return self.status()
 
     def _recipe(self, body: TrainBody, out: Path) -> dict:
@@ -142,8 +155,16 @@ class Studio:
         train = {**(raw.get("train") or {}), "steps": body.steps, "lr": body.lr,
                  "eval_every": max(1, body.steps // 4), "save_every": max(1, body.steps // 4)}
         lora = {**(raw.get("lora") or {}), "r": body.r, "alpha": 2 * body.r}
-        return {**raw, "model": dict(self.base), "lora": lora, "data": data, "train": train,
-                "output": {**(raw.get("output") or {}), "dir": str(out)}}
+        return {**raw, "model": self._model(body.base), "lora": lora, "data": data,
+                "train": train, "output": {**(raw.get("output") or {}), "dir": str(out)}}
+
+    def _model(self, base: str | None) -> dict:
+        if base is None:
+            return dict(self.base)
+        if base not in self.bases():
+            raise ApiError(400, f"base {base[:80]!r}: not one of {', '.join(self.bases())} "
+                                "(or none: the served base)", param="base")
+        return {"name": base if base == "default" else str(self.root / base), "dtype": "auto"}
 
     def _recipe_data(self, recipe: str, path: str) -> str:
         """A recipe's data path, relative to the checkout (as its recipes are written)."""
@@ -173,7 +194,8 @@ class Studio:
         log = self.root / self.name / LOG_FILE
         tail = log.read_bytes()[-2000:].decode("utf-8", "replace") if log.exists() else ""
         return {"training": self.name if code is None else None,
-                "last": {"name": self.name, "state": state, "exit_code": code, "log": tail}}
+                "last": {"name": self.name, "state": state, "exit_code": code, "log": tail,
+                         "served_base": self.served_base}}
 
     def close(self) -> None:
         """Stop a child still training when the server stops (it checkpoints first)."""

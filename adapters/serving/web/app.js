@@ -734,6 +734,7 @@ async function refreshTrain() {
     const o = await api("/ui/api/train");
     fillSelect($("train-recipe"), o.recipes, "(none: the fields here)");
     fillSelect($("train-data"), o.uploads, "(none)");
+    fillSelect($("train-base"), o.bases, "this server's base (loadable here)");
     showTrain(o);
   } catch (e) { say(e.message); }
 }
@@ -757,10 +758,12 @@ function showTrain(o) {
   $("train-start").disabled = busy;
   $("train-stop").disabled = !busy;
   $("train-resume").disabled = busy || !last || last.state !== "stopped";
-  $("train-load").disabled = busy || !last || last.state !== "finished";
+  $("train-load").disabled = busy || !last || last.state !== "finished" || !last.served_base;
   if (last) {
     $("train-status").textContent = busy ? "Training " + last.name + "... (its curve is in Runs)"
-      : last.name + ": " + (TRAIN_STATES[last.state] || last.state);
+      : last.name + ": " + (TRAIN_STATES[last.state] || last.state) +
+        (last.state === "finished" && !last.served_base
+          ? " (trained on another base: serve that base to load it)" : "");
     $("train-log").textContent = last.log;
     $("train-log-box").hidden = false;
     $("train").dataset.state = busy ? "training" : last.state;
@@ -770,7 +773,8 @@ function showTrain(o) {
 }
 
 function trainBody() {
-  return { name: $("train-name").value, recipe: $("train-recipe").value || null,
+  return { name: $("train-name").value, base: $("train-base").value || null,
+           recipe: $("train-recipe").value || null,
            data: $("train-data").value || null, format: $("train-format").value || null,
            r: Number($("train-r").value), steps: Number($("train-steps").value),
            lr: Number($("train-lr").value) };
